@@ -1,0 +1,391 @@
+//! The command line: clap's types live here and nowhere else.
+//!
+//! Arguments are parsed, checked and turned into a [`Config`] before any work starts; the
+//! command modules never see clap. A flag beats the environment, which beats `.env` (loaded by
+//! `main` before parsing, without overriding the environment).
+
+use std::path::PathBuf;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::config::{
+    ApiSettings, Command, Config, Global, OutputSettings, PlanConfig, RunsConfig, SourceConfig,
+    StatusConfig, StatusTarget, SubmitConfig,
+};
+use crate::models::{DEFAULT_MODEL, EncodingFormat};
+use crate::sharder::BatchLimits;
+use crate::store::OnTooLong;
+
+const AFTER_HELP: &str = "Exit codes: 0 done, 75 not done yet (run again later, or the run is locked), 2 usage error, 1 any other error.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "embatch",
+    version,
+    about = "Embed Postgres text chunks in bulk through the OpenAI Batch API into pgvector",
+    long_about = "Embed the pending text chunks of one family through the OpenAI Batch API (half the price of the realtime endpoint) and write the vectors into a pgvector column. Each run is a crash-safe state machine in run.json.",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: CommandArgs,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Postgres connection string; `sslmode` and `sslrootcert` mean what they mean to libpq
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+    /// OpenAI API key (prefer the environment: a flag shows in the process list)
+    #[arg(long, env = "OPENAI_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+    /// Base URL of the OpenAI-compatible API
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        global = true,
+        default_value = "https://api.openai.com/v1"
+    )]
+    base_url: String,
+    /// Sent as the OpenAI-Organization header
+    #[arg(long, env = "OPENAI_ORG_ID", global = true)]
+    organization: Option<String>,
+    /// Sent as the OpenAI-Project header
+    #[arg(long, env = "OPENAI_PROJECT_ID", global = true)]
+    project: Option<String>,
+    /// Folder that holds the runs
+    #[arg(
+        long,
+        env = "EMBATCH_RUNS_DIR",
+        global = true,
+        default_value = "./batches"
+    )]
+    runs_dir: PathBuf,
+    /// Never show progress bars
+    #[arg(long, global = true)]
+    no_progress: bool,
+    /// Print only errors on stderr
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Print more detail on stderr
+    #[arg(short, long, global = true)]
+    verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum CommandArgs {
+    /// Select the pending chunks of a family and write the run folder; calls no API
+    #[command(after_help = "Example:\n  embatch plan --family-id 3f8e…  # prints the run folder\n\n".to_owned() + AFTER_HELP)]
+    Plan(PlanArgs),
+    /// Show the batches of a run (read-only, never locks)
+    #[command(after_help = "Examples:\n  embatch status --run-dir batches/<family>/run_20261124_104500_7f3a\n  embatch status --run-dir … --json\n  embatch status --batch-file …/batches/batch_001/batch.json\n\n".to_owned() + AFTER_HELP)]
+    Status(StatusArgs),
+    /// List the runs under the runs dir, one line each
+    #[command(after_help = "Example:\n  embatch runs --family-id 3f8e… --json\n\n".to_owned() + AFTER_HELP)]
+    Runs(RunsArgs),
+    /// Plan, then submit the batches (`--dry-run`: write the files only, call no API)
+    #[command(after_help = "Example:\n  embatch submit --family-id 3f8e… --dry-run\n\n".to_owned() + AFTER_HELP)]
+    Submit(SubmitArgs),
+}
+
+#[derive(Debug, Args)]
+struct SourceArgs {
+    /// Table holding the chunks (`schema.table` allowed)
+    #[arg(long, default_value = "knowledge_chunks")]
+    table: String,
+    /// Primary key column (uuid, text or bigint)
+    #[arg(long, default_value = "id")]
+    id_column: String,
+    /// Column with the text to embed
+    #[arg(long, default_value = "content")]
+    text_column: String,
+    /// pgvector column that receives the embedding
+    #[arg(long, default_value = "embedding")]
+    embedding_column: String,
+    /// Column holding the family id
+    #[arg(long, default_value = "equipment_family_id")]
+    family_column: String,
+    /// Table whose `id` lists the families (`none` skips the check)
+    #[arg(long, default_value = "equipment_families")]
+    family_table: String,
+    /// Query taking $1 = the family id and returning chunk ids (runs read-only); replaces --family-column
+    #[arg(long)]
+    scope_sql: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PlanArgs {
+    /// Id of the family whose pending chunks are embedded
+    #[arg(long)]
+    family_id: String,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// At most this many chunks (for trials)
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Embedding model
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Vector size; must equal the column's vector(N)
+    #[arg(long)]
+    dimensions: Option<u32>,
+    /// `base64` makes output files about 4× smaller; try it on a tiny batch first
+    #[arg(long, value_enum, default_value_t = EncodingFormat::Float)]
+    encoding_format: EncodingFormat,
+    /// Requests per batch file (provider maximum 50000)
+    #[arg(long, default_value_t = BatchLimits::MAX_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=i64::from(BatchLimits::MAX_REQUESTS)))]
+    max_requests_per_batch: u32,
+    /// Bytes per batch file (the provider's cap is 200 MB)
+    #[arg(long, default_value_t = BatchLimits::DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    max_bytes_per_batch: u64,
+    /// Tokens per batch file
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens_per_batch: Option<u64>,
+    /// Bound on tokens in flight; also caps each batch
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_enqueued_tokens: Option<u64>,
+    /// What to do with a chunk over 8191 tokens
+    #[arg(long, value_enum, default_value_t = OnTooLong::Skip)]
+    on_too_long: OnTooLong,
+    /// Embed every chunk of the family, not only those without an embedding
+    #[arg(long)]
+    reembed: bool,
+    /// Take chunks even if an unfinished run of the family holds them
+    #[arg(long)]
+    force: bool,
+    /// Refuse the plan if its estimated cost in US dollars is higher
+    #[arg(long)]
+    max_cost: Option<f64>,
+    /// Batch price per million tokens, overriding the built-in table
+    #[arg(long)]
+    price_per_million_tokens: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The run folder (run_…)
+    #[arg(
+        long,
+        required_unless_present = "batch_file",
+        conflicts_with = "batch_file"
+    )]
+    run_dir: Option<PathBuf>,
+    /// One batch: its batch.json (or its folder)
+    #[arg(long)]
+    batch_file: Option<PathBuf>,
+    /// Print the stable JSON form
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunsArgs {
+    /// Only the runs of this family
+    #[arg(long)]
+    family_id: Option<String>,
+    /// Print JSON, one object per run
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    /// Write the files and metadata but call no API
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// What parsing the command line produced, besides the config.
+pub struct Parsed {
+    pub config: Config,
+    /// The API key came from `--api-key`: warn that it shows in the process list.
+    pub api_key_on_command_line: bool,
+}
+
+/// Parses `args` (the program name first). Usage errors come back as clap errors, which the
+/// caller prints and turns into exit code 2.
+pub fn parse<I, T>(args: I) -> Result<Parsed, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let api_key_on_command_line = api_key_source(&matches) == Some(ValueSource::CommandLine);
+    let cli = Cli::from_arg_matches(&matches)?;
+    Ok(Parsed {
+        config: into_config(cli)?,
+        api_key_on_command_line,
+    })
+}
+
+fn api_key_source(matches: &ArgMatches) -> Option<ValueSource> {
+    matches.value_source("api_key").or_else(|| {
+        matches
+            .subcommand()
+            .and_then(|(_, sub)| sub.value_source("api_key"))
+    })
+}
+
+fn into_config(cli: Cli) -> Result<Config, clap::Error> {
+    let g = cli.global;
+    let global = Global {
+        database_url: g.database_url.filter(|s| !s.is_empty()),
+        api: ApiSettings {
+            api_key: g.api_key.filter(|s| !s.is_empty()),
+            base_url: g.base_url.trim_end_matches('/').to_owned(),
+            organization: g.organization.filter(|s| !s.is_empty()),
+            project: g.project.filter(|s| !s.is_empty()),
+        },
+        runs_dir: g.runs_dir,
+        output: OutputSettings {
+            quiet: g.quiet,
+            verbose: g.verbose,
+            progress: !g.no_progress && !g.quiet,
+        },
+    };
+    let command = match cli.command {
+        CommandArgs::Plan(args) => Command::Plan(plan_config(args)?),
+        CommandArgs::Status(args) => Command::Status(StatusConfig {
+            target: match (args.run_dir, args.batch_file) {
+                (_, Some(batch)) => StatusTarget::Batch(batch),
+                (Some(run), None) => StatusTarget::Run(run),
+                (None, None) => {
+                    return Err(usage_error("status needs --run-dir or --batch-file"));
+                }
+            },
+            json: args.json,
+        }),
+        CommandArgs::Runs(args) => Command::Runs(RunsConfig {
+            family_id: args.family_id,
+            json: args.json,
+        }),
+        CommandArgs::Submit(args) => Command::Submit(SubmitConfig {
+            plan: plan_config(args.plan)?,
+            dry_run: args.dry_run,
+        }),
+    };
+    Ok(Config { global, command })
+}
+
+fn usage_error(message: &str) -> clap::Error {
+    Cli::command().error(clap::error::ErrorKind::ValueValidation, message)
+}
+
+fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
+    if args.family_id.trim().is_empty() {
+        return Err(usage_error("--family-id must not be empty"));
+    }
+    for (flag, value) in [
+        ("--max-cost", args.max_cost),
+        ("--price-per-million-tokens", args.price_per_million_tokens),
+    ] {
+        if let Some(v) = value
+            && !(v.is_finite() && v >= 0.0)
+        {
+            return Err(usage_error(&format!(
+                "{flag} must be a number >= 0, got {v}"
+            )));
+        }
+    }
+    if args.dimensions == Some(0) {
+        return Err(usage_error("--dimensions must be at least 1"));
+    }
+    let s = args.source;
+    for (flag, value) in [
+        ("--table", &s.table),
+        ("--id-column", &s.id_column),
+        ("--text-column", &s.text_column),
+        ("--embedding-column", &s.embedding_column),
+        ("--family-column", &s.family_column),
+        ("--family-table", &s.family_table),
+    ] {
+        if value.is_empty() {
+            return Err(usage_error(&format!("{flag} must not be empty")));
+        }
+    }
+    let scope_sql = s
+        .scope_sql
+        .map(|q| q.trim().trim_end_matches(';').trim().to_owned())
+        .filter(|q| !q.is_empty());
+    Ok(PlanConfig {
+        family_id: args.family_id,
+        source: SourceConfig {
+            table: s.table,
+            id_column: s.id_column,
+            text_column: s.text_column,
+            embedding_column: s.embedding_column,
+            family_column: s.family_column,
+            family_table: (!s.family_table.eq_ignore_ascii_case("none")).then_some(s.family_table),
+            scope_sql,
+        },
+        limit: args.limit,
+        model: args.model,
+        dimensions: args.dimensions,
+        encoding_format: args.encoding_format,
+        limits: BatchLimits {
+            max_requests: args.max_requests_per_batch,
+            max_bytes: args.max_bytes_per_batch,
+            max_tokens: args.max_tokens_per_batch,
+            max_enqueued_tokens: args.max_enqueued_tokens,
+        },
+        on_too_long: args.on_too_long,
+        reembed: args.reembed,
+        force: args.force,
+        max_cost_usd: args.max_cost,
+        usd_per_million_tokens: args.price_per_million_tokens,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand_and_flags_beat_env() {
+        let parsed = parse([
+            "embatch",
+            "plan",
+            "--family-id",
+            "f1",
+            "--runs-dir",
+            "/tmp/r",
+            "--family-table",
+            "none",
+            "--api-key",
+            "sk-x",
+        ])
+        .unwrap();
+        assert!(parsed.api_key_on_command_line);
+        assert_eq!(parsed.config.global.runs_dir, PathBuf::from("/tmp/r"));
+        let Command::Plan(plan) = parsed.config.command else {
+            panic!("expected plan");
+        };
+        assert_eq!(plan.source.family_table, None);
+        assert_eq!(plan.limits.max_requests, 50_000);
+    }
+
+    #[test]
+    fn too_many_requests_per_batch_is_a_usage_error() {
+        let err = parse([
+            "embatch",
+            "plan",
+            "--family-id",
+            "f",
+            "--max-requests-per-batch",
+            "50001",
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

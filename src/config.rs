@@ -1,0 +1,117 @@
+//! Validated settings of each command: what `cli` turns the arguments into before any work
+//! starts. Command modules see these types, never clap's.
+
+use std::path::PathBuf;
+
+use crate::models::EncodingFormat;
+use crate::sharder::BatchLimits;
+use crate::store::OnTooLong;
+
+/// Options shared by every command.
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// `DATABASE_URL`; a secret: never printed, never written.
+    pub database_url: Option<String>,
+    pub api: ApiSettings,
+    pub runs_dir: PathBuf,
+    pub output: OutputSettings,
+}
+
+/// How to reach the OpenAI API. The key is a secret: never printed, never written.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub api_key: Option<String>,
+    pub base_url: String,
+    pub organization: Option<String>,
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputSettings {
+    pub quiet: bool,
+    pub verbose: bool,
+    /// Progress bars wanted (they still hide when stderr is not a terminal).
+    pub progress: bool,
+}
+
+/// Where the chunks live (DESIGN.md §1). Names are raw identifiers: always quoted when used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub table: String,
+    pub id_column: String,
+    pub text_column: String,
+    pub embedding_column: String,
+    pub family_column: String,
+    /// `None` when `--family-table none`: no check that the family exists.
+    pub family_table: Option<String>,
+    pub scope_sql: Option<String>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            table: "knowledge_chunks".to_owned(),
+            id_column: "id".to_owned(),
+            text_column: "content".to_owned(),
+            embedding_column: "embedding".to_owned(),
+            family_column: "equipment_family_id".to_owned(),
+            family_table: Some("equipment_families".to_owned()),
+            scope_sql: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanConfig {
+    pub family_id: String,
+    pub source: SourceConfig,
+    pub limit: Option<u64>,
+    pub model: String,
+    pub dimensions: Option<u32>,
+    pub encoding_format: EncodingFormat,
+    pub limits: BatchLimits,
+    pub on_too_long: OnTooLong,
+    pub reembed: bool,
+    pub force: bool,
+    pub max_cost_usd: Option<f64>,
+    pub usd_per_million_tokens: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusConfig {
+    pub target: StatusTarget,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StatusTarget {
+    Run(PathBuf),
+    /// `--batch-file PATH/batch.json` (or the batch folder): one batch of a run.
+    Batch(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunsConfig {
+    pub family_id: Option<String>,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubmitConfig {
+    pub plan: PlanConfig,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Plan(PlanConfig),
+    Status(StatusConfig),
+    Runs(RunsConfig),
+    Submit(SubmitConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub global: Global,
+    pub command: Command,
+}

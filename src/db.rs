@@ -1,0 +1,1715 @@
+//! Connecting to Postgres: reads `DATABASE_URL` (URL or libpq `key=value` form) into a
+//! [`DbTarget`] and opens a `tokio_postgres::Client` with the TLS behaviour libpq gives
+//! `sslmode` and `sslrootcert`. tokio-postgres knows only `disable`, `prefer` and `require` and
+//! rejects `verify-ca`, `verify-full` and `sslrootcert`, so this module takes the TLS parameters
+//! out of the string, hands the rest to `tokio_postgres::Config`, and builds the rustls client
+//! configuration itself. It owns the redaction rule too: nothing it prints or returns names the
+//! password. It does not own queries, the database's identity, pooling or retries: callers get a
+//! plain client, and [`DbError::is_retryable`] tells them whether trying again can help.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use percent_encoding::percent_decode_str;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_postgres::config::{Host, SslNegotiation};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Config, NoTls, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The modes of libpq's `sslmode`, with libpq's meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// libpq tries a plain connection first and TLS only if the server insists. tokio-postgres
+    /// cannot start plain and then retry with TLS, so `allow` is treated as `prefer`: TLS when
+    /// the server offers it, plain otherwise. That never encrypts less than libpq would.
+    Allow,
+    /// TLS without certificate checks when the server offers it, plain otherwise (libpq's
+    /// default). Unlike libpq, a failed TLS handshake is an error rather than a reason to retry
+    /// in plain text.
+    Prefer,
+    /// TLS, the certificate not checked, unless a root certificate file exists (given by
+    /// `sslrootcert` or libpq's default `~/.postgresql/root.crt`): then as `verify-ca`.
+    Require,
+    /// TLS, the certificate chain checked against the root certificates; the host name is not.
+    VerifyCa,
+    /// TLS, the chain checked and the host name matched against the certificate.
+    VerifyFull,
+}
+
+impl SslMode {
+    const ALL: [SslMode; 6] = [
+        SslMode::Disable,
+        SslMode::Allow,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
+
+    /// The spelling libpq uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the connection must be encrypted (libpq refuses plain text from `require` on).
+    fn requires_tls(self) -> bool {
+        matches!(
+            self,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+        )
+    }
+
+    fn to_tokio_postgres(self) -> tokio_postgres::config::SslMode {
+        use tokio_postgres::config::SslMode as Tp;
+        match self {
+            SslMode::Disable => Tp::Disable,
+            SslMode::Allow | SslMode::Prefer => Tp::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => Tp::Require,
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = DbError;
+
+    fn from_str(value: &str) -> Result<SslMode, DbError> {
+        SslMode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == value)
+            .ok_or_else(|| DbError::InvalidSslMode {
+                value: value.to_owned(),
+                origin: "DATABASE_URL",
+            })
+    }
+}
+
+/// Why parsing `DATABASE_URL` or connecting failed. No message contains the password.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(
+        "the database url is empty; set DATABASE_URL to a connection string such as postgres://user:password@host:5432/dbname"
+    )]
+    Empty,
+
+    /// The string could not be read; `reason` says what to change and never quotes a value.
+    #[error("the database url is not valid: {reason}")]
+    Invalid { reason: String },
+
+    #[error(
+        "invalid sslmode \"{value}\" in {origin}; use one of disable, allow, prefer, require, verify-ca, verify-full"
+    )]
+    InvalidSslMode { value: String, origin: &'static str },
+
+    #[error("{param} in the database url is not supported yet ({what}); remove it")]
+    Unsupported { param: String, what: &'static str },
+
+    #[error(
+        "root certificate file does not exist: sslmode={mode} checks the server certificate against {path}; either provide the file (or point sslrootcert=/path/to/ca.pem at one), use sslrootcert=system for the system's trusted roots, or change sslmode"
+    )]
+    RootCertMissing { mode: SslMode, path: String },
+
+    #[error(
+        "could not read root certificates from {path}: {reason}; point sslrootcert at a PEM file of CA certificates"
+    )]
+    RootCertUnreadable { path: String, reason: String },
+
+    #[error(
+        "could not load the system's trusted root certificates (sslrootcert=system): {reason}; install the CA certificates package or give sslrootcert=/path/to/ca.pem"
+    )]
+    SystemRootCerts { reason: String },
+
+    #[error(
+        "could not set up TLS for the database connection: {reason}; check ssl_min_protocol_version and ssl_max_protocol_version in DATABASE_URL"
+    )]
+    TlsSetup { reason: String },
+
+    /// The server could not be reached, or closed the connection before the login finished.
+    #[error(
+        "could not connect to the database at {target}: {}; check DATABASE_URL and that the server is running",
+        error_chain(.error)
+    )]
+    Connect {
+        target: String,
+        error: tokio_postgres::Error,
+    },
+
+    #[error(
+        "tls handshake with the database at {target} failed: {}; check that the server offers TLS and that sslmode and sslrootcert in DATABASE_URL fit its certificate",
+        error_chain(.error)
+    )]
+    Tls {
+        target: String,
+        error: tokio_postgres::Error,
+    },
+
+    #[error(
+        "the database at {target} refused the login: {}; check the user and password in DATABASE_URL",
+        error_chain(.error)
+    )]
+    Login {
+        target: String,
+        error: tokio_postgres::Error,
+    },
+
+    /// The server answered with an error other than a failed login (no such database, too many
+    /// connections, starting up, ...).
+    #[error(
+        "the database at {target} refused the connection: {}; check the database name in DATABASE_URL and the server's state",
+        error_chain(.error)
+    )]
+    Refused {
+        target: String,
+        error: tokio_postgres::Error,
+    },
+}
+
+impl DbError {
+    /// Whether the same attempt may succeed later without anyone changing the configuration.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DbError::Connect { .. } => true,
+            DbError::Refused { error, .. } => error.code().is_some_and(|code| {
+                *code == SqlState::TOO_MANY_CONNECTIONS
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+                    || code.code().starts_with("08")
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// A parsed `DATABASE_URL`: the tokio-postgres configuration without the TLS parameters, plus
+/// what libpq would do about TLS.
+#[derive(Debug, Clone)]
+pub struct DbTarget {
+    /// Holds the password; its `Debug` redacts it.
+    config: Config,
+    ssl_mode: SslMode,
+    root_cert: RootCert,
+    tls_options: TlsOptions,
+}
+
+/// Where the root certificates for checking the server come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RootCert {
+    /// `sslrootcert=<path>`, or libpq's default `~/.postgresql/root.crt` (`explicit: false`).
+    File { path: PathBuf, explicit: bool },
+    /// `sslrootcert=system`: the operating system's trusted roots.
+    System,
+    /// No `sslrootcert` and no home directory to find the default file in.
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TlsOptions {
+    /// `sslsni`: send the host name in the handshake (libpq's default is on).
+    sni: bool,
+    /// `ssl_min_protocol_version`/`ssl_max_protocol_version` narrowed to what rustls speaks.
+    tls12: bool,
+    tls13: bool,
+}
+
+/// What libpq takes from the process when the connection string does not say.
+#[derive(Debug, Clone, Default)]
+struct Defaults {
+    /// `PGSSLMODE`.
+    sslmode: Option<String>,
+    /// `PGSSLROOTCERT`.
+    sslrootcert: Option<String>,
+    /// `$HOME`, else the passwd entry's home: where `~/.postgresql/root.crt` lives.
+    home: Option<PathBuf>,
+    /// The effective user's login name: the user when the string names none.
+    os_user: Option<String>,
+}
+
+impl Defaults {
+    fn from_process() -> Defaults {
+        let non_empty_var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let passwd_entry = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten();
+        let home = non_empty_var("HOME")
+            .map(PathBuf::from)
+            .or_else(|| passwd_entry.as_ref().map(|user| user.dir.clone()));
+        Defaults {
+            sslmode: non_empty_var("PGSSLMODE"),
+            sslrootcert: non_empty_var("PGSSLROOTCERT"),
+            home,
+            os_user: passwd_entry.map(|user| user.name),
+        }
+    }
+}
+
+/// The libpq TLS parameters taken out of the connection string.
+#[derive(Debug, Default)]
+struct SslParams {
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+    sslsni: Option<String>,
+    min_protocol: Option<String>,
+    max_protocol: Option<String>,
+}
+
+/// Parameters this module reads or refuses instead of tokio-postgres, which would reject
+/// most of them as unknown. `sslnegotiation` is not among them: tokio-postgres supports it.
+fn is_ssl_param(key: &str) -> bool {
+    matches!(
+        key,
+        "sslmode"
+            | "sslrootcert"
+            | "sslsni"
+            | "ssl_min_protocol_version"
+            | "ssl_max_protocol_version"
+            | "sslcompression"
+            | "sslpassword"
+            | "sslcert"
+            | "sslkey"
+            | "sslcertmode"
+            | "sslcrl"
+            | "sslcrldir"
+            | "sslkeylogfile"
+            | "gssencmode"
+    )
+}
+
+impl SslParams {
+    /// Records one parameter for which `is_ssl_param` holds. Values are never quoted in
+    /// errors: `sslpassword` is a secret.
+    fn take(&mut self, key: &str, value: String) -> Result<(), DbError> {
+        let unsupported = |what| {
+            Err(DbError::Unsupported {
+                param: key.to_owned(),
+                what,
+            })
+        };
+        match key {
+            "sslmode" => self.sslmode = Some(value),
+            "sslrootcert" => self.sslrootcert = Some(value),
+            "sslsni" => self.sslsni = Some(value),
+            "ssl_min_protocol_version" => self.min_protocol = Some(value),
+            "ssl_max_protocol_version" => self.max_protocol = Some(value),
+            // libpq ignores sslcompression nowadays; sslpassword only unlocks an sslkey.
+            "sslcompression" | "sslpassword" => {}
+            // An empty value means "not set" to libpq.
+            "sslcert" | "sslkey" if value.is_empty() => {}
+            "sslcert" | "sslkey" => return unsupported("client certificates"),
+            "sslcertmode" => match value.as_str() {
+                // No client certificate is ever sent, which is what both of these allow.
+                "" | "disable" | "allow" => {}
+                _ => return unsupported("client certificates"),
+            },
+            "sslcrl" | "sslcrldir" if value.is_empty() => {}
+            "sslcrl" | "sslcrldir" => return unsupported("certificate revocation lists"),
+            "sslkeylogfile" if value.is_empty() => {}
+            "sslkeylogfile" => return unsupported("tls key logging"),
+            "gssencmode" => match value.as_str() {
+                // Without GSSAPI, libpq treats prefer like disable.
+                "" | "disable" | "prefer" => {}
+                _ => return unsupported("gssapi encryption"),
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn tls_options(&self) -> Result<TlsOptions, DbError> {
+        let sni = match self.sslsni.as_deref() {
+            None | Some("" | "1") => true,
+            Some("0") => false,
+            Some(_) => return Err(invalid("sslsni must be 0 or 1")),
+        };
+        // rustls speaks TLS 1.2 and 1.3; libpq's default minimum is 1.2 as well.
+        let min = parse_protocol_version(self.min_protocol.as_deref(), "ssl_min_protocol_version")?
+            .unwrap_or(2);
+        let max = parse_protocol_version(self.max_protocol.as_deref(), "ssl_max_protocol_version")?
+            .unwrap_or(3);
+        if max < 2 {
+            return Err(DbError::Unsupported {
+                param: "ssl_max_protocol_version".to_owned(),
+                what: "tls versions before TLSv1.2",
+            });
+        }
+        if min > max {
+            return Err(invalid(
+                "ssl_min_protocol_version is above ssl_max_protocol_version; lower the one or raise the other",
+            ));
+        }
+        let tls12 = min <= 2;
+        let tls13 = max >= 3;
+        Ok(TlsOptions { sni, tls12, tls13 })
+    }
+}
+
+/// libpq's `TLSv1` .. `TLSv1.3` (any case), as the minor version: 0 ..= 3.
+fn parse_protocol_version(value: Option<&str>, param: &str) -> Result<Option<u8>, DbError> {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let minor = match value.to_ascii_lowercase().as_str() {
+        "tlsv1" => 0,
+        "tlsv1.1" => 1,
+        "tlsv1.2" => 2,
+        "tlsv1.3" => 3,
+        _ => {
+            return Err(invalid(&format!(
+                "{param} must be one of TLSv1, TLSv1.1, TLSv1.2, TLSv1.3"
+            )));
+        }
+    };
+    Ok(Some(minor))
+}
+
+fn invalid(reason: &str) -> DbError {
+    DbError::Invalid {
+        reason: reason.to_owned(),
+    }
+}
+
+/// For a string that is not a connection string at all: shows the two shapes it may take.
+fn syntax_error(reason: &str) -> DbError {
+    invalid(&format!(
+        "{reason}; write it as postgres://user:password@host:port/dbname?sslmode=require or as key=value pairs such as host=localhost user=postgres dbname=mydb"
+    ))
+}
+
+impl DbTarget {
+    /// Reads a connection string in URL form
+    /// (`postgres://user:pw@host:port/db?sslmode=require&sslrootcert=/path`) or libpq
+    /// `key=value` form (`host=/tmp/sock user=postgres dbname=x sslmode=disable`). As libpq,
+    /// it falls back to `PGSSLMODE` and `PGSSLROOTCERT`, and to the login name for the user.
+    pub fn parse(url: &str) -> Result<DbTarget, DbError> {
+        DbTarget::parse_with(url, &Defaults::from_process())
+    }
+
+    fn parse_with(url: &str, defaults: &Defaults) -> Result<DbTarget, DbError> {
+        let url = url.trim();
+        if url.is_empty() {
+            return Err(DbError::Empty);
+        }
+        let (rest, ssl_params) = split_ssl_params(url)?;
+        let tls_options = ssl_params.tls_options()?;
+        // tokio-postgres's messages name options and positions, never values.
+        let mut config =
+            Config::from_str(&rest).map_err(|error| syntax_error(&error_chain(&error)))?;
+
+        if config.get_hosts().is_empty() {
+            if config.get_hostaddrs().is_empty() {
+                return Err(invalid(
+                    "it names no host; add one, e.g. postgres://user@localhost:5432/dbname or host=/var/run/postgresql",
+                ));
+            }
+            // tokio-postgres uses the host as the TLS server name and cannot do TLS without
+            // one; the address itself is the name libpq would check against.
+            let hostaddrs = config.get_hostaddrs().to_vec();
+            for hostaddr in hostaddrs {
+                config.host(hostaddr.to_string());
+            }
+        }
+        if config.get_user().is_none() {
+            let Some(os_user) = &defaults.os_user else {
+                return Err(invalid(
+                    "it names no user and the current login name is unknown; add one, e.g. postgres://user@host/dbname",
+                ));
+            };
+            config.user(os_user.clone());
+        }
+
+        let root_cert = match ssl_params
+            .sslrootcert
+            .filter(|v| !v.is_empty())
+            .or_else(|| defaults.sslrootcert.clone())
+        {
+            Some(value) if value == "system" => RootCert::System,
+            Some(path) => RootCert::File {
+                path: PathBuf::from(path),
+                explicit: true,
+            },
+            None => match &defaults.home {
+                Some(home) => RootCert::File {
+                    path: home.join(".postgresql").join("root.crt"),
+                    explicit: false,
+                },
+                None => RootCert::Unknown,
+            },
+        };
+
+        let ssl_mode = match (ssl_params.sslmode, &defaults.sslmode) {
+            (Some(value), _) => SslMode::from_str(&value)?,
+            (None, Some(value)) => {
+                SslMode::from_str(value).map_err(|_| DbError::InvalidSslMode {
+                    value: value.clone(),
+                    origin: "PGSSLMODE",
+                })?
+            }
+            // libpq: the system's roots only make sense with host name checks, so they make
+            // verify-full the default.
+            (None, None) if root_cert == RootCert::System => SslMode::VerifyFull,
+            (None, None) => SslMode::Prefer,
+        };
+        if root_cert == RootCert::System && ssl_mode != SslMode::VerifyFull {
+            return Err(invalid(&format!(
+                "weak sslmode={ssl_mode} may not be used with sslrootcert=system; use sslmode=verify-full"
+            )));
+        }
+
+        // libpq never uses TLS on a unix socket, whatever sslmode says.
+        let unix_hosts = config
+            .get_hosts()
+            .iter()
+            .filter(|host| matches!(host, Host::Unix(_)))
+            .count();
+        let unix_only = unix_hosts == config.get_hosts().len() && config.get_hostaddrs().is_empty();
+        if unix_only {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        } else if unix_hosts > 0 && ssl_mode.requires_tls() {
+            // tokio-postgres has one sslmode for all hosts, and a unix socket would refuse
+            // the TLS that this mode makes mandatory.
+            return Err(invalid(&format!(
+                "it mixes unix-socket and tcp hosts, which is not supported with sslmode={ssl_mode}; list only tcp hosts"
+            )));
+        } else {
+            config.ssl_mode(ssl_mode.to_tokio_postgres());
+        }
+
+        Ok(DbTarget {
+            config,
+            ssl_mode,
+            root_cert,
+            tls_options,
+        })
+    }
+
+    /// The `sslmode` asked for (`prefer` when the string and `PGSSLMODE` say nothing).
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// The database the server will open: `dbname`, or else the user name, as Postgres
+    /// defaults it.
+    pub fn database_name(&self) -> Option<&str> {
+        self.config.get_dbname().or(self.config.get_user())
+    }
+
+    /// "user@host:port/dbname" — for messages. NEVER includes the password.
+    ///
+    /// Several hosts are joined with commas; a unix socket shows as its folder.
+    pub fn display_safe(&self) -> String {
+        let user = self.config.get_user().unwrap_or_default();
+        let ports = self.config.get_ports();
+        let hosts = self
+            .config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                match host {
+                    Host::Tcp(name) if name.contains(':') => format!("[{name}]:{port}"),
+                    Host::Tcp(name) => format!("{name}:{port}"),
+                    Host::Unix(folder) => format!("{}:{port}", folder.display()),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let database = self.database_name().unwrap_or_default();
+        format!("{user}@{hosts}/{database}")
+    }
+
+    /// Connects and spawns the connection's task on the current tokio runtime. TLS, when the
+    /// mode asks for it, is rustls with the ring provider.
+    pub async fn connect(&self) -> Result<Client, DbError> {
+        let target = self.display_safe();
+        if self.config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+            return connect_with(&self.config, NoTls, target).await;
+        }
+        let tls = MakeTls(MakeRustlsConnect::new(self.client_tls_config()?));
+        connect_with(&self.config, tls, target).await
+    }
+
+    /// How the server's certificate will be checked, with the root certificates loaded.
+    fn verification(&self) -> Result<Verification, DbError> {
+        match self.ssl_mode {
+            // A check that libpq would fall back from (to plain text) protects nothing.
+            SslMode::Disable | SslMode::Allow | SslMode::Prefer => Ok(Verification::AcceptAny),
+            SslMode::Require => match &self.root_cert {
+                // libpq, for compatibility: a root certificate file makes require verify-ca.
+                RootCert::File { path, .. } if path.exists() => {
+                    Ok(Verification::ChainOnly(load_root_file(path)?))
+                }
+                // Refused at parse time, but the system roots are the safe reading.
+                RootCert::System => Ok(Verification::ChainOnly(load_system_roots()?)),
+                RootCert::File { .. } | RootCert::Unknown => Ok(Verification::AcceptAny),
+            },
+            SslMode::VerifyCa => Ok(Verification::ChainOnly(self.required_roots()?)),
+            SslMode::VerifyFull => Ok(Verification::Full(self.required_roots()?)),
+        }
+    }
+
+    fn required_roots(&self) -> Result<RootCertStore, DbError> {
+        match &self.root_cert {
+            RootCert::File { path, .. } if path.exists() => load_root_file(path),
+            RootCert::File { path, explicit } => Err(DbError::RootCertMissing {
+                mode: self.ssl_mode,
+                path: if *explicit {
+                    path.display().to_string()
+                } else {
+                    format!(
+                        "{} (libpq's default when sslrootcert is not given)",
+                        path.display()
+                    )
+                },
+            }),
+            RootCert::System => load_system_roots(),
+            RootCert::Unknown => Err(DbError::RootCertMissing {
+                mode: self.ssl_mode,
+                path: "~/.postgresql/root.crt (no home directory found)".to_owned(),
+            }),
+        }
+    }
+
+    fn client_tls_config(&self) -> Result<rustls::ClientConfig, DbError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut versions = Vec::new();
+        if self.tls_options.tls13 {
+            versions.push(&rustls::version::TLS13);
+        }
+        if self.tls_options.tls12 {
+            versions.push(&rustls::version::TLS12);
+        }
+        let tls_setup = |error: &dyn StdError| DbError::TlsSetup {
+            reason: error_chain(error),
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&versions)
+            .map_err(|e| tls_setup(&e))?;
+        let mut tls_config = match self.verification()? {
+            Verification::AcceptAny => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert { provider }))
+                .with_no_client_auth(),
+            Verification::ChainOnly(roots) => {
+                let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| tls_setup(&e))?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(VerifyChainOnly { webpki }))
+                    .with_no_client_auth()
+            }
+            Verification::Full(roots) => {
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+        };
+        tls_config.enable_sni = self.tls_options.sni;
+        // Direct TLS (PostgreSQL 17) needs the ALPN name; the classic SSLRequest does not,
+        // and some TLS-terminating proxies refuse names they do not know.
+        if self.config.get_ssl_negotiation() == SslNegotiation::Direct {
+            tls_config.alpn_protocols = vec![b"postgresql".to_vec()];
+        }
+        Ok(tls_config)
+    }
+}
+
+/// Takes the libpq TLS parameters out of either syntax; returns the rest for tokio-postgres.
+fn split_ssl_params(url: &str) -> Result<(String, SslParams), DbError> {
+    let mut ssl_params = SslParams::default();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let rest = split_url_query(url, &mut ssl_params)?;
+        return Ok((rest, ssl_params));
+    }
+    if let Some((scheme, _)) = url.split_once("://")
+        && !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        return Err(invalid(&format!(
+            "the scheme \"{scheme}://\" is not postgres:// or postgresql://; start it with postgres://"
+        )));
+    }
+    let mut rest = Vec::new();
+    for (key, value) in parse_keyword_values(url)? {
+        if is_ssl_param(&key) {
+            ssl_params.take(&key, value)?;
+        } else {
+            rest.push(format!("{key}={}", quote_value(&value)));
+        }
+    }
+    Ok((rest.join(" "), ssl_params))
+}
+
+/// Edits the query string of the URL form. tokio-postgres reads the credentials up to the
+/// first '@' (so a password may hold '?'), then the query from the next '?'.
+fn split_url_query(url: &str, ssl_params: &mut SslParams) -> Result<String, DbError> {
+    let after_credentials = url.find('@').map_or(0, |at| at + 1);
+    let Some(query_start) = url[after_credentials..]
+        .find('?')
+        .map(|i| i + after_credentials)
+    else {
+        return Ok(url.to_owned());
+    };
+    let decode = |raw: &str| {
+        percent_decode_str(raw)
+            .decode_utf8()
+            .map(|decoded| decoded.into_owned())
+            .map_err(|_| syntax_error("a query parameter is not valid utf-8 once percent-decoded"))
+    };
+    let mut kept = Vec::new();
+    for part in url[query_start + 1..].split('&') {
+        if part.is_empty() {
+            continue;
+        }
+        let Some((raw_key, raw_value)) = part.split_once('=') else {
+            return Err(syntax_error("a query parameter has no \"=\""));
+        };
+        let key = decode(raw_key)?;
+        if is_ssl_param(&key) {
+            ssl_params.take(&key, decode(raw_value)?)?;
+        } else {
+            kept.push(part);
+        }
+    }
+    let mut rest = url[..query_start].to_owned();
+    if !kept.is_empty() {
+        rest.push('?');
+        rest.push_str(&kept.join("&"));
+    }
+    Ok(rest)
+}
+
+/// libpq's `isspace` in the C locale.
+fn is_libpq_space(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c')
+}
+
+const UNTERMINATED_QUOTE: &str =
+    "a quoted value has no closing quote; end it with ' and write a quote inside as \\'";
+
+/// Reads libpq's `key=value` syntax: spaces around '=' allowed, a value either single-quoted
+/// or ending at a space, a backslash taking the next character literally in both.
+fn parse_keyword_values(s: &str) -> Result<Vec<(String, String)>, DbError> {
+    let mut pairs = Vec::new();
+    let mut chars = s.chars().peekable();
+    let skip_spaces = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
+        while chars.next_if(|&c| is_libpq_space(c)).is_some() {}
+    };
+    loop {
+        skip_spaces(&mut chars);
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|&c| c != '=' && !is_libpq_space(c)) {
+            key.push(c);
+        }
+        skip_spaces(&mut chars);
+        // The keyword is not quoted: when '=' is missing it may be a piece of a password
+        // that should have been quoted.
+        if key.is_empty() || chars.next() != Some('=') {
+            return Err(invalid(
+                "a keyword has no \"=\" after it; write key=value pairs and quote values with spaces as key='a b'",
+            ));
+        }
+        skip_spaces(&mut chars);
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    None => {
+                        return Err(invalid(UNTERMINATED_QUOTE));
+                    }
+                    Some('\'') => break,
+                    Some('\\') => match chars.next() {
+                        Some(escaped) => value.push(escaped),
+                        None => {
+                            return Err(invalid(UNTERMINATED_QUOTE));
+                        }
+                    },
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|&c| !is_libpq_space(c)) {
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
+/// Quotes a value for tokio-postgres's `key=value` parser, which reads libpq's escapes.
+fn quote_value(value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('\'');
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('\'');
+    quoted
+}
+
+async fn connect_with<T>(config: &Config, tls: T, target: String) -> Result<Client, DbError>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = match config.connect(tls).await {
+        Ok(pair) => pair,
+        Err(error) => return Err(classify_connect_error(target, error)),
+    };
+    tokio::spawn(async move {
+        // Queries on the client fail with "connection closed" when this ends; the cause is
+        // only here. `target` names no password, and tokio-postgres's errors name none.
+        if let Err(error) = connection.await {
+            eprintln!(
+                "warning: the connection to the database at {target} failed: {}",
+                error_chain(&error)
+            );
+        }
+    });
+    Ok(client)
+}
+
+fn classify_connect_error(target: String, error: tokio_postgres::Error) -> DbError {
+    if let Some(code) = error.code() {
+        if code.code().starts_with("28") {
+            return DbError::Login { target, error };
+        }
+        return DbError::Refused { target, error };
+    }
+    if is_tls_error(&error) {
+        return DbError::Tls { target, error };
+    }
+    DbError::Connect { target, error }
+}
+
+/// tokio-postgres's error kinds are private: its TLS errors display as this text, and
+/// rustls's errors reach it wrapped in an `io::Error`.
+fn is_tls_error(error: &tokio_postgres::Error) -> bool {
+    if error.to_string() == "error performing TLS handshake" {
+        return true;
+    }
+    let mut cause: Option<&(dyn StdError + 'static)> = error.source();
+    while let Some(current) = cause {
+        if current.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io_error) = current.downcast_ref::<std::io::Error>()
+            && io_error
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
+}
+
+/// "outer: cause: cause", as `{:#}` prints an anyhow chain; consecutive repeats dropped
+/// (`io::Error` displays its inner error and also returns that error's source).
+fn error_chain(error: &dyn StdError) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut cause = error.source();
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        cause = current.source();
+    }
+    parts.join(": ")
+}
+
+fn load_root_file(path: &Path) -> Result<RootCertStore, DbError> {
+    let unreadable = |reason: String| DbError::RootCertUnreadable {
+        path: path.display().to_string(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| unreadable(error_chain(&e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreadable(error_chain(&e)))?;
+    if certs.is_empty() {
+        return Err(unreadable("it holds no PEM certificate".to_owned()));
+    }
+    let mut roots = RootCertStore::empty();
+    let (_, n_ignored) = roots.add_parsable_certificates(certs);
+    if roots.is_empty() {
+        return Err(unreadable(format!(
+            "none of its {n_ignored} certificates could be parsed"
+        )));
+    }
+    Ok(roots)
+}
+
+fn load_system_roots() -> Result<RootCertStore, DbError> {
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(loaded.certs);
+    if roots.is_empty() {
+        let reason = match loaded.errors.first() {
+            Some(error) => error_chain(error),
+            None => "none found".to_owned(),
+        };
+        return Err(DbError::SystemRootCerts { reason });
+    }
+    Ok(roots)
+}
+
+enum Verification {
+    /// Any certificate (libpq's `require` without a root file); the handshake signature is
+    /// still checked against it.
+    AcceptAny,
+    /// The chain up to these roots, not the host name (`verify-ca`).
+    ChainOnly(RootCertStore),
+    /// The chain and the host name (`verify-full`).
+    Full(RootCertStore),
+}
+
+#[derive(Debug)]
+struct AcceptAnyServerCert {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AcceptAnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// webpki's full check with a wrong host name forgiven. webpki checks the name last, after
+/// the chain, validity and usage, so forgiving that one error skips nothing else.
+#[derive(Debug)]
+struct VerifyChainOnly {
+    webpki: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for VerifyChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// `MakeRustlsConnect`, except for hosts without a name. tokio-postgres asks for a connector
+/// even for a unix socket and passes "" as its name, which rustls refuses; it then declines
+/// the handshake itself when there is no name, so the stand-in name is never sent.
+#[derive(Clone)]
+struct MakeTls(MakeRustlsConnect);
+
+impl MakeTlsConnect<Socket> for MakeTls {
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let name = if hostname.is_empty() {
+            "localhost"
+        } else {
+            hostname
+        };
+        MakeTlsConnect::<Socket>::make_tls_connect(&mut self.0, name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::thread::JoinHandle;
+
+    use rustls_pki_types::PrivateKeyDer;
+    use tokio_postgres::config::SslMode as TpSslMode;
+
+    use super::*;
+
+    const PASSWORD: &str = "s3cr3t-pw";
+
+    /// A CA, a second unrelated CA, and a leaf for DNS name `localhost` signed by the first
+    /// (ECDSA P-256, valid 2000–2100), made once with `openssl ca`.
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBaDCCAQ6gAwIBAgICEAAwCgYIKoZIzj0EAwIwGjEYMBYGA1UEAwwPZW1iYXRj
+aCB0ZXN0IENBMCAXDTAwMDEwMTAwMDAwMFoYDzIxMDAwMTAxMDAwMDAwWjAaMRgw
+FgYDVQQDDA9lbWJhdGNoIHRlc3QgQ0EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC
+AAQerPtSIimXWxgz0DjYTY4rBUFky48stujDL8Obt2bWf7r9BjTDB/Ai8lHgyUgL
+tSPvm4yFxHw9+MYD84sB4+K8o0IwQDAPBgNVHRMBAf8EBTADAQH/MA4GA1UdDwEB
+/wQEAwIBBjAdBgNVHQ4EFgQUwp6G22rlgDqE/Esxyui/J74Dlz4wCgYIKoZIzj0E
+AwIDSAAwRQIhAPbXa8Dc8ahoTR857Qhc05vYetn4k7rN9GTLVkxEvVyzAiAmyx+U
+XMfBItJB7Bm36KnI4koowwFlEhhJedOQDBDmmg==
+-----END CERTIFICATE-----
+";
+    const OTHER_CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBajCCARCgAwIBAgICEAEwCgYIKoZIzj0EAwIwGzEZMBcGA1UEAwwQZW1iYXRj
+aCBvdGhlciBDQTAgFw0wMDAxMDEwMDAwMDBaGA8yMTAwMDEwMTAwMDAwMFowGzEZ
+MBcGA1UEAwwQZW1iYXRjaCBvdGhlciBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEH
+A0IABFzdH6hU9ivRj7wcSTyRL+UwGaXrUYxeEaoVfBVkupWazJZwAUWi3B43Lq42
+nFmeEmLNlTP6VzyMRIldCuDhuaijQjBAMA8GA1UdEwEB/wQFMAMBAf8wDgYDVR0P
+AQH/BAQDAgEGMB0GA1UdDgQWBBTTc566wp89kQ78NskTfZpMEeflXzAKBggqhkjO
+PQQDAgNIADBFAiEA/n31yU0oC5cm/U7108fARd3rfeOvEnE9qVGwzuN8afQCIG+9
+Qn+cqRvsV3Bb5k2WZwRW8o144Pi/5xHg56l336I9
+-----END CERTIFICATE-----
+";
+    const LEAF_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBrTCCAVOgAwIBAgICEAIwCgYIKoZIzj0EAwIwGjEYMBYGA1UEAwwPZW1iYXRj
+aCB0ZXN0IENBMCAXDTAwMDEwMTAwMDAwMFoYDzIxMDAwMTAxMDAwMDAwWjAUMRIw
+EAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATwH1+/
+gheEuvVr33vEKUF2G0WGbR/QzSAbLyDD0qm3AwiG4rKfn7LcK0qwQXeLhRHEPQJO
+xeKvrN8Hx4fjuxLAo4GMMIGJMBQGA1UdEQQNMAuCCWxvY2FsaG9zdDAMBgNVHRMB
+Af8EAjAAMA4GA1UdDwEB/wQEAwIHgDATBgNVHSUEDDAKBggrBgEFBQcDATAfBgNV
+HSMEGDAWgBTCnobbauWAOoT8SzHK6L8nvgOXPjAdBgNVHQ4EFgQUAQzjssBUkwsV
+xoqlTZMcCCla0MwwCgYIKoZIzj0EAwIDSAAwRQIgW+aFex7ZinqzWqFUcW4J/DVa
+MdBGcFj/Ui/b7GqkdGgCIQDnI2Bb2BEsoX211KkrOpa23XqppYwMym5d/5lsCa6f
+6Q==
+-----END CERTIFICATE-----
+";
+    const LEAF_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgc1sZtNa3ordLd6wy
+v+Hgo+/TNAuRu9rOCcSFSUvWauuhRANCAATwH1+/gheEuvVr33vEKUF2G0WGbR/Q
+zSAbLyDD0qm3AwiG4rKfn7LcK0qwQXeLhRHEPQJOxeKvrN8Hx4fjuxLA
+-----END PRIVATE KEY-----
+";
+
+    /// A home folder without `~/.postgresql/root.crt`, and no PG* variables.
+    struct Env {
+        home: tempfile::TempDir,
+    }
+
+    impl Env {
+        fn new() -> Env {
+            Env {
+                home: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn defaults(&self) -> Defaults {
+            Defaults {
+                sslmode: None,
+                sslrootcert: None,
+                home: Some(self.home.path().to_owned()),
+                os_user: Some("osuser".to_owned()),
+            }
+        }
+
+        fn parse(&self, url: &str) -> Result<DbTarget, DbError> {
+            DbTarget::parse_with(url, &self.defaults())
+        }
+
+        fn write(&self, name: &str, contents: &str) -> PathBuf {
+            let path = self.home.path().join(name);
+            fs_err::create_dir_all(path.parent().unwrap()).unwrap();
+            fs_err::write(&path, contents).unwrap();
+            path
+        }
+    }
+
+    fn assert_no_password(error: DbError) {
+        let shown = error.to_string();
+        let debug = format!("{error:?}");
+        let wrapped = format!(
+            "{:#}",
+            anyhow::Error::new(error).context("opening the database")
+        );
+        for text in [&shown, &debug, &wrapped] {
+            assert!(!text.contains(PASSWORD), "password leaked: {text}");
+        }
+    }
+
+    #[test]
+    fn url_form_strips_and_records_tls_params() {
+        let env = Env::new();
+        let target = env
+            .parse(&format!(
+                "postgres://alice:{PASSWORD}@db.example.com:6543/app?sslmode=require&sslrootcert=%2Fetc%2Fmy%20ca.pem&application_name=embatch"
+            ))
+            .unwrap();
+        assert_eq!(target.ssl_mode(), SslMode::Require);
+        assert_eq!(
+            target.root_cert,
+            RootCert::File {
+                path: PathBuf::from("/etc/my ca.pem"),
+                explicit: true
+            }
+        );
+        assert_eq!(target.config.get_password(), Some(PASSWORD.as_bytes()));
+        assert_eq!(target.config.get_application_name(), Some("embatch"));
+        assert_eq!(target.config.get_ssl_mode(), TpSslMode::Require);
+        assert_eq!(target.database_name(), Some("app"));
+        assert_eq!(target.display_safe(), "alice@db.example.com:6543/app");
+        assert!(!format!("{target:?}").contains(PASSWORD));
+    }
+
+    #[test]
+    fn url_password_may_hold_question_mark_and_encoded_chars() {
+        let env = Env::new();
+        let target = env
+            .parse("postgresql://bob:p%40ss?w0rd@h/db?sslmode=disable")
+            .unwrap();
+        assert_eq!(target.config.get_password(), Some("p@ss?w0rd".as_bytes()));
+        assert_eq!(target.ssl_mode(), SslMode::Disable);
+        assert_eq!(target.display_safe(), "bob@h:5432/db");
+    }
+
+    #[test]
+    fn key_value_form_strips_tls_params_and_keeps_quoted_values() {
+        let env = Env::new();
+        let target = env
+            .parse(
+                r"host = db.example.com port=5433 user=bob password='s3cr3t-pw it\'s' dbname=x sslmode=verify-full sslrootcert='/tmp/my ca.pem' application_name=a\ b",
+            )
+            .unwrap();
+        assert_eq!(target.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(
+            target.root_cert,
+            RootCert::File {
+                path: PathBuf::from("/tmp/my ca.pem"),
+                explicit: true
+            }
+        );
+        assert_eq!(
+            target.config.get_password(),
+            Some("s3cr3t-pw it's".as_bytes())
+        );
+        assert_eq!(target.config.get_application_name(), Some("a b"));
+        assert_eq!(target.display_safe(), "bob@db.example.com:5433/x");
+    }
+
+    #[test]
+    fn key_value_parser_follows_libpq() {
+        let pairs = parse_keyword_values(r"a=1  b = 'x y' c='' d=\'q e='\\'").unwrap();
+        let expected = [
+            ("a", "1"),
+            ("b", "x y"),
+            ("c", ""),
+            ("d", "'q"),
+            ("e", "\\"),
+        ];
+        assert_eq!(
+            pairs,
+            expected.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec()
+        );
+        for bad in ["a", "a=1 b", "=1", "a='open"] {
+            assert!(parse_keyword_values(bad).is_err(), "{bad}");
+        }
+        // What we hand to tokio-postgres reads back the same.
+        let tricky = r"it's \ a\b";
+        let config = Config::from_str(&format!("password={}", quote_value(tricky))).unwrap();
+        assert_eq!(config.get_password(), Some(tricky.as_bytes()));
+    }
+
+    #[test]
+    fn unix_socket_hosts_in_both_url_spellings() {
+        let env = Env::new();
+        for url in [
+            "postgresql://postgres@%2Ftmp%2Fsock/db",
+            "postgresql://postgres@/db?host=/tmp/sock",
+            "postgresql://postgres@/db?host=%2Ftmp%2Fsock&sslmode=verify-full",
+            "host=/tmp/sock user=postgres dbname=db sslmode=require",
+        ] {
+            let target = env.parse(url).unwrap();
+            assert_eq!(
+                target.config.get_hosts(),
+                [Host::Unix(PathBuf::from("/tmp/sock"))],
+                "{url}"
+            );
+            // libpq ignores sslmode on unix sockets.
+            assert_eq!(target.config.get_ssl_mode(), TpSslMode::Disable, "{url}");
+            assert_eq!(target.display_safe(), "postgres@/tmp/sock:5432/db");
+        }
+    }
+
+    #[test]
+    fn mixing_unix_and_tcp_hosts_is_refused_only_when_tls_is_required() {
+        let env = Env::new();
+        let mixed = "host=/tmp/sock,db.example.com user=u";
+        assert_eq!(
+            env.parse(mixed).unwrap().config.get_ssl_mode(),
+            TpSslMode::Prefer
+        );
+        let error = env.parse(&format!("{mixed} sslmode=require")).unwrap_err();
+        assert!(
+            error.to_string().contains("unix-socket and tcp hosts"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn defaults_follow_libpq() {
+        let env = Env::new();
+        let target = env.parse("postgres://db.example.com").unwrap();
+        assert_eq!(target.ssl_mode(), SslMode::Prefer);
+        assert_eq!(target.config.get_ssl_mode(), TpSslMode::Prefer);
+        assert_eq!(target.config.get_user(), Some("osuser"));
+        assert_eq!(target.database_name(), Some("osuser"));
+        assert_eq!(target.display_safe(), "osuser@db.example.com:5432/osuser");
+        assert_eq!(
+            target.root_cert,
+            RootCert::File {
+                path: env.home.path().join(".postgresql/root.crt"),
+                explicit: false
+            }
+        );
+
+        let mut defaults = env.defaults();
+        defaults.sslmode = Some("verify-ca".to_owned());
+        defaults.sslrootcert = Some("/etc/ca.pem".to_owned());
+        let from_env = DbTarget::parse_with("host=h user=u", &defaults).unwrap();
+        assert_eq!(from_env.ssl_mode(), SslMode::VerifyCa);
+        assert!(matches!(
+            from_env.root_cert,
+            RootCert::File { explicit: true, .. }
+        ));
+        let url_wins = DbTarget::parse_with("host=h user=u sslmode=disable", &defaults).unwrap();
+        assert_eq!(url_wins.ssl_mode(), SslMode::Disable);
+
+        defaults.sslmode = Some("bogus".to_owned());
+        let error = DbTarget::parse_with("host=h user=u", &defaults).unwrap_err();
+        assert!(error.to_string().contains("in PGSSLMODE"), "{error}");
+    }
+
+    #[test]
+    fn sslrootcert_system_means_verify_full() {
+        let env = Env::new();
+        let target = env.parse("postgres://u@h/db?sslrootcert=system").unwrap();
+        assert_eq!(target.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(target.root_cert, RootCert::System);
+        let error = env
+            .parse("postgres://u@h/db?sslrootcert=system&sslmode=require")
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("use sslmode=verify-full"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn hostaddr_alone_becomes_the_host() {
+        let env = Env::new();
+        let target = env
+            .parse("hostaddr=10.0.0.5 user=u sslmode=require")
+            .unwrap();
+        assert_eq!(
+            target.config.get_hosts(),
+            [Host::Tcp("10.0.0.5".to_owned())]
+        );
+        assert_eq!(target.display_safe(), "u@10.0.0.5:5432/u");
+    }
+
+    #[test]
+    fn invalid_sslmode_lists_the_valid_ones() {
+        let env = Env::new();
+        for url in [
+            "postgres://u@h/db?sslmode=verify_full",
+            "host=h user=u sslmode=Require",
+        ] {
+            let error = env.parse(url).unwrap_err();
+            let text = error.to_string();
+            assert!(
+                text.contains("disable, allow, prefer, require, verify-ca, verify-full"),
+                "{text}"
+            );
+            assert!(text.starts_with("invalid sslmode"), "{text}");
+        }
+    }
+
+    #[test]
+    fn unsupported_and_ignored_ssl_params() {
+        let env = Env::new();
+        for (param, what) in [
+            ("sslcert=/c.pem", "client certificates"),
+            ("sslkey=/k.pem", "client certificates"),
+            ("sslcrl=/crl.pem", "revocation"),
+            ("gssencmode=require", "gssapi"),
+            ("ssl_max_protocol_version=TLSv1.1", "before TLSv1.2"),
+        ] {
+            let error = env
+                .parse(&format!("postgres://u:{PASSWORD}@h/db?{param}"))
+                .unwrap_err();
+            let text = error.to_string();
+            assert!(
+                text.contains("not supported yet") && text.contains(what),
+                "{text}"
+            );
+            assert_no_password(error);
+        }
+        let target = env
+            .parse(&format!(
+                "host=h user=u sslcompression=0 sslpassword={PASSWORD} gssencmode=disable sslcert='' sslsni=0 ssl_min_protocol_version=TLSv1.3 channel_binding=require"
+            ))
+            .unwrap();
+        assert_eq!(
+            target.tls_options,
+            TlsOptions {
+                sni: false,
+                tls12: false,
+                tls13: true
+            }
+        );
+        assert!(!format!("{target:?}").contains(PASSWORD));
+    }
+
+    #[test]
+    fn parse_errors_never_show_the_password() {
+        let env = Env::new();
+        for url in [
+            format!("postgres://u:{PASSWORD}@h:notaport/db"),
+            format!("postgres://u:{PASSWORD}@h/db?nosuchoption=1"),
+            format!("postgres://u:{PASSWORD}@h/db?sslmode"),
+            format!("mysql://u:{PASSWORD}@h/db"),
+            format!("host=h user=u password='{PASSWORD}"),
+            format!("host=h user=u password={PASSWORD} x"),
+            format!("host=h user=u password={PASSWORD} port=x"),
+        ] {
+            let error = env.parse(&url).unwrap_err();
+            assert!(matches!(error, DbError::Invalid { .. }), "{url}: {error}");
+            assert_no_password(error);
+        }
+        assert!(matches!(env.parse("  "), Err(DbError::Empty)));
+    }
+
+    #[tokio::test]
+    async fn verify_full_without_a_root_certificate_fails_clearly() {
+        let env = Env::new();
+        for url in [
+            "postgres://u@127.0.0.1:1/db?sslmode=verify-full",
+            "postgres://u@127.0.0.1:1/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem",
+        ] {
+            let error = env.parse(url).unwrap().connect().await.unwrap_err();
+            assert!(matches!(error, DbError::RootCertMissing { .. }), "{error}");
+            let text = error.to_string();
+            assert!(
+                text.starts_with("root certificate file does not exist"),
+                "{text}"
+            );
+            assert!(text.contains("change sslmode"), "{text}");
+        }
+        // No home folder at all: still the same clear error.
+        let mut defaults = env.defaults();
+        defaults.home = None;
+        let target = DbTarget::parse_with(
+            "host=127.0.0.1 port=1 user=u sslmode=verify-full",
+            &defaults,
+        )
+        .unwrap();
+        assert!(matches!(
+            target.connect().await,
+            Err(DbError::RootCertMissing { .. })
+        ));
+    }
+
+    #[test]
+    fn require_with_a_root_file_checks_the_chain_as_libpq_does() {
+        let env = Env::new();
+        let target = env.parse("host=h user=u sslmode=require").unwrap();
+        assert!(matches!(target.verification(), Ok(Verification::AcceptAny)));
+        env.write(".postgresql/root.crt", CA_PEM);
+        assert!(matches!(
+            target.verification(),
+            Ok(Verification::ChainOnly(_))
+        ));
+
+        let garbage = env.write("garbage.pem", "not a certificate");
+        let target = env
+            .parse(&format!(
+                "host=h user=u sslmode=verify-ca sslrootcert={}",
+                garbage.display()
+            ))
+            .unwrap();
+        let error = target.verification().err().unwrap();
+        assert!(
+            matches!(error, DbError::RootCertUnreadable { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("garbage.pem"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn connect_to_a_closed_port_names_the_target_not_the_password() {
+        let env = Env::new();
+        for mode in ["disable", "prefer", "require"] {
+            let target = env
+                .parse(&format!(
+                    "postgres://alice:{PASSWORD}@127.0.0.1:1/app?sslmode={mode}"
+                ))
+                .unwrap();
+            let error = target.connect().await.unwrap_err();
+            assert!(matches!(error, DbError::Connect { .. }), "{error}");
+            assert!(error.is_retryable());
+            let text = error.to_string();
+            assert!(
+                text.starts_with("could not connect to the database at alice@127.0.0.1:1/app: "),
+                "{text}"
+            );
+            assert!(
+                text.ends_with("; check DATABASE_URL and that the server is running"),
+                "{text}"
+            );
+            assert_no_password(error);
+        }
+    }
+
+    // A stand-in server: answers the SSLRequest, optionally does TLS with the test leaf
+    // certificate, then accepts any login and says ready. Enough for tokio-postgres's connect.
+
+    #[derive(Debug, Default)]
+    struct Seen {
+        tls: bool,
+        sni: Option<String>,
+        user: Option<String>,
+    }
+
+    const SSL_REQUEST_CODE: u32 = 80_877_103;
+
+    fn read_message(stream: &mut impl Read) -> std::io::Result<Vec<u8>> {
+        let mut len = [0; 4];
+        stream.read_exact(&mut len)?;
+        let mut body = vec![0; u32::from_be_bytes(len) as usize - 4];
+        stream.read_exact(&mut body)?;
+        Ok(body)
+    }
+
+    /// Reads the startup message, logs in, and waits for the client to hang up.
+    fn accept_login(stream: &mut (impl Read + Write), seen: &mut Seen) {
+        let Ok(startup) = read_message(stream) else {
+            return;
+        };
+        let fields: Vec<&[u8]> = startup[4..].split(|&b| b == 0).collect();
+        seen.user = fields
+            .chunks(2)
+            .find(|pair| pair[0] == b"user")
+            .map(|pair| String::from_utf8_lossy(pair[1]).into_owned());
+        let auth_ok = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+        let ready = [b'Z', 0, 0, 0, 5, b'I'];
+        if stream.write_all(&auth_ok).is_err() || stream.write_all(&ready).is_err() {
+            return;
+        }
+        let _ = stream.flush();
+        let mut sink = [0; 256];
+        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+    }
+
+    fn fake_server(tls: bool) -> (u16, JoinHandle<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handle = std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let (mut tcp, _) = listener.accept().unwrap();
+            let Ok(first) = read_message(&mut tcp) else {
+                return seen;
+            };
+            assert_eq!(
+                first,
+                SSL_REQUEST_CODE.to_be_bytes(),
+                "expected an SSLRequest"
+            );
+            if !tls {
+                tcp.write_all(b"N").unwrap();
+                accept_login(&mut tcp, &mut seen);
+                return seen;
+            }
+            tcp.write_all(b"S").unwrap();
+            let leaf = CertificateDer::from_pem_slice(LEAF_PEM.as_bytes()).unwrap();
+            let key = PrivateKeyDer::from_pem_slice(LEAF_KEY_PEM.as_bytes()).unwrap();
+            let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf], key)
+            .unwrap();
+            let connection = rustls::ServerConnection::new(Arc::new(config)).unwrap();
+            let mut stream = rustls::StreamOwned::new(connection, tcp);
+            seen.tls = true;
+            accept_login(&mut stream, &mut seen);
+            seen.sni = stream.conn.server_name().map(str::to_owned);
+            seen
+        });
+        (port, handle)
+    }
+
+    async fn connect_to_fake(env: &Env, tls: bool, url_rest: &str) -> Result<Seen, DbError> {
+        let (port, server) = fake_server(tls);
+        let target = env
+            .parse(&format!("port={port} user=u {url_rest}"))
+            .unwrap();
+        let client = target.connect().await?;
+        drop(client);
+        // Blocking join off the runtime, so the connection task can hang up meanwhile.
+        Ok(tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap())
+    }
+
+    #[tokio::test]
+    async fn tls_modes_against_a_tls_server() {
+        let env = Env::new();
+        let ca = env.write("ca.pem", CA_PEM);
+        let other_ca = env.write("other-ca.pem", OTHER_CA_PEM);
+        let ca = ca.display();
+        let other_ca = other_ca.display();
+
+        // require: any certificate, TLS used, SNI sent for a DNS name.
+        let seen = connect_to_fake(&env, true, "host=localhost sslmode=require")
+            .await
+            .unwrap();
+        assert!(seen.tls);
+        assert_eq!(seen.sni.as_deref(), Some("localhost"));
+        assert_eq!(seen.user.as_deref(), Some("u"));
+        // prefer: TLS when offered.
+        let seen = connect_to_fake(&env, true, "host=localhost").await.unwrap();
+        assert!(seen.tls);
+        // sslsni=0 sends no name.
+        let seen = connect_to_fake(&env, true, "host=localhost sslmode=require sslsni=0")
+            .await
+            .unwrap();
+        assert_eq!(seen.sni, None);
+
+        // verify-full: chain and name.
+        let seen = connect_to_fake(
+            &env,
+            true,
+            &format!("host=localhost sslmode=verify-full sslrootcert={ca}"),
+        )
+        .await
+        .unwrap();
+        assert!(seen.tls);
+        let error = connect_to_fake(
+            &env,
+            true,
+            &format!("host=127.0.0.1 sslmode=verify-full sslrootcert={ca}"),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(error, DbError::Tls { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("tls handshake with the database at u@127.0.0.1:"),
+            "{error}"
+        );
+
+        // verify-ca: chain only, so the address that is not in the certificate is fine...
+        connect_to_fake(
+            &env,
+            true,
+            &format!("host=127.0.0.1 sslmode=verify-ca sslrootcert={ca}"),
+        )
+        .await
+        .unwrap();
+        // ...but not a chain to another CA.
+        let error = connect_to_fake(
+            &env,
+            true,
+            &format!("host=localhost sslmode=verify-ca sslrootcert={other_ca}"),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(error, DbError::Tls { .. }), "{error}");
+        assert!(!error.is_retryable());
+
+        // require with libpq's default root file behaves as verify-ca.
+        env.write(".postgresql/root.crt", OTHER_CA_PEM);
+        let error = connect_to_fake(&env, true, "host=localhost sslmode=require")
+            .await
+            .unwrap_err();
+        assert!(matches!(error, DbError::Tls { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn tls_modes_against_a_plain_server() {
+        let env = Env::new();
+        let seen = connect_to_fake(&env, false, "host=localhost sslmode=prefer")
+            .await
+            .unwrap();
+        assert!(!seen.tls);
+        assert_eq!(seen.user.as_deref(), Some("u"));
+        let error = connect_to_fake(&env, false, "host=localhost sslmode=require")
+            .await
+            .unwrap_err();
+        assert!(matches!(error, DbError::Tls { .. }), "{error}");
+        assert!(
+            error.to_string().contains("server does not support TLS"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unix_socket_never_asks_for_tls() {
+        let env = Env::new();
+        let folder = env.home.path().join("sock");
+        fs_err::create_dir_all(&folder).unwrap();
+        let listener =
+            std::os::unix::net::UnixListener::bind(folder.join(".s.PGSQL.5432")).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut len = [0; 4];
+            stream.read_exact(&mut len).unwrap();
+            let mut code = [0; 4];
+            stream.read_exact(&mut code).unwrap();
+            // Not an SSLRequest: the startup message itself. Feed the rest to accept_login.
+            assert_ne!(code, SSL_REQUEST_CODE.to_be_bytes());
+            let mut rest = vec![0; u32::from_be_bytes(len) as usize - 8];
+            stream.read_exact(&mut rest).unwrap();
+            let mut message = len.to_vec();
+            message.extend_from_slice(&code);
+            message.extend_from_slice(&rest);
+            let mut replay = std::io::Cursor::new(message).chain(stream.try_clone().unwrap());
+            let mut both = ReadWrite {
+                read: &mut replay,
+                write: &mut stream,
+            };
+            accept_login(&mut both, &mut seen);
+            seen
+        });
+        let target = env
+            .parse(&format!(
+                "host={} user=u sslmode=verify-full",
+                folder.display()
+            ))
+            .unwrap();
+        let client = target.connect().await.unwrap();
+        drop(client);
+        let seen = tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(seen.user.as_deref(), Some("u"));
+        assert!(!seen.tls);
+    }
+
+    struct ReadWrite<'a, R, W> {
+        read: &'a mut R,
+        write: &'a mut W,
+    }
+
+    impl<R: Read, W> Read for ReadWrite<'_, R, W> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.read.read(buf)
+        }
+    }
+
+    impl<R, W: Write> Write for ReadWrite<'_, R, W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.write.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.write.flush()
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! embatch: embed Postgres text chunks in bulk through the OpenAI Batch API into pgvector.
+//!
+//! # Layout
+//! `cli` turns arguments into a `config::Config`; [`run`] dispatches to one module per
+//! command (`plan`, `status`, `runs`). The pure core — `sharder`, `state`, `models`,
+//! `request`, `tokens`, `tsv` — does no I/O; `store` and `lock` own the run folder's files;
+//! `source` and `db` own the database; `printer` owns the terminal; `pgtemp` starts a throwaway
+//! Postgres for tests, the demo and the benchmark. See `ARCHITECTURE.md` for the invariants.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod lock;
+pub mod models;
+pub mod pgtemp;
+pub mod plan;
+pub mod printer;
+pub mod request;
+pub mod runs;
+pub mod sharder;
+pub mod source;
+pub mod state;
+pub mod status;
+pub mod store;
+pub mod tokens;
+pub mod tsv;
+
+use anyhow::bail;
+
+use crate::config::{Command, Config, StatusTarget};
+use crate::printer::Printer;
+
+/// How a command ended, as the exit code of DESIGN.md §3 (decided in `main` only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// 0: done.
+    Done,
+    /// 75: not done yet; run again later (or the run is locked by another command).
+    NotYet,
+}
+
+/// Runs one command. Errors carry their own message; `main` prints them and exits 1 (or 75
+/// for a lock held by another process).
+pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
+    let printer = Printer::new(config.global.output);
+    let now = chrono::Utc::now();
+    match &config.command {
+        Command::Plan(plan_cfg) => {
+            if let plan::PlanOutcome::Planned { run_dir, .. } =
+                plan::plan(&config.global, plan_cfg, &printer, now).await?
+            {
+                printer.data(&run_dir.display().to_string());
+            }
+            Ok(ExitStatus::Done)
+        }
+        Command::Submit(submit) => {
+            if !submit.dry_run {
+                bail!(
+                    "submitting to the Batch API is not available in this build yet; use `embatch submit --dry-run` to write the batch files"
+                );
+            }
+            if let plan::PlanOutcome::Planned { run_dir, .. } =
+                plan::plan(&config.global, &submit.plan, &printer, now).await?
+            {
+                printer.info("dry run: batch files written, no API called");
+                printer.data(&run_dir.display().to_string());
+            }
+            Ok(ExitStatus::Done)
+        }
+        Command::Status(status_cfg) => {
+            let (run_dir, only) = match &status_cfg.target {
+                StatusTarget::Run(dir) => (dir.clone(), None),
+                StatusTarget::Batch(file) => match status::locate_batch(file) {
+                    Some((dir, name)) => (dir, Some(name)),
+                    None => bail!(
+                        "{} is not inside a run folder (expected …/run_…/batches/batch_NNN/batch.json)",
+                        file.display()
+                    ),
+                },
+            };
+            let run = store::load(&run_dir)?;
+            if let Some(name) = &only
+                && !run.batches.iter().any(|b| &b.name == name)
+            {
+                bail!("run {} has no batch {name}", run_dir.display());
+            }
+            let view = status::view(&run, &run_dir, only.as_deref());
+            if status_cfg.json {
+                printer.data(&serde_json::to_string_pretty(&view)?);
+            } else {
+                printer.data(&status::render_table(&view, printer.colour()));
+            }
+            Ok(ExitStatus::Done)
+        }
+        Command::Runs(runs_cfg) => {
+            let found = runs::find_runs(&config.global.runs_dir, runs_cfg.family_id.as_deref())?;
+            let summaries: Vec<runs::RunSummary> = found.iter().map(runs::summarize).collect();
+            if runs_cfg.json {
+                printer.data(&serde_json::to_string_pretty(&summaries)?);
+            } else if summaries.is_empty() {
+                printer.info(&format!(
+                    "no runs under {}",
+                    config.global.runs_dir.display()
+                ));
+            } else {
+                for s in &summaries {
+                    printer.data(&runs::summary_line(s));
+                }
+            }
+            Ok(ExitStatus::Done)
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! `plan`: select the pending chunks of a family, shard them, and write the run folder
+//! (DESIGN.md §4, §6). Calls no API.
+//!
+//! The folder is written under a hidden `.partial-…` name and renamed into place only when
+//! complete, so a failed plan leaves no half-written run behind. Rows stream from the
+//! database straight into the batch files: memory does not grow with the family.
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Global, PlanConfig};
+use crate::db::DbTarget;
+use crate::models;
+use crate::printer::Printer;
+use crate::request::RequestTemplate;
+use crate::runs::{self, HeldChunks};
+use crate::sharder::{BatchTally, ItemSize, Placement, Sharder};
+use crate::source::{self, ChunkRow, Source};
+use crate::state::{BatchState, Planned};
+use crate::store::{self, BatchRecord, OnTooLong, PlanSummary, RunFile, RunSettings};
+use crate::tokens;
+use crate::tsv;
+
+pub const SKIPPED_FILE: &str = "skipped.tsv";
+pub const CHUNKS_FILE: &str = "chunks.tsv";
+pub const INPUT_FILE: &str = "input.jsonl";
+
+/// Why a chunk is never sent (the `reason` of `skipped.tsv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SkipReason {
+    Empty,
+    TooLong,
+    TooLargeForBatch,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Empty => "empty",
+            SkipReason::TooLong => "too_long",
+            SkipReason::TooLargeForBatch => "too_large_for_batch",
+        }
+    }
+}
+
+/// Folder of batch `name` inside a run folder.
+pub fn batch_dir(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join("batches").join(name)
+}
+
+/// `batch_001`, `batch_002`, … (at least three digits).
+pub fn batch_name(number: usize) -> String {
+    format!("batch_{number:03}")
+}
+
+/// Creates a folder (and its missing parents) readable by its owner only.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    make_private_dir(path, true)
+}
+
+fn make_private_dir(path: &Path, recursive: bool) -> std::io::Result<()> {
+    // fs-err has no DirBuilder: name the folder in the error ourselves.
+    std::fs::DirBuilder::new()
+        .recursive(recursive)
+        .mode(0o700)
+        .create(path)
+        .map_err(|err| {
+            std::io::Error::new(
+                err.kind(),
+                format!("failed to create directory `{}`: {err}", path.display()),
+            )
+        })
+}
+
+/// The outcome of a plan: the run folder, or nothing when no chunk needs sending.
+pub enum PlanOutcome {
+    Planned { run_dir: PathBuf, run: Box<RunFile> },
+    NothingToDo,
+}
+
+/// Runs `plan` and reports on stderr; the caller prints the folder on stdout.
+pub async fn plan(
+    global: &Global,
+    cfg: &PlanConfig,
+    printer: &Printer,
+    now: DateTime<Utc>,
+) -> anyhow::Result<PlanOutcome> {
+    cfg.limits.validate()?;
+    let url = global.database_url.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("no database given; set DATABASE_URL (in the environment or .env) or pass --database-url")
+    })?;
+    let target = DbTarget::parse(url)?;
+    let mut client = target.connect().await?;
+    let source = Source::inspect(&client, &cfg.source).await?;
+    source.check_family(&client, &cfg.family_id).await?;
+
+    let model_info = models::lookup(&cfg.model);
+    if model_info.is_none() {
+        printer.warn(&format!(
+            "unknown model {}: its tokens are counted with cl100k_base and no cost is estimated (pass --price-per-million-tokens for one)",
+            cfg.model
+        ));
+    }
+    let dims = models::choose_dimensions(&cfg.model, source.dimensions, cfg.dimensions)?;
+    let identity = source::database_identity(&client).await?;
+
+    let family_dir = runs::family_dir(&global.runs_dir, &cfg.family_id);
+    create_private_dir(&family_dir).with_context(|| {
+        format!(
+            "cannot write the runs dir {}; choose a writable folder with --runs-dir or EMBATCH_RUNS_DIR",
+            global.runs_dir.display()
+        )
+    })?;
+    let held = if cfg.force {
+        HeldChunks::default()
+    } else {
+        runs::held_chunks(&global.runs_dir, &cfg.family_id)?
+    };
+
+    let (name, partial_dir) = reserve_partial_dir(&family_dir, now)?;
+    let template = RequestTemplate {
+        model: cfg.model.clone(),
+        dimensions: dims.send_dimensions.then_some(dims.dimensions),
+        encoding_format: cfg.encoding_format,
+    };
+    let mut writer = RunWriter::new(&partial_dir, template, cfg, &held)?;
+    let bar = printer.row_counter("planning");
+    let streamed = source
+        .stream_pending(&mut client, &cfg.family_id, cfg.reembed, cfg.limit, |row| {
+            bar.inc(1);
+            writer.add(row)
+        })
+        .await;
+    bar.finish_and_clear();
+    let result = match streamed {
+        Ok(_) => writer.finish(),
+        Err(err) => Err(err),
+    };
+    let written = match result {
+        Ok(written) => written,
+        Err(err) => {
+            remove_partial(&partial_dir);
+            return Err(err);
+        }
+    };
+
+    let price = models::price_per_million(&cfg.model, cfg.usd_per_million_tokens);
+    let cost = price.map(|p| models::estimate_cost(written.tokens, p));
+    let summary = PlanSummary {
+        chunks: written.chunks,
+        skipped: written.skipped.values().sum(),
+        truncated: written.truncated,
+        held_by_other_runs: written.held.iter().sum(),
+        tokens: written.tokens,
+        estimated_cost_usd: cost,
+    };
+    report(printer, cfg, &summary, &written, &held, price);
+
+    if written.batches.is_empty() {
+        remove_partial(&partial_dir);
+        printer.info(&format!(
+            "nothing to embed for family {}: no pending chunk needs sending; no run created",
+            cfg.family_id
+        ));
+        return Ok(PlanOutcome::NothingToDo);
+    }
+    if let (Some(max), Some(cost)) = (cfg.max_cost_usd, cost)
+        && cost > max
+    {
+        remove_partial(&partial_dir);
+        bail!(
+            "the estimated cost ${cost:.4} is over --max-cost ${max:.4}; raise --max-cost or plan fewer chunks (--limit)"
+        );
+    }
+
+    let run = RunFile {
+        schema_version: store::SCHEMA_VERSION,
+        run_id: name.run_id.clone(),
+        family_id: cfg.family_id.clone(),
+        created_at: now,
+        updated_at: now,
+        embatch_version: env!("CARGO_PKG_VERSION").to_owned(),
+        settings: RunSettings {
+            source: source.settings(),
+            model: cfg.model.clone(),
+            dimensions: dims.dimensions,
+            send_dimensions: dims.send_dimensions,
+            encoding_format: cfg.encoding_format,
+            limits: cfg.limits,
+            reembed: cfg.reembed,
+            on_too_long: cfg.on_too_long,
+            limit: cfg.limit,
+            usd_per_million_tokens: price,
+        },
+        database: identity,
+        plan: summary,
+        cancelled: false,
+        batches: written.batches,
+    };
+    let run_dir = family_dir.join(&name.folder);
+    let finished = store::save(&partial_dir, &run)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            fs_err::rename(&partial_dir, &run_dir)?;
+            store::sync_dir(&family_dir)?;
+            Ok(())
+        });
+    if let Err(err) = finished {
+        remove_partial(&partial_dir);
+        return Err(err.context(format!(
+            "could not write the run folder {}",
+            run_dir.display()
+        )));
+    }
+    Ok(PlanOutcome::Planned {
+        run_dir,
+        run: Box::new(run),
+    })
+}
+
+/// Picks a run name whose final and partial folders are both free, and creates the partial
+/// one. Two plans in the same second get different random suffixes.
+fn reserve_partial_dir(
+    family_dir: &Path,
+    now: DateTime<Utc>,
+) -> anyhow::Result<(runs::RunName, PathBuf)> {
+    for _ in 0..16 {
+        let name = runs::run_name(now, rand::random());
+        let partial = family_dir.join(format!(".partial-{}", name.folder));
+        if family_dir.join(&name.folder).exists() {
+            continue;
+        }
+        match make_private_dir(&partial, false) {
+            Ok(()) => return Ok((name, partial)),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => {
+                return Err(anyhow::Error::from(err).context(format!(
+                    "cannot write the runs dir {}; choose a writable folder with --runs-dir",
+                    family_dir.display()
+                )));
+            }
+        }
+    }
+    bail!(
+        "could not find a free run folder name under {}",
+        family_dir.display()
+    )
+}
+
+fn remove_partial(partial_dir: &Path) {
+    // Best effort: the error that brought us here matters more than a failed clean-up.
+    let _ = fs_err::remove_dir_all(partial_dir);
+}
+
+fn report(
+    printer: &Printer,
+    cfg: &PlanConfig,
+    summary: &PlanSummary,
+    written: &Written,
+    held: &HeldChunks,
+    price: Option<f64>,
+) {
+    printer.info(&format!(
+        "family {}: {} chunks to embed ({} tokens) in {} batch{}",
+        cfg.family_id,
+        summary.chunks,
+        summary.tokens,
+        written.batches.len(),
+        if written.batches.len() == 1 { "" } else { "es" }
+    ));
+    if summary.skipped > 0 {
+        let reasons: Vec<String> = written
+            .skipped
+            .iter()
+            .map(|(reason, n)| format!("{}: {n}", reason.as_str()))
+            .collect();
+        printer.info(&format!(
+            "skipped {} chunks, never sent ({}); listed in {SKIPPED_FILE}",
+            summary.skipped,
+            reasons.join(", ")
+        ));
+    }
+    if summary.truncated > 0 {
+        printer.info(&format!(
+            "truncated {} chunks to {} tokens (--on-too-long truncate)",
+            summary.truncated,
+            tokens::MAX_INPUT_TOKENS
+        ));
+    }
+    for (idx, n) in written.held.iter().enumerate() {
+        if *n > 0
+            && let Some(dir) = held.runs.get(idx)
+        {
+            printer.info(&format!(
+                "left out {n} chunks held by the unfinished run {} (finish or cancel it, or pass --force)",
+                dir.display()
+            ));
+        }
+    }
+    match (summary.estimated_cost_usd, price) {
+        (Some(cost), Some(price)) => printer.info(&format!(
+            "estimated cost ${cost:.4} at batch prices ({}, ${price} per 1M tokens)",
+            cfg.model
+        )),
+        _ => printer.info("estimated cost unknown for this model"),
+    }
+}
+
+/// What the writer produced.
+struct Written {
+    batches: Vec<BatchRecord>,
+    chunks: u64,
+    tokens: u64,
+    truncated: u64,
+    skipped: BTreeMap<SkipReason, u64>,
+    /// Chunks left out, per holding run (indexes of `HeldChunks::runs`).
+    held: Vec<u64>,
+}
+
+/// The batch being filled.
+struct OpenBatch {
+    name: String,
+    dir: PathBuf,
+    input: BufWriter<fs_err::File>,
+    chunks: BufWriter<fs_err::File>,
+}
+
+/// The batch folders being written: the open batch and the records of the sealed ones.
+struct BatchFiles {
+    run_dir: PathBuf,
+    open: Option<OpenBatch>,
+    written: Written,
+}
+
+impl BatchFiles {
+    fn open_next(&mut self) -> anyhow::Result<()> {
+        let name = batch_name(self.written.batches.len() + 1);
+        let dir = batch_dir(&self.run_dir, &name);
+        create_private_dir(&dir)?;
+        let input = BufWriter::with_capacity(1 << 20, fs_err::File::create(dir.join(INPUT_FILE))?);
+        let mut chunks = BufWriter::new(fs_err::File::create(dir.join(CHUNKS_FILE))?);
+        tsv::write_record(&mut chunks, &["id", "sha256", "tokens"])?;
+        self.open = Some(OpenBatch {
+            name,
+            dir,
+            input,
+            chunks,
+        });
+        Ok(())
+    }
+
+    /// Flushes and fsyncs the open batch, and records it with the sharder's tally.
+    fn seal(&mut self, tally: BatchTally) -> anyhow::Result<()> {
+        let Some(open) = self.open.take() else {
+            bail!("internal error: sealing a batch that was never opened");
+        };
+        for writer in [open.input, open.chunks] {
+            let file = writer.into_inner().map_err(|err| err.into_error())?;
+            file.sync_all()?;
+        }
+        store::sync_dir(&open.dir)?;
+        self.written.batches.push(BatchRecord {
+            name: open.name,
+            attempt: 1,
+            retry_of: Vec::new(),
+            requests: u64::from(tally.requests),
+            bytes: tally.bytes,
+            tokens: tally.tokens,
+            state: BatchState::Planned(Planned {}),
+        });
+        Ok(())
+    }
+}
+
+/// Streams chunks into batch folders as the sharder decides. The decisions (sharding, token
+/// limits) belong to the sharder and tokens modules; this only applies them and writes.
+struct RunWriter<'a> {
+    template: RequestTemplate,
+    on_too_long: OnTooLong,
+    held: &'a HeldChunks,
+    sharder: Sharder,
+    files: BatchFiles,
+    skipped_file: BufWriter<fs_err::File>,
+    line: Vec<u8>,
+}
+
+impl<'a> RunWriter<'a> {
+    fn new(
+        run_dir: &Path,
+        template: RequestTemplate,
+        cfg: &PlanConfig,
+        held: &'a HeldChunks,
+    ) -> anyhow::Result<RunWriter<'a>> {
+        let mut skipped_file = BufWriter::new(fs_err::File::create(run_dir.join(SKIPPED_FILE))?);
+        tsv::write_record(&mut skipped_file, &["id", "reason"])?;
+        Ok(RunWriter {
+            template,
+            on_too_long: cfg.on_too_long,
+            held,
+            sharder: Sharder::new(cfg.limits),
+            files: BatchFiles {
+                run_dir: run_dir.to_path_buf(),
+                open: None,
+                written: Written {
+                    batches: Vec::new(),
+                    chunks: 0,
+                    tokens: 0,
+                    truncated: 0,
+                    skipped: BTreeMap::new(),
+                    held: vec![0; held.runs.len()],
+                },
+            },
+            skipped_file,
+            line: Vec::with_capacity(4096),
+        })
+    }
+
+    fn skip(&mut self, id: &str, reason: SkipReason) -> anyhow::Result<()> {
+        tsv::write_record(&mut self.skipped_file, &[id, reason.as_str()])?;
+        *self.files.written.skipped.entry(reason).or_insert(0) += 1;
+        Ok(())
+    }
+
+    fn add(&mut self, row: ChunkRow) -> anyhow::Result<()> {
+        if !self.held.is_empty()
+            && let Some(run_idx) = self.held.holder(&row.id)
+        {
+            self.files.written.held[run_idx] += 1;
+            return Ok(());
+        }
+        let content = row.content.unwrap_or_default();
+        if content.trim().is_empty() {
+            return self.skip(&row.id, SkipReason::Empty);
+        }
+        // The hash is of the content as stored, even when a truncated prefix is sent: ingest
+        // compares it with the row's current content.
+        let hash = hex::encode(Sha256::digest(content.as_bytes()));
+        let mut n_tokens = tokens::count_tokens(&content);
+        let mut input = content.as_str();
+        let truncated;
+        if n_tokens > tokens::MAX_INPUT_TOKENS {
+            match self.on_too_long {
+                OnTooLong::Skip => return self.skip(&row.id, SkipReason::TooLong),
+                OnTooLong::Fail => bail!(
+                    "chunk {} has {n_tokens} tokens, over the model's limit of {}; shorten it, or plan with --on-too-long skip or truncate",
+                    row.id,
+                    tokens::MAX_INPUT_TOKENS
+                ),
+                OnTooLong::Truncate => {
+                    let (prefix, count) =
+                        tokens::truncate_to_tokens(&content, tokens::MAX_INPUT_TOKENS);
+                    truncated = prefix;
+                    input = &truncated;
+                    n_tokens = count;
+                    self.files.written.truncated += 1;
+                }
+            }
+        }
+        self.line.clear();
+        self.template.write_line(&row.id, input, &mut self.line);
+        let item = ItemSize {
+            tokens: n_tokens as u64,
+            line_bytes: self.line.len() as u64,
+        };
+        match self.sharder.place(item) {
+            Placement::TooLarge(_) => return self.skip(&row.id, SkipReason::TooLargeForBatch),
+            Placement::StartsNew { sealed } => {
+                self.files.seal(sealed)?;
+                self.files.open_next()?;
+            }
+            Placement::Current if self.files.open.is_none() => self.files.open_next()?,
+            Placement::Current => {}
+        }
+        let Some(open) = self.files.open.as_mut() else {
+            bail!("internal error: no open batch after placement");
+        };
+        open.input.write_all(&self.line)?;
+        tsv::write_record(&mut open.chunks, &[&row.id, &hash, &n_tokens.to_string()])?;
+        self.files.written.chunks += 1;
+        self.files.written.tokens += n_tokens as u64;
+        Ok(())
+    }
+
+    fn finish(mut self) -> anyhow::Result<Written> {
+        if let Some(tally) = self.sharder.finish() {
+            self.files.seal(tally)?;
+        }
+        let file = self
+            .skipped_file
+            .into_inner()
+            .map_err(|err| err.into_error())?;
+        file.sync_all()?;
+        Ok(self.files.written)
+    }
+}

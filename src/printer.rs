@@ -1,0 +1,77 @@
+//! The one printer: data to stdout, everything else to stderr.
+//!
+//! Progress bars come from here and hide when stderr is not a terminal, with `--no-progress`
+//! or `--quiet`. `-q` leaves only errors on stderr (errors are printed by `main`).
+
+use std::io::{IsTerminal, Write};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::config::OutputSettings;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Printer {
+    settings: OutputSettings,
+    bars: bool,
+    colour: bool,
+}
+
+impl Printer {
+    pub fn new(settings: OutputSettings) -> Printer {
+        let stderr_tty = std::io::stderr().is_terminal();
+        Printer {
+            settings,
+            bars: settings.progress && !settings.quiet && stderr_tty,
+            colour: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        }
+    }
+
+    /// One line of data on stdout.
+    pub fn data(&self, line: &str) {
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (e.g. `| head`) is not worth failing the command for.
+        let _ = writeln!(out, "{line}");
+    }
+
+    /// A message for the person at the terminal (stderr), unless `-q`.
+    pub fn info(&self, message: &str) {
+        if !self.settings.quiet {
+            eprintln!("{message}");
+        }
+    }
+
+    /// Extra detail with `-v`.
+    pub fn verbose(&self, message: &str) {
+        if self.settings.verbose && !self.settings.quiet {
+            eprintln!("{message}");
+        }
+    }
+
+    pub fn warn(&self, message: &str) {
+        if !self.settings.quiet {
+            eprintln!("warning: {message}");
+        }
+    }
+
+    /// Whether stdout is a terminal that takes colours (tables colour only there).
+    pub fn colour(&self) -> bool {
+        self.colour
+    }
+
+    /// A counter of rows with no known total (a spinner with a count and rate).
+    pub fn row_counter(&self, message: &'static str) -> ProgressBar {
+        if !self.bars {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {msg}: {human_pos} rows ({per_sec}, {elapsed})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(message);
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    }
+}

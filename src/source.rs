@@ -1,0 +1,477 @@
+//! The source side: where the chunks live, checked against the catalog, and the stream of
+//! pending chunks read from it (DESIGN.md §1).
+//!
+//! Owns the SQL that reads chunks; every identifier from a flag is quoted here, never pasted.
+//! Rows are read through a portal in pages inside one READ ONLY transaction, so the family is
+//! never held in memory whole and `--scope-sql` cannot change data. It does not tokenize,
+//! shard or write files (the plan does).
+
+use std::error::Error as _;
+
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Client, IsolationLevel};
+
+use crate::config::SourceConfig;
+use crate::store::{DatabaseIdentity, SourceSettings};
+
+/// The default schema of DESIGN.md §1 (what the demo and the tests create).
+pub const DEFAULT_SCHEMA_SQL: &str = "
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE TABLE equipment_families (id uuid PRIMARY KEY, name text NOT NULL);
+CREATE TABLE knowledge_chunks (
+  id                  uuid PRIMARY KEY,
+  equipment_family_id uuid NOT NULL REFERENCES equipment_families(id),
+  content             text NOT NULL,
+  embedding           vector(1536)
+);
+CREATE INDEX knowledge_chunks_family ON knowledge_chunks (equipment_family_id);
+";
+
+/// Rows fetched per round trip from the portal: enough to hide latency, small in memory.
+const PAGE_ROWS: i32 = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{context}")]
+    Db {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+fn invalid(message: impl Into<String>) -> SourceError {
+    SourceError::Invalid(message.into())
+}
+
+fn db(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    let context = context.into();
+    move |source| SourceError::Db { context, source }
+}
+
+/// Quotes an identifier as Postgres does (`"` doubled), whatever it contains.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes `schema.table` as two identifiers when the name has exactly one dot, else as one.
+pub fn quote_qualified(name: &str) -> String {
+    match name.split_once('.') {
+        Some((schema, table))
+            if !schema.is_empty() && !table.is_empty() && !table.contains('.') =>
+        {
+            format!("{}.{}", quote_ident(schema), quote_ident(table))
+        }
+        _ => quote_ident(name),
+    }
+}
+
+/// The id column's type, which decides how ids are ordered and bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdType {
+    Uuid,
+    Text,
+    Bigint,
+}
+
+impl IdType {
+    fn from_catalog(type_name: &str) -> Option<IdType> {
+        match type_name {
+            "uuid" => Some(IdType::Uuid),
+            "text" | "character varying" => Some(IdType::Text),
+            "bigint" | "integer" => Some(IdType::Bigint),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdType::Uuid => "uuid",
+            IdType::Text => "text",
+            IdType::Bigint => "bigint",
+        }
+    }
+
+    /// `ORDER BY` suffix: text ids sort by bytes (`COLLATE "C"`), stable across locales.
+    fn order_suffix(self) -> &'static str {
+        match self {
+            IdType::Text => " COLLATE \"C\"",
+            IdType::Uuid | IdType::Bigint => "",
+        }
+    }
+}
+
+/// A value bound to a parameter whose type Postgres inferred (family ids may be uuid, text or
+/// integers, depending on the schema).
+#[derive(Debug, Clone)]
+pub enum SqlParam {
+    Uuid(uuid::Uuid),
+    Int8(i64),
+    Int4(i32),
+    Text(String),
+}
+
+impl SqlParam {
+    /// Parses `raw` for a parameter of type `ty`; the error says what was expected.
+    pub fn for_type(ty: &Type, raw: &str) -> Result<SqlParam, String> {
+        match *ty {
+            Type::UUID => uuid::Uuid::parse_str(raw)
+                .map(SqlParam::Uuid)
+                .map_err(|_| format!("`{raw}` is not a valid uuid")),
+            Type::INT8 => raw
+                .parse()
+                .map(SqlParam::Int8)
+                .map_err(|_| format!("`{raw}` is not a valid bigint")),
+            Type::INT4 => raw
+                .parse()
+                .map(SqlParam::Int4)
+                .map_err(|_| format!("`{raw}` is not a valid integer")),
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+                Ok(SqlParam::Text(raw.to_owned()))
+            }
+            ref other => Err(format!(
+                "ids of type {other} are not supported (use uuid, text or bigint)"
+            )),
+        }
+    }
+}
+
+impl ToSql for SqlParam {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            SqlParam::Uuid(v) => v.to_sql(ty, out),
+            SqlParam::Int8(v) => v.to_sql(ty, out),
+            SqlParam::Int4(v) => v.to_sql(ty, out),
+            SqlParam::Text(v) => v.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        // Built by `for_type` for the very type Postgres asked for.
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// The source after checking it against the catalog.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub config: SourceConfig,
+    pub id_type: IdType,
+    /// The embedding column's declared `vector(N)`.
+    pub dimensions: u32,
+}
+
+struct ColumnInfo {
+    name: String,
+    type_name: String,
+    typmod: i32,
+}
+
+impl Source {
+    /// Checks that the table and columns exist with usable types.
+    pub async fn inspect(client: &Client, config: &SourceConfig) -> Result<Source, SourceError> {
+        let table_sql = quote_qualified(&config.table);
+        let row = client
+            .query_one("SELECT to_regclass($1)::oid", &[&table_sql])
+            .await
+            .map_err(db(format!("could not look up table {}", config.table)))?;
+        let oid: Option<u32> = row.get(0);
+        let Some(oid) = oid else {
+            return Err(invalid(format!(
+                "table {table_sql} does not exist in this database; check --table (and the schema in DATABASE_URL's search_path)"
+            )));
+        };
+        let columns: Vec<ColumnInfo> = client
+            .query(
+                "SELECT attname::text, format_type(atttypid, NULL), atttypmod \
+                 FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+                &[&oid],
+            )
+            .await
+            .map_err(db(format!("could not read the columns of {table_sql}")))?
+            .into_iter()
+            .map(|r| ColumnInfo {
+                name: r.get(0),
+                type_name: r.get(1),
+                typmod: r.get(2),
+            })
+            .collect();
+        let find = |name: &str, flag: &str| {
+            columns.iter().find(|c| c.name == name).ok_or_else(|| {
+                let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+                invalid(format!(
+                    "table {table_sql} has no column {}; check {flag} (its columns: {})",
+                    quote_ident(name),
+                    names.join(", ")
+                ))
+            })
+        };
+        let id_col = find(&config.id_column, "--id-column")?;
+        let id_type = IdType::from_catalog(&id_col.type_name).ok_or_else(|| {
+            invalid(format!(
+                "id column {} is {}; embatch supports uuid, text and bigint ids",
+                quote_ident(&id_col.name),
+                id_col.type_name
+            ))
+        })?;
+        let text_col = find(&config.text_column, "--text-column")?;
+        if !matches!(text_col.type_name.as_str(), "text" | "character varying") {
+            return Err(invalid(format!(
+                "text column {} is {}, not text; check --text-column",
+                quote_ident(&text_col.name),
+                text_col.type_name
+            )));
+        }
+        let emb_col = find(&config.embedding_column, "--embedding-column")?;
+        let is_vector = emb_col.type_name == "vector" || emb_col.type_name.ends_with(".vector");
+        if !is_vector {
+            return Err(invalid(format!(
+                "column {} is {}, not a pgvector vector(N); check --embedding-column",
+                quote_ident(&emb_col.name),
+                emb_col.type_name
+            )));
+        }
+        // pgvector stores the declared dimension as the type modifier.
+        let Ok(dimensions @ 1..) = u32::try_from(emb_col.typmod) else {
+            return Err(invalid(format!(
+                "column {} is a vector without a declared dimension; declare it as vector(N), e.g. `ALTER TABLE {table_sql} ALTER COLUMN {} TYPE vector(1536)`",
+                quote_ident(&emb_col.name),
+                quote_ident(&emb_col.name)
+            )));
+        };
+        if config.scope_sql.is_none() {
+            find(&config.family_column, "--family-column")?;
+        }
+        Ok(Source {
+            config: config.clone(),
+            id_type,
+            dimensions,
+        })
+    }
+
+    /// Checks that `family_id` is in `--family-table` (unless that check is off).
+    pub async fn check_family(&self, client: &Client, family_id: &str) -> Result<(), SourceError> {
+        let Some(family_table) = &self.config.family_table else {
+            return Ok(());
+        };
+        let table_sql = quote_qualified(family_table);
+        let sql = format!("SELECT 1 FROM {table_sql} WHERE id = $1 LIMIT 1");
+        let statement = client.prepare(&sql).await.map_err(|err| {
+            if err.as_db_error().is_some() {
+                invalid(format!(
+                    "cannot read families from {table_sql} ({}); check --family-table, or pass --family-table none to skip the check",
+                    err.as_db_error().map(|e| e.message()).unwrap_or_default()
+                ))
+            } else {
+                db(format!("could not query {table_sql}"))(err)
+            }
+        })?;
+        let param = bind_family(&statement, family_id, "the family table's id")?;
+        let found = client
+            .query_opt(&statement, &[&param])
+            .await
+            .map_err(db(format!("could not query {table_sql}")))?;
+        if found.is_none() {
+            return Err(invalid(format!(
+                "unknown family {family_id}: it is not in {table_sql}; check --family-id (or --family-table)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The SELECT that yields `(id::text, content)` of the pending chunks, in id order.
+    pub fn select_sql(&self, reembed: bool, limit: Option<u64>) -> String {
+        let c = &self.config;
+        let table = quote_qualified(&c.table);
+        let id = format!("t.{}", quote_ident(&c.id_column));
+        let text = format!("t.{}", quote_ident(&c.text_column));
+        let embedding = format!("t.{}", quote_ident(&c.embedding_column));
+        let mut sql = format!("SELECT {id}::text, {text} FROM {table} AS t WHERE ");
+        match &c.scope_sql {
+            Some(scope) => sql.push_str(&format!(
+                "{id} IN (SELECT scope.chunk_id FROM ({scope}\n) AS scope(chunk_id))"
+            )),
+            None => sql.push_str(&format!("t.{} = $1", quote_ident(&c.family_column))),
+        }
+        if !reembed {
+            sql.push_str(&format!(" AND {embedding} IS NULL"));
+        }
+        sql.push_str(&format!(" ORDER BY {id}{}", self.id_type.order_suffix()));
+        // A number we formatted ourselves: a literal keeps $1 the only parameter, which a
+        // --scope-sql may or may not use.
+        if let Some(limit) = limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        sql
+    }
+
+    /// Streams the pending chunks of `family_id` in id order, calling `each` per row.
+    ///
+    /// Runs in one REPEATABLE READ, READ ONLY transaction: a consistent snapshot, and a
+    /// `--scope-sql` that tries to write fails instead of changing data.
+    pub async fn stream_pending(
+        &self,
+        client: &mut Client,
+        family_id: &str,
+        reembed: bool,
+        limit: Option<u64>,
+        mut each: impl FnMut(ChunkRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<u64> {
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db("could not start a read-only transaction"))?;
+        let sql = self.select_sql(reembed, limit);
+        let statement = tx
+            .prepare(&sql)
+            .await
+            .map_err(|err| self.query_error(err))?;
+        let family = bind_family(&statement, family_id, "the family")?;
+        let params: Vec<&(dyn ToSql + Sync)> = if statement.params().is_empty() {
+            Vec::new()
+        } else {
+            vec![&family]
+        };
+        let portal = tx
+            .bind(&statement, &params)
+            .await
+            .map_err(|err| self.query_error(err))?;
+        let mut n_rows = 0u64;
+        loop {
+            let rows = tx
+                .query_portal(&portal, PAGE_ROWS)
+                .await
+                .map_err(|err| self.query_error(err))?;
+            let page_len = rows.len();
+            for row in rows {
+                let id: String = row.get(0);
+                let content: Option<String> = row.get(1);
+                n_rows += 1;
+                each(ChunkRow { id, content })?;
+            }
+            if page_len < PAGE_ROWS as usize {
+                break;
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(db("could not end the read-only transaction"))?;
+        Ok(n_rows)
+    }
+
+    fn query_error(&self, err: tokio_postgres::Error) -> SourceError {
+        match (err.as_db_error(), &self.config.scope_sql) {
+            (Some(dbe), Some(_)) => invalid(format!(
+                "--scope-sql failed: {} (it runs read-only, takes $1 = the family id and must return one column of chunk ids)",
+                dbe.message()
+            )),
+            (Some(dbe), None) => invalid(format!("reading the chunks failed: {}", dbe.message())),
+            _ => db("reading the chunks failed")(err),
+        }
+    }
+
+    pub fn settings(&self) -> SourceSettings {
+        let c = &self.config;
+        SourceSettings {
+            table: c.table.clone(),
+            id_column: c.id_column.clone(),
+            id_type: self.id_type.as_str().to_owned(),
+            text_column: c.text_column.clone(),
+            embedding_column: c.embedding_column.clone(),
+            family_column: c.family_column.clone(),
+            family_table: c.family_table.clone(),
+            scope_sql: c.scope_sql.clone(),
+        }
+    }
+}
+
+fn bind_family(
+    statement: &tokio_postgres::Statement,
+    family_id: &str,
+    what: &str,
+) -> Result<SqlParam, SourceError> {
+    let ty = statement.params().first().cloned().unwrap_or(Type::TEXT);
+    SqlParam::for_type(&ty, family_id).map_err(|why| {
+        invalid(format!(
+            "family id {why} ({what} is {ty}); check --family-id"
+        ))
+    })
+}
+
+/// One pending chunk as read from the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRow {
+    /// The id as text: the request's `custom_id`.
+    pub id: String,
+    pub content: Option<String>,
+}
+
+/// The database's identity, recorded at plan time so `advance` never writes elsewhere.
+pub async fn database_identity(client: &Client) -> Result<DatabaseIdentity, SourceError> {
+    let row = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(db("could not read the database name"))?;
+    let database: String = row.get(0);
+    // Reading the control data may be denied to unprivileged roles on hosted Postgres: the
+    // database name alone then identifies it.
+    let system_identifier = match client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get::<_, Option<String>>(0),
+        Err(err) if err.as_db_error().is_some() => None,
+        Err(err) => {
+            return Err(SourceError::Db {
+                context: format!(
+                    "could not read the database identity{}",
+                    err.source().map(|s| format!(": {s}")).unwrap_or_default()
+                ),
+                source: err,
+            });
+        }
+    };
+    Ok(DatabaseIdentity {
+        system_identifier,
+        database,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_never_pasted() {
+        assert_eq!(
+            quote_ident("x\"; DROP TABLE y; --"),
+            "\"x\"\"; DROP TABLE y; --\""
+        );
+        assert_eq!(quote_qualified("public.chunks"), "\"public\".\"chunks\"");
+        assert_eq!(quote_qualified("a.b.c"), "\"a.b.c\"");
+    }
+
+    #[test]
+    fn family_ids_bind_by_inferred_type() {
+        assert!(matches!(
+            SqlParam::for_type(&Type::INT8, "42"),
+            Ok(SqlParam::Int8(42))
+        ));
+        let err = SqlParam::for_type(&Type::UUID, "nope").unwrap_err();
+        assert!(err.contains("not a valid uuid"), "{err}");
+    }
+}

@@ -1,0 +1,817 @@
+//! The batch state machine of DESIGN.md §5: one enum of per-state structs, and one `match`
+//! that knows the whole graph.
+//!
+//! Pure: no I/O, no clock (times come in with the events). It does not persist anything (the
+//! store does) nor talk to the API (the advance step does); it only says which state follows
+//! which event, and refuses the transitions the design does not allow.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Counts the provider reports for a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+/// One entry of a batch's `errors.data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteError {
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub line: Option<u64>,
+}
+
+/// What the provider said about a batch in one poll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteSnapshot {
+    /// The Batch object's `status`.
+    pub status: String,
+    pub request_counts: RequestCounts,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub errors: Vec<RemoteError>,
+}
+
+impl RemoteSnapshot {
+    /// A batch that failed because of the provider's queue limits, not because of its content
+    /// (DESIGN.md §5): it waits in `queued` and is created again.
+    pub fn is_queue_refusal(&self) -> bool {
+        self.errors.iter().any(|e| {
+            e.code.as_deref() == Some("token_limit_exceeded")
+                || e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("Enqueued request limit reached"))
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Planned {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uploaded {
+    pub input_file_id: String,
+    pub uploaded_at: DateTime<Utc>,
+    /// When the provider deletes the input file (`expires_after`); a batch not created by then
+    /// needs a new upload.
+    pub file_expires_at: Option<DateTime<Utc>>,
+    /// The `embatch_submission` the next creation will carry (starts at 1).
+    pub submission: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub input_file_id: String,
+    pub file_expires_at: Option<DateTime<Utc>>,
+    pub batch_id: String,
+    pub submission: u32,
+    pub created_at: DateTime<Utc>,
+    pub remote: RemoteSnapshot,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queued {
+    pub input_file_id: String,
+    pub file_expires_at: Option<DateTime<Utc>>,
+    /// The `embatch_submission` the next creation will carry.
+    pub submission: u32,
+    pub reason: String,
+    /// Not created again before this time (10 min doubling to 2 h), unless other batches of
+    /// the run finish first.
+    pub not_before: DateTime<Utc>,
+    /// How many refusals in a row: sets the backoff.
+    pub refusals: u32,
+}
+
+/// A batch the provider has finished with (completed, expired or cancelled remotely).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteDone {
+    pub input_file_id: String,
+    pub batch_id: String,
+    pub submission: u32,
+    pub remote: RemoteSnapshot,
+}
+
+/// A batch cancelled by the user: remotely after creation, or before it was ever created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancelled {
+    pub input_file_id: Option<String>,
+    pub done: Option<RemoteDone>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failed {
+    pub input_file_id: Option<String>,
+    pub batch_id: Option<String>,
+    pub errors: Vec<RemoteError>,
+}
+
+/// Which remote terminal state the downloaded files came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Terminal {
+    Completed,
+    Expired,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downloaded {
+    pub terminal: Terminal,
+    pub done: RemoteDone,
+    pub has_output: bool,
+    pub has_errors: bool,
+}
+
+/// Outcome of ingesting one batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestCounts {
+    pub ingested: u64,
+    pub already_present: u64,
+    pub stale: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ingested {
+    pub terminal: Terminal,
+    pub done: Option<RemoteDone>,
+    pub counts: IngestCounts,
+    pub remote_files_deleted: bool,
+}
+
+/// The state of one batch. The serialized `state` names are those of `status --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum BatchState {
+    Planned(Planned),
+    Uploaded(Uploaded),
+    Submitted(Submitted),
+    Queued(Queued),
+    Completed(RemoteDone),
+    Expired(RemoteDone),
+    Cancelled(Cancelled),
+    Failed(Failed),
+    Downloaded(Downloaded),
+    Ingested(Ingested),
+}
+
+/// The name of a state, without its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateKind {
+    Planned,
+    Uploaded,
+    Submitted,
+    Queued,
+    Completed,
+    Expired,
+    Cancelled,
+    Failed,
+    Downloaded,
+    Ingested,
+}
+
+impl StateKind {
+    pub const ALL: [StateKind; 10] = [
+        StateKind::Planned,
+        StateKind::Uploaded,
+        StateKind::Submitted,
+        StateKind::Queued,
+        StateKind::Completed,
+        StateKind::Expired,
+        StateKind::Cancelled,
+        StateKind::Failed,
+        StateKind::Downloaded,
+        StateKind::Ingested,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateKind::Planned => "planned",
+            StateKind::Uploaded => "uploaded",
+            StateKind::Submitted => "submitted",
+            StateKind::Queued => "queued",
+            StateKind::Completed => "completed",
+            StateKind::Expired => "expired",
+            StateKind::Cancelled => "cancelled",
+            StateKind::Failed => "failed",
+            StateKind::Downloaded => "downloaded",
+            StateKind::Ingested => "ingested",
+        }
+    }
+
+    /// The `next` column of DESIGN.md §5's table: the states this one may move to.
+    pub fn successors(self) -> &'static [StateKind] {
+        use StateKind::*;
+        match self {
+            Planned => &[Uploaded, Cancelled],
+            Uploaded => &[Submitted, Cancelled, Queued, Planned],
+            Submitted => &[Completed, Expired, Cancelled, Failed, Queued],
+            Queued => &[Submitted, Cancelled, Planned],
+            Completed | Expired | Cancelled => &[Downloaded, Ingested],
+            Failed => &[],
+            Downloaded => &[Ingested],
+            Ingested => &[],
+        }
+    }
+}
+
+/// Something that happened to a batch: the only way its state changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The input file is on the provider (uploaded now, or an earlier upload adopted).
+    FileUploaded {
+        file_id: String,
+        at: DateTime<Utc>,
+        file_expires_at: Option<DateTime<Utc>>,
+    },
+    /// The input file expired before a batch was created from it: upload it again.
+    FileExpired,
+    /// A batch exists for this file (created now, or adopted after a lost answer or crash).
+    BatchCreated {
+        batch_id: String,
+        at: DateTime<Utc>,
+        remote: RemoteSnapshot,
+    },
+    /// The create call itself was refused for the provider's queue limits.
+    CreateRefused { reason: String, now: DateTime<Utc> },
+    /// A poll of the remote batch.
+    Polled(RemoteSnapshot),
+    /// A queued batch may be created again now.
+    QueueReleased,
+    /// The output and error files (those that exist) are on disk.
+    FilesDownloaded { has_output: bool, has_errors: bool },
+    /// The results are written to the database.
+    ResultsIngested {
+        counts: IngestCounts,
+        remote_files_deleted: bool,
+    },
+    /// The user cancelled the run; for a submitted batch, the remote cancel was requested and
+    /// the batch is followed until the provider finishes it.
+    CancelRequested,
+}
+
+/// A transition the graph does not allow. Carries the untouched state back: nothing is lost.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("batch in state `{}` cannot take event {event}", .state.kind().as_str())]
+pub struct IllegalTransition {
+    pub state: Box<BatchState>,
+    pub event: String,
+}
+
+/// Backoff for a queue refusal: 10 minutes, doubling, capped at 2 hours.
+pub fn queue_backoff(refusals: u32) -> chrono::Duration {
+    let minutes = 10i64.saturating_mul(1i64 << refusals.saturating_sub(1).min(4));
+    chrono::Duration::minutes(minutes.min(120))
+}
+
+const ACTIVE_REMOTE: &[&str] = &["validating", "in_progress", "finalizing", "cancelling"];
+
+impl BatchState {
+    pub fn kind(&self) -> StateKind {
+        match self {
+            BatchState::Planned(_) => StateKind::Planned,
+            BatchState::Uploaded(_) => StateKind::Uploaded,
+            BatchState::Submitted(_) => StateKind::Submitted,
+            BatchState::Queued(_) => StateKind::Queued,
+            BatchState::Completed(_) => StateKind::Completed,
+            BatchState::Expired(_) => StateKind::Expired,
+            BatchState::Cancelled(_) => StateKind::Cancelled,
+            BatchState::Failed(_) => StateKind::Failed,
+            BatchState::Downloaded(_) => StateKind::Downloaded,
+            BatchState::Ingested(_) => StateKind::Ingested,
+        }
+    }
+
+    /// Nothing more will happen to this batch.
+    pub fn is_done(&self) -> bool {
+        match self {
+            BatchState::Failed(_) | BatchState::Ingested(_) => true,
+            // A batch cancelled before creation has nothing to fetch.
+            BatchState::Cancelled(c) => c.done.is_none(),
+            _ => false,
+        }
+    }
+
+    pub fn input_file_id(&self) -> Option<&str> {
+        match self {
+            BatchState::Planned(_) => None,
+            BatchState::Uploaded(s) => Some(&s.input_file_id),
+            BatchState::Submitted(s) => Some(&s.input_file_id),
+            BatchState::Queued(s) => Some(&s.input_file_id),
+            BatchState::Completed(d) | BatchState::Expired(d) => Some(&d.input_file_id),
+            BatchState::Cancelled(c) => c.input_file_id.as_deref(),
+            BatchState::Failed(f) => f.input_file_id.as_deref(),
+            BatchState::Downloaded(d) => Some(&d.done.input_file_id),
+            BatchState::Ingested(i) => i.done.as_ref().map(|d| d.input_file_id.as_str()),
+        }
+    }
+
+    pub fn batch_id(&self) -> Option<&str> {
+        self.remote_done()
+            .map(|d| d.batch_id.as_str())
+            .or(match self {
+                BatchState::Submitted(s) => Some(s.batch_id.as_str()),
+                BatchState::Failed(f) => f.batch_id.as_deref(),
+                _ => None,
+            })
+    }
+
+    /// The last remote snapshot, for states that have one.
+    pub fn remote(&self) -> Option<&RemoteSnapshot> {
+        match self {
+            BatchState::Submitted(s) => Some(&s.remote),
+            _ => self.remote_done().map(|d| &d.remote),
+        }
+    }
+
+    fn remote_done(&self) -> Option<&RemoteDone> {
+        match self {
+            BatchState::Completed(d) | BatchState::Expired(d) => Some(d),
+            BatchState::Cancelled(c) => c.done.as_ref(),
+            BatchState::Downloaded(d) => Some(&d.done),
+            BatchState::Ingested(i) => i.done.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Consumes the state and returns the next one. This `match` is the whole graph.
+    pub fn apply(self, event: Event) -> Result<BatchState, IllegalTransition> {
+        use BatchState as S;
+        use Event as E;
+        Ok(match (self, event) {
+            (
+                S::Planned(_),
+                E::FileUploaded {
+                    file_id,
+                    at,
+                    file_expires_at,
+                },
+            ) => S::Uploaded(Uploaded {
+                input_file_id: file_id,
+                uploaded_at: at,
+                file_expires_at,
+                submission: 1,
+            }),
+            (S::Uploaded(_), E::FileExpired) | (S::Queued(_), E::FileExpired) => {
+                S::Planned(Planned {})
+            }
+            (
+                S::Uploaded(up),
+                E::BatchCreated {
+                    batch_id,
+                    at,
+                    remote,
+                },
+            ) => submitted(
+                up.input_file_id,
+                up.file_expires_at,
+                up.submission,
+                batch_id,
+                at,
+                remote,
+            ),
+            (
+                S::Queued(q),
+                E::BatchCreated {
+                    batch_id,
+                    at,
+                    remote,
+                },
+            ) => submitted(
+                q.input_file_id,
+                q.file_expires_at,
+                q.submission,
+                batch_id,
+                at,
+                remote,
+            ),
+            (S::Uploaded(up), E::CreateRefused { reason, now }) => S::Queued(Queued {
+                input_file_id: up.input_file_id,
+                file_expires_at: up.file_expires_at,
+                // The refused call created nothing: the next try keeps the same number.
+                submission: up.submission,
+                reason,
+                not_before: now + queue_backoff(1),
+                refusals: 1,
+            }),
+            (S::Queued(q), E::CreateRefused { reason, now }) => {
+                let refusals = q.refusals + 1;
+                S::Queued(Queued {
+                    reason,
+                    not_before: now + queue_backoff(refusals),
+                    refusals,
+                    ..q
+                })
+            }
+            (S::Queued(q), E::QueueReleased) => S::Queued(Queued {
+                not_before: DateTime::<Utc>::MIN_UTC,
+                ..q
+            }),
+            (S::Submitted(sub), E::Polled(remote)) => poll_submitted(sub, remote),
+            (S::Planned(_), E::CancelRequested) => S::Cancelled(Cancelled {
+                input_file_id: None,
+                done: None,
+            }),
+            (S::Uploaded(up), E::CancelRequested) => S::Cancelled(Cancelled {
+                input_file_id: Some(up.input_file_id),
+                done: None,
+            }),
+            (S::Queued(q), E::CancelRequested) => S::Cancelled(Cancelled {
+                input_file_id: Some(q.input_file_id),
+                done: None,
+            }),
+            (
+                S::Completed(done),
+                E::FilesDownloaded {
+                    has_output,
+                    has_errors,
+                },
+            ) => downloaded(Terminal::Completed, done, has_output, has_errors),
+            (
+                S::Expired(done),
+                E::FilesDownloaded {
+                    has_output,
+                    has_errors,
+                },
+            ) => downloaded(Terminal::Expired, done, has_output, has_errors),
+            (
+                S::Cancelled(Cancelled {
+                    done: Some(done), ..
+                }),
+                E::FilesDownloaded {
+                    has_output,
+                    has_errors,
+                },
+            ) => downloaded(Terminal::Cancelled, done, has_output, has_errors),
+            // A remote batch with no file at all to fetch skips `downloaded`.
+            (
+                S::Completed(done),
+                E::ResultsIngested {
+                    counts,
+                    remote_files_deleted,
+                },
+            ) => ingested(
+                Terminal::Completed,
+                Some(done),
+                counts,
+                remote_files_deleted,
+            ),
+            (
+                S::Expired(done),
+                E::ResultsIngested {
+                    counts,
+                    remote_files_deleted,
+                },
+            ) => ingested(Terminal::Expired, Some(done), counts, remote_files_deleted),
+            (
+                S::Cancelled(Cancelled {
+                    done: Some(done), ..
+                }),
+                E::ResultsIngested {
+                    counts,
+                    remote_files_deleted,
+                },
+            ) => ingested(
+                Terminal::Cancelled,
+                Some(done),
+                counts,
+                remote_files_deleted,
+            ),
+            (
+                S::Downloaded(d),
+                E::ResultsIngested {
+                    counts,
+                    remote_files_deleted,
+                },
+            ) => ingested(d.terminal, Some(d.done), counts, remote_files_deleted),
+            (state, event) => {
+                return Err(IllegalTransition {
+                    state: Box::new(state),
+                    event: format!("{event:?}"),
+                });
+            }
+        })
+    }
+}
+
+fn submitted(
+    input_file_id: String,
+    file_expires_at: Option<DateTime<Utc>>,
+    submission: u32,
+    batch_id: String,
+    created_at: DateTime<Utc>,
+    remote: RemoteSnapshot,
+) -> BatchState {
+    let sub = Submitted {
+        input_file_id,
+        file_expires_at,
+        batch_id,
+        submission,
+        created_at,
+        remote: remote.clone(),
+    };
+    // An adopted batch may already be past `validating`: read it like a poll.
+    poll_submitted(sub, remote)
+}
+
+fn poll_submitted(sub: Submitted, remote: RemoteSnapshot) -> BatchState {
+    let status = remote.status.clone();
+    let done = |remote| RemoteDone {
+        input_file_id: sub.input_file_id.clone(),
+        batch_id: sub.batch_id.clone(),
+        submission: sub.submission,
+        remote,
+    };
+    match status.as_str() {
+        "completed" => BatchState::Completed(done(remote)),
+        "expired" => BatchState::Expired(done(remote)),
+        "cancelled" => BatchState::Cancelled(Cancelled {
+            input_file_id: Some(sub.input_file_id.clone()),
+            done: Some(done(remote)),
+        }),
+        "failed" if remote.is_queue_refusal() => {
+            let reason = remote
+                .errors
+                .iter()
+                .find_map(|e| e.code.clone().or_else(|| e.message.clone()))
+                .unwrap_or_else(|| "queue limit".to_owned());
+            BatchState::Queued(Queued {
+                input_file_id: sub.input_file_id,
+                file_expires_at: sub.file_expires_at,
+                // That remote batch exists (failed): the next creation is a new submission.
+                submission: sub.submission + 1,
+                reason,
+                // Another batch of the run finishing releases it sooner (advance decides).
+                not_before: sub.created_at + queue_backoff(1),
+                refusals: 1,
+            })
+        }
+        "failed" => BatchState::Failed(Failed {
+            input_file_id: Some(sub.input_file_id),
+            batch_id: Some(sub.batch_id),
+            errors: remote.errors,
+        }),
+        // validating, in_progress, finalizing, cancelling, or a status we do not know yet:
+        // keep following it.
+        _ => BatchState::Submitted(Submitted { remote, ..sub }),
+    }
+}
+
+fn downloaded(
+    terminal: Terminal,
+    done: RemoteDone,
+    has_output: bool,
+    has_errors: bool,
+) -> BatchState {
+    BatchState::Downloaded(Downloaded {
+        terminal,
+        done,
+        has_output,
+        has_errors,
+    })
+}
+
+fn ingested(
+    terminal: Terminal,
+    done: Option<RemoteDone>,
+    counts: IngestCounts,
+    remote_files_deleted: bool,
+) -> BatchState {
+    BatchState::Ingested(Ingested {
+        terminal,
+        done,
+        counts,
+        remote_files_deleted,
+    })
+}
+
+/// Whether a remote status is one where the batch is still running.
+pub fn is_active_remote_status(status: &str) -> bool {
+    ACTIVE_REMOTE.contains(&status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_790_000_000, 0).unwrap_or_default()
+    }
+
+    fn snapshot(status: &str, errors: Vec<RemoteError>) -> RemoteSnapshot {
+        RemoteSnapshot {
+            status: status.to_owned(),
+            request_counts: RequestCounts::default(),
+            output_file_id: Some("file-out".to_owned()),
+            error_file_id: None,
+            expires_at: None,
+            errors,
+        }
+    }
+
+    fn queue_error() -> RemoteError {
+        RemoteError {
+            code: Some("token_limit_exceeded".to_owned()),
+            message: Some("Enqueued token limit reached".to_owned()),
+            line: None,
+        }
+    }
+
+    fn event_strategy() -> impl Strategy<Value = Event> {
+        let status = prop_oneof![
+            Just("validating"),
+            Just("in_progress"),
+            Just("finalizing"),
+            Just("cancelling"),
+            Just("completed"),
+            Just("expired"),
+            Just("cancelled"),
+            Just("failed"),
+        ];
+        prop_oneof![
+            Just(Event::FileUploaded {
+                file_id: "file-in".to_owned(),
+                at: t0(),
+                file_expires_at: None
+            }),
+            Just(Event::FileExpired),
+            (status.clone(), any::<bool>()).prop_map(|(s, q)| Event::BatchCreated {
+                batch_id: "batch_1".to_owned(),
+                at: t0(),
+                remote: snapshot(s, if q { vec![queue_error()] } else { vec![] }),
+            }),
+            Just(Event::CreateRefused {
+                reason: "token_limit_exceeded".to_owned(),
+                now: t0()
+            }),
+            (status, any::<bool>()).prop_map(|(s, q)| Event::Polled(snapshot(
+                s,
+                if q { vec![queue_error()] } else { vec![] }
+            ))),
+            Just(Event::QueueReleased),
+            (any::<bool>(), any::<bool>()).prop_map(|(o, e)| Event::FilesDownloaded {
+                has_output: o,
+                has_errors: e
+            }),
+            Just(Event::ResultsIngested {
+                counts: IngestCounts::default(),
+                remote_files_deleted: true
+            }),
+            Just(Event::CancelRequested),
+        ]
+    }
+
+    proptest! {
+        /// Whatever events arrive, the state only ever moves along the design's graph, an
+        /// illegal event leaves it untouched, and every state survives a JSON round trip.
+        #[test]
+        fn transitions_follow_the_design_graph(events in proptest::collection::vec(event_strategy(), 0..40)) {
+            let mut state = BatchState::Planned(Planned {});
+            for event in events {
+                let before = state.clone();
+                match state.apply(event) {
+                    Ok(next) => {
+                        let (from, to) = (before.kind(), next.kind());
+                        prop_assert!(
+                            from == to || from.successors().contains(&to),
+                            "{} -> {} is not in the design's graph", from.as_str(), to.as_str()
+                        );
+                        prop_assert!(!before.is_done(), "a done batch moved");
+                        state = next;
+                    }
+                    Err(illegal) => {
+                        prop_assert_eq!(&*illegal.state, &before);
+                        state = *illegal.state;
+                    }
+                }
+                let json = serde_json::to_string(&state).unwrap();
+                let back: BatchState = serde_json::from_str(&json).unwrap();
+                prop_assert_eq!(&back, &state);
+            }
+        }
+    }
+
+    #[test]
+    fn every_state_serializes_under_its_design_name() {
+        let done = RemoteDone {
+            input_file_id: "file-in".to_owned(),
+            batch_id: "batch_1".to_owned(),
+            submission: 1,
+            remote: snapshot("completed", vec![]),
+        };
+        let states = [
+            BatchState::Planned(Planned {}),
+            BatchState::Planned(Planned {})
+                .apply(Event::FileUploaded {
+                    file_id: "file-in".to_owned(),
+                    at: t0(),
+                    file_expires_at: None,
+                })
+                .unwrap(),
+            BatchState::Submitted(Submitted {
+                input_file_id: "file-in".to_owned(),
+                file_expires_at: None,
+                batch_id: "batch_1".to_owned(),
+                submission: 1,
+                created_at: t0(),
+                remote: snapshot("in_progress", vec![]),
+            }),
+            BatchState::Queued(Queued {
+                input_file_id: "f".to_owned(),
+                file_expires_at: None,
+                submission: 2,
+                reason: "r".to_owned(),
+                not_before: t0(),
+                refusals: 1,
+            }),
+            BatchState::Completed(done.clone()),
+            BatchState::Expired(done.clone()),
+            BatchState::Cancelled(Cancelled {
+                input_file_id: None,
+                done: None,
+            }),
+            BatchState::Failed(Failed {
+                input_file_id: None,
+                batch_id: None,
+                errors: vec![],
+            }),
+            BatchState::Downloaded(Downloaded {
+                terminal: Terminal::Completed,
+                done: done.clone(),
+                has_output: true,
+                has_errors: false,
+            }),
+            BatchState::Ingested(Ingested {
+                terminal: Terminal::Completed,
+                done: Some(done),
+                counts: IngestCounts::default(),
+                remote_files_deleted: false,
+            }),
+        ];
+        for (state, kind) in states.iter().zip(StateKind::ALL) {
+            assert_eq!(state.kind(), kind);
+            let value = serde_json::to_value(state).unwrap();
+            assert_eq!(value["state"], kind.as_str());
+        }
+    }
+
+    #[test]
+    fn token_limit_failure_goes_to_queued_with_a_new_submission() {
+        let sub = BatchState::Submitted(Submitted {
+            input_file_id: "file-in".to_owned(),
+            file_expires_at: None,
+            batch_id: "batch_1".to_owned(),
+            submission: 1,
+            created_at: t0(),
+            remote: snapshot("validating", vec![]),
+        });
+        let next = sub
+            .apply(Event::Polled(snapshot("failed", vec![queue_error()])))
+            .unwrap();
+        match next {
+            BatchState::Queued(q) => {
+                assert_eq!(q.submission, 2);
+                assert_eq!(q.not_before, t0() + chrono::Duration::minutes(10));
+            }
+            other => panic!("expected queued, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_plain_failure_is_final() {
+        let sub = BatchState::Uploaded(Uploaded {
+            input_file_id: "f".to_owned(),
+            uploaded_at: t0(),
+            file_expires_at: None,
+            submission: 1,
+        });
+        let bad_line = RemoteError {
+            code: Some("invalid_request".to_owned()),
+            message: Some("bad line".to_owned()),
+            line: Some(3),
+        };
+        let next = sub
+            .apply(Event::BatchCreated {
+                batch_id: "b".to_owned(),
+                at: t0(),
+                remote: snapshot("failed", vec![bad_line]),
+            })
+            .unwrap();
+        assert_eq!(next.kind(), StateKind::Failed);
+        assert!(next.is_done());
+    }
+
+    #[test]
+    fn backoff_doubles_to_two_hours() {
+        let minutes: Vec<i64> = (1..=7).map(|n| queue_backoff(n).num_minutes()).collect();
+        assert_eq!(minutes, [10, 20, 40, 80, 120, 120, 120]);
+    }
+}

@@ -1,0 +1,230 @@
+//! `status`: the local view of a run, as a table or as the stable JSON of DESIGN.md §3.
+//!
+//! Read-only and lock-free: it loads `run.json` and renders it. Asking the API first
+//! (`--refresh`) belongs to the advance step, not here.
+
+use std::path::{Path, PathBuf};
+
+use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
+use serde::Serialize;
+
+use crate::state::{BatchState, RequestCounts, StateKind};
+use crate::store::{BatchRecord, RunFile};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusJson {
+    pub run_id: String,
+    pub family_id: String,
+    pub run_dir: String,
+    pub model: String,
+    pub dimensions: u32,
+    pub finished: bool,
+    pub cancelled: bool,
+    pub totals: Totals,
+    pub batches: Vec<BatchJson>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    pub chunks: u64,
+    pub skipped: u64,
+    pub ingested: u64,
+    pub failed: u64,
+    pub pending: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchJson {
+    pub name: String,
+    pub state: &'static str,
+    pub attempt: u32,
+    pub retry_of: Vec<String>,
+    pub requests: u64,
+    pub bytes: u64,
+    pub tokens: u64,
+    pub input_file_id: Option<String>,
+    pub batch_id: Option<String>,
+    pub remote_status: Option<String>,
+    pub request_counts: Option<RequestCounts>,
+    pub ingested: u64,
+    pub already_present: u64,
+    pub stale: u64,
+    pub failed: u64,
+}
+
+fn batch_json(batch: &BatchRecord) -> BatchJson {
+    let counts = match &batch.state {
+        BatchState::Ingested(done) => done.counts,
+        _ => Default::default(),
+    };
+    let remote = batch.state.remote();
+    BatchJson {
+        name: batch.name.clone(),
+        state: batch.state.kind().as_str(),
+        attempt: batch.attempt,
+        retry_of: batch.retry_of.clone(),
+        requests: batch.requests,
+        bytes: batch.bytes,
+        tokens: batch.tokens,
+        input_file_id: batch.state.input_file_id().map(str::to_owned),
+        batch_id: batch.state.batch_id().map(str::to_owned),
+        remote_status: remote.map(|r| r.status.clone()),
+        request_counts: remote.map(|r| r.request_counts),
+        ingested: counts.ingested,
+        already_present: counts.already_present,
+        stale: counts.stale,
+        failed: counts.failed,
+    }
+}
+
+/// Builds the JSON view of a run; `only` keeps one batch (`--batch-file`).
+pub fn view(run: &RunFile, run_dir: &Path, only: Option<&str>) -> StatusJson {
+    // Chunks are sent once in the first attempt's batches; retry batches resend some of them.
+    let chunks = run
+        .batches
+        .iter()
+        .filter(|b| b.attempt == 1)
+        .map(|b| b.requests)
+        .sum();
+    let (ingested, failed) = run
+        .batches
+        .iter()
+        .filter_map(|b| match &b.state {
+            BatchState::Ingested(done) => Some(done.counts),
+            _ => None,
+        })
+        .fold((0u64, 0u64), |(ing, fail), c| {
+            (ing + c.ingested + c.already_present, fail + c.failed)
+        });
+    StatusJson {
+        run_id: run.run_id.clone(),
+        family_id: run.family_id.clone(),
+        run_dir: run_dir.display().to_string(),
+        model: run.settings.model.clone(),
+        dimensions: run.settings.dimensions,
+        finished: run.is_finished(),
+        cancelled: run.cancelled,
+        totals: Totals {
+            chunks,
+            skipped: run.plan.skipped,
+            ingested,
+            failed,
+            pending: chunks.saturating_sub(ingested + failed),
+        },
+        batches: run
+            .batches
+            .iter()
+            .filter(|b| only.is_none_or(|name| b.name == name))
+            .map(batch_json)
+            .collect(),
+    }
+}
+
+/// `--batch-file PATH/batch.json` (or the batch folder) → (run folder, batch name).
+pub fn locate_batch(batch_file: &Path) -> Option<(PathBuf, String)> {
+    let batch_dir = if batch_file.file_name().is_some_and(|n| n == "batch.json") {
+        batch_file.parent()?
+    } else {
+        batch_file
+    };
+    let name = batch_dir.file_name()?.to_string_lossy().into_owned();
+    let batches = batch_dir.parent()?;
+    if batches.file_name()? != "batches" {
+        return None;
+    }
+    Some((batches.parent()?.to_path_buf(), name))
+}
+
+fn state_colour(kind: StateKind) -> Color {
+    match kind {
+        StateKind::Ingested => Color::Green,
+        StateKind::Failed => Color::Red,
+        StateKind::Expired | StateKind::Cancelled | StateKind::Queued => Color::Yellow,
+        _ => Color::Cyan,
+    }
+}
+
+/// The human table: one row per batch, then the totals.
+pub fn render_table(status: &StatusJson, colour: bool) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header([
+            "batch",
+            "state",
+            "try",
+            "requests",
+            "tokens",
+            "remote",
+            "done/failed",
+            "ingested",
+            "failed",
+            "batch id",
+        ]);
+    if !colour {
+        table.force_no_tty();
+    }
+    for b in &status.batches {
+        let kind = StateKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == b.state)
+            .unwrap_or(StateKind::Planned);
+        let mut state_cell = Cell::new(b.state);
+        if colour {
+            state_cell = state_cell.fg(state_colour(kind));
+        }
+        table.add_row([
+            Cell::new(&b.name),
+            state_cell,
+            Cell::new(b.attempt),
+            Cell::new(b.requests),
+            Cell::new(b.tokens),
+            Cell::new(b.remote_status.as_deref().unwrap_or("-")),
+            Cell::new(
+                b.request_counts
+                    .map(|c| format!("{}/{} of {}", c.completed, c.failed, c.total))
+                    .unwrap_or_else(|| "-".to_owned()),
+            ),
+            Cell::new(b.ingested + b.already_present),
+            Cell::new(b.failed),
+            Cell::new(b.batch_id.as_deref().unwrap_or("-")),
+        ]);
+    }
+    let t = status.totals;
+    let state = if status.finished {
+        "finished"
+    } else if status.cancelled {
+        "cancelled, not finished"
+    } else {
+        "not finished"
+    };
+    format!(
+        "run {} (family {}, {}, {} dims): {state}\n{table}\nchunks {}  skipped {}  ingested {}  failed {}  pending {}",
+        status.run_id,
+        status.family_id,
+        status.model,
+        status.dimensions,
+        t.chunks,
+        t.skipped,
+        t.ingested,
+        t.failed,
+        t.pending
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_file_locates_its_run() {
+        let (run, name) =
+            locate_batch(Path::new("/r/fam/run_x/batches/batch_002/batch.json")).unwrap();
+        assert_eq!(run, PathBuf::from("/r/fam/run_x"));
+        assert_eq!(name, "batch_002");
+        let (run, _) = locate_batch(Path::new("/r/fam/run_x/batches/batch_002")).unwrap();
+        assert_eq!(run, PathBuf::from("/r/fam/run_x"));
+        assert!(locate_batch(Path::new("/r/batch.json")).is_none());
+    }
+}

@@ -1,0 +1,279 @@
+//! `run.json`: the serde types of a run and their durable, atomic persistence.
+//!
+//! Only this module writes `run.json` (and `run.json.bak`). It checks the schema version on
+//! load and refuses to guess at a file it cannot read. It does not lock (the lock module does)
+//! and does not decide transitions (the state module does).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::models::EncodingFormat;
+use crate::sharder::BatchLimits;
+use crate::state::{BatchState, StateKind};
+
+/// Bumped on every change of the on-disk shape; older versions load through a migration.
+pub const SCHEMA_VERSION: u32 = 1;
+pub const RUN_FILE: &str = "run.json";
+pub const BACKUP_FILE: &str = "run.json.bak";
+
+/// What `plan` does with an input over the token limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTooLong {
+    #[default]
+    Skip,
+    Truncate,
+    Fail,
+}
+
+/// Where the chunks come from: every setting later steps need to find them again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceSettings {
+    pub table: String,
+    pub id_column: String,
+    /// `uuid`, `text` or `bigint` (as Postgres names the column's type).
+    pub id_type: String,
+    pub text_column: String,
+    pub embedding_column: String,
+    pub family_column: String,
+    pub family_table: Option<String>,
+    pub scope_sql: Option<String>,
+}
+
+/// Every setting of the plan that later steps need. Never a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSettings {
+    pub source: SourceSettings,
+    pub model: String,
+    pub dimensions: u32,
+    /// Whether requests carry `"dimensions"` (DESIGN.md §2).
+    pub send_dimensions: bool,
+    pub encoding_format: EncodingFormat,
+    pub limits: BatchLimits,
+    pub reembed: bool,
+    pub on_too_long: OnTooLong,
+    pub limit: Option<u64>,
+    pub usd_per_million_tokens: Option<f64>,
+}
+
+/// The database the run was planned against; `advance` refuses any other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseIdentity {
+    /// `pg_control_system().system_identifier`, when the role may read it.
+    pub system_identifier: Option<String>,
+    pub database: String,
+}
+
+/// Figures of the plan, for `status` and `runs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanSummary {
+    /// Chunks sent in the first attempt's batches.
+    pub chunks: u64,
+    /// Chunks never sent (empty, too long, too large for a batch), listed in `skipped.tsv`.
+    pub skipped: u64,
+    /// Chunks cut at the token limit (`--on-too-long truncate`) and sent.
+    pub truncated: u64,
+    /// Pending chunks left out because an unfinished run already holds them.
+    pub held_by_other_runs: u64,
+    pub tokens: u64,
+    pub estimated_cost_usd: Option<f64>,
+}
+
+/// One batch of the run: its fixed plan-time figures and its current state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    /// `batch_001`, …: also the folder name under `batches/`.
+    pub name: String,
+    pub attempt: u32,
+    pub retry_of: Vec<String>,
+    pub requests: u64,
+    pub bytes: u64,
+    pub tokens: u64,
+    #[serde(flatten)]
+    pub state: BatchState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunFile {
+    pub schema_version: u32,
+    pub run_id: String,
+    pub family_id: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub embatch_version: String,
+    pub settings: RunSettings,
+    pub database: DatabaseIdentity,
+    pub plan: PlanSummary,
+    pub cancelled: bool,
+    pub batches: Vec<BatchRecord>,
+}
+
+impl RunFile {
+    /// The run is finished when every batch is done.
+    pub fn is_finished(&self) -> bool {
+        self.batches.iter().all(|b| b.state.is_done())
+    }
+
+    pub fn count_in(&self, kind: StateKind) -> usize {
+        self.batches
+            .iter()
+            .filter(|b| b.state.kind() == kind)
+            .count()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "{path} is missing; this folder is not an embatch run (point --run-dir at a run_… folder, or plan a new run)"
+    )]
+    Missing { path: PathBuf },
+    #[error("could not read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is damaged ({detail}); restore it from {backup} if that file is intact (`cp {backup} {path}`), or plan the run again"
+    )]
+    Damaged {
+        path: PathBuf,
+        backup: PathBuf,
+        detail: String,
+    },
+    #[error(
+        "{path} has schema version {found}, newer than this embatch understands ({supported}); upgrade embatch to continue this run"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("could not write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    schema_version: u32,
+}
+
+/// Reads and checks `run.json` in `run_dir`.
+pub fn load(run_dir: &Path) -> Result<RunFile, StoreError> {
+    let path = run_dir.join(RUN_FILE);
+    let bytes = match fs_err::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(StoreError::Missing { path });
+        }
+        Err(source) => return Err(StoreError::Read { path, source }),
+    };
+    parse(&bytes, &path)
+}
+
+/// Parses the bytes of a `run.json`; `path` is for messages.
+pub fn parse(bytes: &[u8], path: &Path) -> Result<RunFile, StoreError> {
+    let damaged = |detail: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        backup: path.with_file_name(BACKUP_FILE),
+        detail,
+    };
+    let probe: VersionProbe =
+        serde_json::from_slice(bytes).map_err(|err| damaged(err.to_string()))?;
+    if probe.schema_version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: probe.schema_version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    // Version 1 is the first released shape: later versions add migrations here.
+    serde_json::from_slice(bytes).map_err(|err| damaged(err.to_string()))
+}
+
+/// Saves `run` durably: the previous `run.json` becomes `run.json.bak`, then the new one
+/// replaces it atomically (temp file in the same folder, fsync, rename, fsync the folder).
+pub fn save(run_dir: &Path, run: &RunFile) -> Result<(), StoreError> {
+    let path = run_dir.join(RUN_FILE);
+    let mut json = serde_json::to_vec_pretty(run).map_err(|err| StoreError::Write {
+        path: path.clone(),
+        source: std::io::Error::other(err),
+    })?;
+    json.push(b'\n');
+    match fs_err::read(&path) {
+        Ok(previous) => write_atomic(&run_dir.join(BACKUP_FILE), &previous)?,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(StoreError::Read { path, source }),
+    }
+    write_atomic(&path, &json)
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content.
+/// The file is created readable by its owner only.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let write_err = |source: std::io::Error| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .ok_or_else(|| write_err(std::io::Error::other("path has no parent folder")))?;
+    // tempfile creates the file with mode 0600.
+    let mut temp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(write_err)?;
+    temp.write_all(bytes).map_err(write_err)?;
+    temp.as_file().sync_all().map_err(write_err)?;
+    temp.persist(path).map_err(|err| write_err(err.error))?;
+    sync_dir(dir).map_err(write_err)
+}
+
+/// fsyncs a folder so that a rename inside it survives a power cut.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs_err::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(fs_err::read(&path).unwrap(), b"two");
+        let mode = fs_err::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let leftovers: Vec<_> = fs_err::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn damaged_and_newer_files_are_refused_with_the_way_out() {
+        let path = Path::new("/r/run.json");
+        let err = parse(b"{\"schema_version\": 1, \"run_id\"", path).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/r/run.json is damaged"), "{msg}");
+        assert!(msg.contains("/r/run.json.bak"), "{msg}");
+        let err = parse(b"not json", path).unwrap_err();
+        assert!(matches!(err, StoreError::Damaged { .. }));
+        let err = parse(b"{\"schema_version\": 99}", path).unwrap_err();
+        assert!(err.to_string().contains("upgrade embatch"), "{err}");
+    }
+}

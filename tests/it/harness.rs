@@ -1,0 +1,167 @@
+//! `TestEnv`: a temp folder, a fresh database with the default schema on the shared throwaway
+//! Postgres, and the real binary. A change of the CLI touches this file, not every test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use embatch::pgtemp::ThrowawayPostgres;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub runs_dir: PathBuf,
+    pub db_url: String,
+    pub client: Client,
+}
+
+/// What one run of the binary produced.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// The run folder a successful plan printed as its only stdout line.
+    pub fn run_dir(&self) -> PathBuf {
+        assert_eq!(self.code, 0, "command failed: {self:#?}");
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one stdout line: {self:#?}");
+        PathBuf::from(lines[0])
+    }
+
+    /// Asserts a failure with exit code 1 whose message contains `needle`, and no panic.
+    #[track_caller]
+    pub fn assert_error(&self, needle: &str) {
+        assert_eq!(self.code, 1, "expected exit 1: {self:#?}");
+        assert!(self.stdout.is_empty(), "stdout should be empty: {self:#?}");
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}: {self:#?}"
+        );
+        assert!(!self.stderr.contains("panicked"), "{self:#?}");
+        assert!(!self.stderr.contains("RUST_BACKTRACE"), "{self:#?}");
+    }
+}
+
+impl TestEnv {
+    /// A fresh database with the default schema (DESIGN.md §1).
+    pub async fn new() -> TestEnv {
+        let env = TestEnv::empty().await;
+        env.client
+            .batch_execute(embatch::source::DEFAULT_SCHEMA_SQL)
+            .await
+            .expect("create the default schema");
+        env
+    }
+
+    /// A fresh database with only the vector extension.
+    pub async fn empty() -> TestEnv {
+        let pg = ThrowawayPostgres::shared().expect("start the throwaway Postgres");
+        let db_url = pg.create_database().await.expect("create a test database");
+        let (client, connection) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runs_dir = dir.path().join("batches");
+        TestEnv {
+            dir,
+            runs_dir,
+            db_url,
+            client,
+        }
+    }
+
+    /// The real binary, in the temp folder (so no stray `.env` is read), with the database
+    /// and runs dir of this env and no API key from the developer's environment.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_embatch"));
+        cmd.current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &self.db_url)
+            .env("EMBATCH_RUNS_DIR", &self.runs_dir);
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = self.command().args(args).output().expect("run embatch");
+        Run::from_output(out)
+    }
+
+    /// `embatch plan --family-id <family> <extra…>`.
+    pub fn plan(&self, family: Uuid, extra: &[&str]) -> Run {
+        let family = family.to_string();
+        let mut args = vec!["plan", "--family-id", family.as_str()];
+        args.extend_from_slice(extra);
+        self.run(&args)
+    }
+
+    pub async fn add_family(&self, n: u128) -> Uuid {
+        let id = Uuid::from_u128(n << 64);
+        self.client
+            .execute(
+                "INSERT INTO equipment_families (id, name) VALUES ($1, $2)",
+                &[&id, &format!("family {n}")],
+            )
+            .await
+            .expect("insert family");
+        id
+    }
+
+    /// Inserts chunks with ids `family + 1, family + 2, …` (so id order is insertion order).
+    pub async fn add_chunks(&self, family: Uuid, contents: &[&str]) -> Vec<Uuid> {
+        let base = family.as_u128();
+        let ids: Vec<Uuid> = (1..=contents.len() as u128)
+            .map(|i| Uuid::from_u128(base + i))
+            .collect();
+        let contents: Vec<String> = contents.iter().map(|s| s.to_string()).collect();
+        self.client
+            .execute(
+                "INSERT INTO knowledge_chunks (id, equipment_family_id, content)
+                 SELECT i, $2, c FROM unnest($1::uuid[], $3::text[]) AS u(i, c)",
+                &[&ids, &family, &contents],
+            )
+            .await
+            .expect("insert chunks");
+        ids
+    }
+
+    /// Every folder under the runs dir that is a run (or a partial one).
+    pub fn run_folders(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let Ok(families) = fs_err::read_dir(&self.runs_dir) else {
+            return found;
+        };
+        for family in families.filter_map(Result::ok) {
+            if let Ok(runs) = fs_err::read_dir(family.path()) {
+                found.extend(runs.filter_map(Result::ok).map(|e| e.path()));
+            }
+        }
+        found
+    }
+}
+
+/// The insta settings every snapshot uses: all snapshots live in the top-level `snapshots/`.
+pub fn snapshot_settings() -> insta::Settings {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots"));
+    settings.set_prepend_module_to_snapshot(false);
+    settings
+}
+
+/// Reads a file of a run folder as text.
+pub fn read(path: impl AsRef<Path>) -> String {
+    fs_err::read_to_string(path.as_ref()).expect("read file")
+}
