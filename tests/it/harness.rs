@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use embatch::emulator::{Emulator, EmulatorConfig};
 use embatch::pgtemp::ThrowawayPostgres;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -13,6 +14,8 @@ pub struct TestEnv {
     pub runs_dir: PathBuf,
     pub db_url: String,
     pub client: Client,
+    /// The in-process OpenAI emulator the binary talks to (see [`TestEnv::with_emulator`]).
+    pub emulator: Option<Emulator>,
 }
 
 /// What one run of the binary produced.
@@ -24,6 +27,11 @@ pub struct Run {
 }
 
 impl Run {
+    /// Killed by a signal (the crash points use SIGKILL).
+    pub fn killed(&self) -> bool {
+        self.code == -1
+    }
+
     fn from_output(out: Output) -> Run {
         Run {
             code: out.status.code().unwrap_or(-1),
@@ -80,7 +88,38 @@ impl TestEnv {
             runs_dir,
             db_url,
             client,
+            emulator: None,
         }
+    }
+
+    /// Starts the emulator on 127.0.0.1 (a free port); the binary is pointed at it.
+    pub async fn with_emulator(mut self, config: EmulatorConfig) -> TestEnv {
+        self.emulator = Some(Emulator::start(config).await.expect("start the emulator"));
+        self
+    }
+
+    pub fn emu(&self) -> &Emulator {
+        self.emulator
+            .as_ref()
+            .expect("this test started no emulator")
+    }
+
+    /// Runs the binary without blocking the runtime (the in-process emulator must keep
+    /// answering while the child runs).
+    pub async fn exec(&self, args: &[&str]) -> Run {
+        let mut cmd = tokio::process::Command::from(self.command());
+        let out = cmd.args(args).output().await.expect("run embatch");
+        Run::from_output(out)
+    }
+
+    /// Like [`TestEnv::exec`] with extra environment variables.
+    pub async fn exec_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = tokio::process::Command::from(self.command());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let out = cmd.args(args).output().await.expect("run embatch");
+        Run::from_output(out)
     }
 
     /// The real binary, in the temp folder (so no stray `.env` is read), with the database
@@ -92,6 +131,10 @@ impl TestEnv {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("DATABASE_URL", &self.db_url)
             .env("EMBATCH_RUNS_DIR", &self.runs_dir);
+        if let Some(emu) = &self.emulator {
+            cmd.env("OPENAI_BASE_URL", emu.base_url())
+                .env("OPENAI_API_KEY", emu.api_key());
+        }
         cmd
     }
 

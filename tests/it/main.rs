@@ -1,6 +1,7 @@
 //! The one integration-test binary: every test goes through `harness::TestEnv`, which starts
 //! a real Postgres with pgvector (a database per test) and runs the real `embatch` binary.
 
+mod advance;
 mod harness;
 mod plan;
 mod status;

@@ -1,0 +1,626 @@
+//! `advance`: move every batch of a run as far forward as it can go without waiting
+//! (DESIGN.md §5), and `cancel`. Also the engine behind `submit` and `status --refresh`.
+//!
+//! lock → load → step each batch → save after every transition. Remote calls that create
+//! something (upload, batch creation) are announced in `run.json` *before* the call
+//! (`upload_started`, `create_started`); when such a mark is found — after a crash, or after a
+//! call whose answer was lost — the object is looked for and adopted before anything is created
+//! again. This module decides nothing about legality: `state::BatchState::apply` does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+
+use crate::ExitStatus;
+use crate::api::{self, ApiClient, ApiError, ClientOptions};
+use crate::config::ApiSettings;
+use crate::crashpoint::crashpoint;
+use crate::lock::RunLock;
+use crate::plan::{INPUT_FILE, batch_dir};
+use crate::printer::Printer;
+use crate::state::{BatchState, Event, RemoteError, RemoteSnapshot, RequestCounts, StateKind};
+use crate::store::{self, RunFile};
+
+/// How long the provider keeps an uploaded input file (DESIGN.md §5: not its 30-day default).
+pub const INPUT_FILE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Batches are looked for back to this long before the run was created (clock skew).
+const ADOPTION_SLACK: chrono::Duration = chrono::Duration::hours(1);
+
+pub const OUTPUT_FILE: &str = "output.jsonl";
+pub const ERRORS_FILE: &str = "errors.jsonl";
+pub const BATCH_JSON: &str = "batch.json";
+
+/// How far `advance` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goal {
+    /// Every step there is (today: up to `downloaded`).
+    Done,
+    /// Stop once every batch is submitted (`submit`).
+    Submitted,
+    /// Only poll what is submitted (`status --refresh`): no upload, no creation, no download.
+    RefreshOnly,
+}
+
+/// The API client for the configured settings, or a message saying what is missing.
+pub fn client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
+    let api_key = settings.api_key.clone().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no OpenAI API key; set OPENAI_API_KEY in the environment or in .env (to try embatch without one, run `embatch emulator` and point OPENAI_BASE_URL at it)"
+        )
+    })?;
+    Ok(ApiClient::new(ClientOptions {
+        base_url: settings.base_url.clone(),
+        api_key,
+        organization: settings.organization.clone(),
+        project: settings.project.clone(),
+        max_retries: settings.max_retries,
+        ..ClientOptions::default()
+    })?)
+}
+
+/// `embatch advance` (and `submit`): returns `Done` when the run is finished.
+pub async fn advance(
+    settings: &ApiSettings,
+    run_dir: &Path,
+    goal: Goal,
+    command: &str,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
+    let _lock = RunLock::acquire(run_dir, command)?;
+    let run = store::load(run_dir)?;
+    let api = client(settings)?;
+    let mut stepper = Stepper {
+        run_dir: run_dir.to_path_buf(),
+        run,
+        api,
+        printer: *printer,
+    };
+    let outcome = stepper.step_all(goal).await;
+    stepper.report();
+    match outcome {
+        Ok(()) => {}
+        // The provider is unreachable or overloaded: nothing is lost, try again later.
+        Err(err) if is_transient(&err) => {
+            printer.warn(&format!(
+                "{err:#}; the run is saved, run advance again later"
+            ));
+            return Ok(ExitStatus::NotYet);
+        }
+        Err(err) => return Err(err),
+    }
+    let done = match goal {
+        Goal::Done => stepper.run.is_finished(),
+        Goal::Submitted => stepper
+            .run
+            .batches
+            .iter()
+            .all(|b| !matches!(b.state.kind(), StateKind::Planned | StateKind::Uploaded)),
+        Goal::RefreshOnly => true,
+    };
+    Ok(if done {
+        ExitStatus::Done
+    } else {
+        ExitStatus::NotYet
+    })
+}
+
+/// `embatch cancel`: no more creations or retries; remote batches are cancelled and followed
+/// until the provider finishes them (their partial output is still fetched).
+pub async fn cancel(
+    settings: &ApiSettings,
+    run_dir: &Path,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
+    let _lock = RunLock::acquire(run_dir, "embatch cancel")?;
+    let run = store::load(run_dir)?;
+    let api = client(settings)?;
+    let mut stepper = Stepper {
+        run_dir: run_dir.to_path_buf(),
+        run,
+        api,
+        printer: *printer,
+    };
+    stepper.run.cancelled = true;
+    stepper.save()?;
+    for idx in 0..stepper.run.batches.len() {
+        match stepper.run.batches[idx].state.kind() {
+            StateKind::Planned | StateKind::Uploaded | StateKind::Queued => {
+                // A creation may be in flight from a crashed advance: adopt it so that it is
+                // cancelled remotely too, instead of left running unseen.
+                stepper.adopt_pending(idx).await?;
+                if stepper.run.batches[idx].state.kind() != StateKind::Submitted {
+                    stepper.apply(idx, Event::CancelRequested)?;
+                    continue;
+                }
+                stepper.cancel_remote(idx).await?;
+            }
+            StateKind::Submitted => stepper.cancel_remote(idx).await?,
+            _ => {}
+        }
+    }
+    stepper.report();
+    Ok(if stepper.run.is_finished() {
+        ExitStatus::Done
+    } else {
+        ExitStatus::NotYet
+    })
+}
+
+fn is_transient(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<ApiError>()
+        .is_some_and(|e| e.is_retryable() || e.is_unknown_outcome())
+}
+
+struct Stepper {
+    run_dir: PathBuf,
+    run: RunFile,
+    api: ApiClient,
+    printer: Printer,
+}
+
+/// What one step did.
+enum Progress {
+    /// The batch moved: step it again.
+    Moved,
+    /// Nothing more to do for this batch in this advance.
+    Wait,
+}
+
+impl Stepper {
+    fn save(&mut self) -> anyhow::Result<()> {
+        self.run.updated_at = Utc::now();
+        crashpoint("before_save");
+        store::save(&self.run_dir, &self.run)?;
+        crashpoint("after_save");
+        Ok(())
+    }
+
+    /// Applies one event to batch `idx` and saves the run.
+    fn apply(&mut self, idx: usize, event: Event) -> anyhow::Result<()> {
+        let batch = &mut self.run.batches[idx];
+        let state = std::mem::replace(&mut batch.state, BatchState::Planned(Default::default()));
+        match state.apply(event) {
+            Ok(next) => batch.state = next,
+            Err(illegal) => {
+                let message = illegal.to_string();
+                batch.state = *illegal.state;
+                anyhow::bail!("internal error in batch {}: {message}", batch.name);
+            }
+        }
+        self.save()
+    }
+
+    fn name(&self, idx: usize) -> &str {
+        &self.run.batches[idx].name
+    }
+
+    fn dir(&self, idx: usize) -> PathBuf {
+        batch_dir(&self.run_dir, self.name(idx))
+    }
+
+    fn upload_filename(&self, idx: usize) -> String {
+        format!("embatch-{}-{}.jsonl", self.run.run_id, self.name(idx))
+    }
+
+    fn metadata(&self, idx: usize, submission: u32) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("embatch_run_id".to_owned(), self.run.run_id.clone()),
+            ("embatch_family_id".to_owned(), self.run.family_id.clone()),
+            ("embatch_batch".to_owned(), self.name(idx).to_owned()),
+            ("embatch_submission".to_owned(), submission.to_string()),
+        ])
+    }
+
+    async fn step_all(&mut self, goal: Goal) -> anyhow::Result<()> {
+        for idx in 0..self.run.batches.len() {
+            while let Progress::Moved = self.step(idx, goal).await? {}
+        }
+        Ok(())
+    }
+
+    /// One transition of batch `idx`, if one is possible now.
+    async fn step(&mut self, idx: usize, goal: Goal) -> anyhow::Result<Progress> {
+        let now = Utc::now();
+        let cancelled = self.run.cancelled;
+        let creating = goal != Goal::RefreshOnly && !cancelled;
+        match &self.run.batches[idx].state {
+            BatchState::Planned(_) if creating => self.upload(idx).await,
+            BatchState::Uploaded(up) if creating => {
+                if up.file_expires_at.is_some_and(|t| t <= now) && up.create_started.is_none() {
+                    self.apply(idx, Event::FileExpired)?;
+                    return Ok(Progress::Moved);
+                }
+                self.create(idx).await
+            }
+            BatchState::Queued(q) if creating => {
+                let nothing_in_flight = !self
+                    .run
+                    .batches
+                    .iter()
+                    .any(|b| b.state.kind() == StateKind::Submitted);
+                if q.create_started.is_none() && q.not_before > now && !nothing_in_flight {
+                    return Ok(Progress::Wait);
+                }
+                if q.file_expires_at.is_some_and(|t| t <= now) && q.create_started.is_none() {
+                    self.apply(idx, Event::FileExpired)?;
+                    return Ok(Progress::Moved);
+                }
+                self.create(idx).await
+            }
+            BatchState::Submitted(_) => self.poll(idx).await,
+            BatchState::Completed(_) | BatchState::Expired(_) => {
+                if goal == Goal::Done {
+                    self.download(idx).await
+                } else {
+                    Ok(Progress::Wait)
+                }
+            }
+            BatchState::Cancelled(c) if c.done.is_some() && goal == Goal::Done => {
+                self.download(idx).await
+            }
+            _ => Ok(Progress::Wait),
+        }
+    }
+
+    /// Planned → Uploaded: adopt an earlier upload of this file, or upload it.
+    async fn upload(&mut self, idx: usize) -> anyhow::Result<Progress> {
+        let BatchState::Planned(planned) = &self.run.batches[idx].state else {
+            return Ok(Progress::Wait);
+        };
+        if planned.upload_started.is_some() && self.adopt_upload(idx).await? {
+            return Ok(Progress::Moved);
+        }
+        let path = self.dir(idx).join(INPUT_FILE);
+        if !path.exists() {
+            anyhow::bail!(
+                "{} is missing, so batch {} cannot be uploaded; restore the file or plan the run again",
+                path.display(),
+                self.name(idx)
+            );
+        }
+        let filename = self.upload_filename(idx);
+        self.apply(idx, Event::UploadStarted { at: Utc::now() })?;
+        crashpoint("before_upload");
+        match self.api.upload_file(&path, &filename, INPUT_FILE_TTL).await {
+            Ok(file) => {
+                crashpoint("after_upload");
+                self.apply(idx, uploaded_event(&file))?;
+                self.printer
+                    .verbose(&format!("{}: uploaded as {}", self.name(idx), file.id));
+                Ok(Progress::Moved)
+            }
+            Err(err) if err.is_unknown_outcome() => {
+                // The file may exist: look before anything else.
+                if self.adopt_upload(idx).await? {
+                    Ok(Progress::Moved)
+                } else {
+                    Err(anyhow::Error::from(err))
+                }
+            }
+            Err(err) => Err(anyhow::Error::from(err)
+                .context(format!("could not upload batch {}", self.name(idx)))),
+        }
+    }
+
+    /// Looks for an uploaded file of this batch (same name and size) and adopts the newest.
+    async fn adopt_upload(&mut self, idx: usize) -> anyhow::Result<bool> {
+        let filename = self.upload_filename(idx);
+        let size = self.run.batches[idx].bytes;
+        let mut found: Vec<api::FileObject> = self
+            .api
+            .find_files_named(&filename)
+            .await?
+            .into_iter()
+            .filter(|f| f.bytes == size)
+            .collect();
+        if found.is_empty() {
+            return Ok(false);
+        }
+        found.sort_by_key(|f| std::cmp::Reverse(f.created_at));
+        let keep = found.remove(0);
+        // Copies from repeated lost answers are not used by anything: remove them.
+        for extra in found {
+            if let Err(err) = self.api.delete_file(&extra.id).await {
+                self.printer.warn(&format!(
+                    "could not delete the duplicate upload {}: {err}",
+                    extra.id
+                ));
+            }
+        }
+        self.printer.info(&format!(
+            "{}: adopted the earlier upload {}",
+            self.name(idx),
+            keep.id
+        ));
+        self.apply(idx, uploaded_event(&keep))?;
+        Ok(true)
+    }
+
+    /// For a batch whose creation may have happened unrecorded, adopt the remote batch.
+    async fn adopt_pending(&mut self, idx: usize) -> anyhow::Result<()> {
+        let pending = match &self.run.batches[idx].state {
+            BatchState::Uploaded(up) => up.create_started.map(|_| up.submission),
+            BatchState::Queued(q) => q.create_started.map(|_| q.submission),
+            _ => None,
+        };
+        if let Some(submission) = pending {
+            self.adopt_batch(idx, submission).await?;
+        }
+        Ok(())
+    }
+
+    /// Looks for a remote batch with exactly this batch's metadata and adopts it.
+    async fn adopt_batch(&mut self, idx: usize, submission: u32) -> anyhow::Result<bool> {
+        let wanted = self.metadata(idx, submission);
+        let not_before = self.run.created_at - ADOPTION_SLACK;
+        let found = self
+            .api
+            .find_batches(not_before, |b| {
+                wanted
+                    .iter()
+                    .all(|(key, value)| b.metadata_value(key) == Some(value.as_str()))
+            })
+            .await?;
+        // Newest first: with the create mark, at most one should exist.
+        let Some(batch) = found.into_iter().next() else {
+            return Ok(false);
+        };
+        self.printer.info(&format!(
+            "{}: adopted the earlier batch {}",
+            self.name(idx),
+            batch.id
+        ));
+        self.write_batch_json(idx, &batch)?;
+        self.apply(
+            idx,
+            Event::BatchCreated {
+                batch_id: batch.id.clone(),
+                at: from_unix(batch.created_at),
+                remote: snapshot(&batch),
+            },
+        )?;
+        Ok(true)
+    }
+
+    /// Uploaded/Queued → Submitted (or Queued again after a queue refusal).
+    async fn create(&mut self, idx: usize) -> anyhow::Result<Progress> {
+        let (input_file_id, submission, marked) = match &self.run.batches[idx].state {
+            BatchState::Uploaded(up) => (
+                up.input_file_id.clone(),
+                up.submission,
+                up.create_started.is_some(),
+            ),
+            BatchState::Queued(q) => (
+                q.input_file_id.clone(),
+                q.submission,
+                q.create_started.is_some(),
+            ),
+            _ => return Ok(Progress::Wait),
+        };
+        if marked && self.adopt_batch(idx, submission).await? {
+            return Ok(Progress::Moved);
+        }
+        let metadata = self.metadata(idx, submission);
+        self.apply(idx, Event::CreateStarted { at: Utc::now() })?;
+        crashpoint("before_create");
+        match self.api.create_batch(&input_file_id, &metadata).await {
+            Ok(batch) => {
+                crashpoint("after_create");
+                self.write_batch_json(idx, &batch)?;
+                self.apply(
+                    idx,
+                    Event::BatchCreated {
+                        batch_id: batch.id.clone(),
+                        at: from_unix(batch.created_at),
+                        remote: snapshot(&batch),
+                    },
+                )?;
+                self.printer
+                    .verbose(&format!("{}: created {}", self.name(idx), batch.id));
+                Ok(Progress::Moved)
+            }
+            Err(ApiError::QueueLimit { message }) => {
+                self.printer.warn(&format!(
+                    "{}: the provider's queue is full ({message}); it waits in `queued` and is created again later",
+                    self.name(idx)
+                ));
+                self.apply(
+                    idx,
+                    Event::CreateRefused {
+                        reason: message,
+                        now: Utc::now(),
+                    },
+                )?;
+                Ok(Progress::Wait)
+            }
+            Err(err) if err.is_unknown_outcome() => {
+                if self.adopt_batch(idx, submission).await? {
+                    Ok(Progress::Moved)
+                } else {
+                    // Not visible (yet): the mark stays, the next advance looks again first.
+                    Err(anyhow::Error::from(err))
+                }
+            }
+            Err(ApiError::NotFound { .. }) => {
+                // The input file is gone (expired or deleted): upload it again.
+                self.printer.warn(&format!(
+                    "{}: the uploaded input file {input_file_id} is gone; uploading it again",
+                    self.name(idx)
+                ));
+                self.apply(idx, Event::FileExpired)?;
+                Ok(Progress::Moved)
+            }
+            Err(ApiError::BadRequest { status, message }) => {
+                self.printer.warn(&format!(
+                    "{}: the provider refused the batch (HTTP {status}): {message}",
+                    self.name(idx)
+                ));
+                self.apply(
+                    idx,
+                    Event::CreateRejected {
+                        errors: vec![RemoteError {
+                            code: Some(format!("http_{status}")),
+                            message: Some(message),
+                            line: None,
+                        }],
+                    },
+                )?;
+                Ok(Progress::Moved)
+            }
+            Err(err) => Err(anyhow::Error::from(err)
+                .context(format!("could not create the batch for {}", self.name(idx)))),
+        }
+    }
+
+    /// Submitted → whatever the provider says now.
+    async fn poll(&mut self, idx: usize) -> anyhow::Result<Progress> {
+        let Some(batch_id) = self.run.batches[idx].state.batch_id().map(str::to_owned) else {
+            return Ok(Progress::Wait);
+        };
+        let batch = self
+            .api
+            .get_batch(&batch_id)
+            .await
+            .with_context(|| format!("could not read batch {batch_id}"))?;
+        self.write_batch_json(idx, &batch)?;
+        let before = self.run.batches[idx].state.clone();
+        let remote = snapshot(&batch);
+        let stuck = matches!(remote.status.as_str(), "validating" | "finalizing")
+            && remote.expires_at.is_some_and(|t| t < Utc::now());
+        self.apply(idx, Event::Polled(remote))?;
+        if stuck {
+            self.printer.warn(&format!(
+                "{}: batch {batch_id} is still `{}` past its expiry time; the provider may be stuck (check it in the OpenAI dashboard, or `embatch cancel` the run)",
+                self.name(idx),
+                batch.status
+            ));
+        }
+        let after = &self.run.batches[idx].state;
+        Ok(if after.kind() == before.kind() {
+            Progress::Wait
+        } else {
+            Progress::Moved
+        })
+    }
+
+    /// Completed/Expired/Cancelled → Downloaded: fetch the output and error files.
+    async fn download(&mut self, idx: usize) -> anyhow::Result<Progress> {
+        let Some(remote) = self.run.batches[idx].state.remote().cloned() else {
+            return Ok(Progress::Wait);
+        };
+        let dir = self.dir(idx);
+        let mut has = [false, false];
+        for (slot, (file_id, name)) in [
+            (remote.output_file_id.as_deref(), OUTPUT_FILE),
+            (remote.error_file_id.as_deref(), ERRORS_FILE),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let Some(file_id) = file_id else { continue };
+            crashpoint("before_download");
+            self.api
+                .download_file(file_id, &dir.join(name))
+                .await
+                .with_context(|| format!("could not download {name} of {}", self.name(idx)))?;
+            crashpoint("after_download");
+            has[slot] = true;
+        }
+        self.apply(
+            idx,
+            Event::FilesDownloaded {
+                has_output: has[0],
+                has_errors: has[1],
+            },
+        )?;
+        Ok(Progress::Moved)
+    }
+
+    async fn cancel_remote(&mut self, idx: usize) -> anyhow::Result<()> {
+        let Some(batch_id) = self.run.batches[idx].state.batch_id().map(str::to_owned) else {
+            return Ok(());
+        };
+        let batch = self
+            .api
+            .cancel_batch(&batch_id)
+            .await
+            .with_context(|| format!("could not cancel batch {batch_id}"))?;
+        self.write_batch_json(idx, &batch)?;
+        self.apply(idx, Event::Polled(snapshot(&batch)))
+    }
+
+    /// `batch.json`: the last Batch object seen from the API.
+    fn write_batch_json(&self, idx: usize, batch: &api::Batch) -> anyhow::Result<()> {
+        let mut json = serde_json::to_vec_pretty(batch)?;
+        json.push(b'\n');
+        store::write_atomic(&self.dir(idx).join(BATCH_JSON), &json)?;
+        Ok(())
+    }
+
+    fn report(&self) {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for batch in &self.run.batches {
+            *counts.entry(batch.state.kind().as_str()).or_insert(0) += 1;
+        }
+        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        self.printer.info(&format!(
+            "run {}: {} batch{} ({})",
+            self.run.run_id,
+            self.run.batches.len(),
+            if self.run.batches.len() == 1 {
+                ""
+            } else {
+                "es"
+            },
+            parts.join(", ")
+        ));
+    }
+}
+
+fn uploaded_event(file: &api::FileObject) -> Event {
+    Event::FileUploaded {
+        file_id: file.id.clone(),
+        at: from_unix(file.created_at),
+        file_expires_at: file.expires_at.map(from_unix),
+    }
+}
+
+fn from_unix(seconds: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(seconds, 0).unwrap_or_else(Utc::now)
+}
+
+/// What the state machine keeps of a Batch object.
+pub fn snapshot(batch: &api::Batch) -> RemoteSnapshot {
+    RemoteSnapshot {
+        status: batch.status.clone(),
+        request_counts: batch
+            .request_counts
+            .as_ref()
+            .map(|c| RequestCounts {
+                total: c.total,
+                completed: c.completed,
+                failed: c.failed,
+            })
+            .unwrap_or_default(),
+        output_file_id: batch.output_file_id.clone(),
+        error_file_id: batch.error_file_id.clone(),
+        expires_at: batch.expires_at.map(from_unix),
+        errors: batch
+            .errors
+            .as_ref()
+            .map(|e| {
+                e.data
+                    .iter()
+                    .map(|d| RemoteError {
+                        code: d.code.clone(),
+                        message: d.message.clone(),
+                        line: d.line,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}

@@ -1,0 +1,403 @@
+//! `advance`, `submit`, `cancel` and `status --refresh` against the emulator: every
+//! transition up to `downloaded`, each fault, and exactly-once creation whatever the crash.
+
+use std::path::{Path, PathBuf};
+
+use embatch::emulator::{EmulatorConfig, Faults, LostAnswer};
+use embatch::state::{BatchState, StateKind};
+use embatch::store::{self, RunFile};
+use uuid::Uuid;
+
+use crate::harness::{Run, TestEnv, read};
+
+/// A test env with an emulator, a family of `n` chunks, and a run planned for it.
+async fn planned(n: usize, plan_args: &[&str], config: EmulatorConfig) -> (TestEnv, PathBuf) {
+    let env = TestEnv::new().await.with_emulator(config).await;
+    let family = env.add_family(1).await;
+    let texts: Vec<String> = (0..n)
+        .map(|i| format!("Chunk {i}: check the hydraulic hose {i} for leaks."))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    env.add_chunks(family, &refs).await;
+    let run_dir = env.plan(family, plan_args).run_dir();
+    (env, run_dir)
+}
+
+async fn advance(env: &TestEnv, run_dir: &Path) -> Run {
+    env.exec(&["advance", "--run-dir", run_dir.to_str().unwrap()])
+        .await
+}
+
+fn states(run_dir: &Path) -> Vec<StateKind> {
+    load(run_dir)
+        .batches
+        .iter()
+        .map(|b| b.state.kind())
+        .collect()
+}
+
+fn load(run_dir: &Path) -> RunFile {
+    store::load(run_dir).expect("run.json parses")
+}
+
+/// Advances until every batch is downloaded (or done), at most `max` times.
+async fn advance_until_downloaded(env: &TestEnv, run_dir: &Path, max: usize) {
+    for _ in 0..max {
+        let run = advance(env, run_dir).await;
+        assert!(run.code == 0 || run.code == 75, "{run:#?}");
+        let all = load(run_dir)
+            .batches
+            .iter()
+            .all(|b| b.state.is_done() || b.state.kind() == StateKind::Downloaded);
+        if all {
+            return;
+        }
+    }
+    panic!("not downloaded after {max} advances: {:?}", states(run_dir));
+}
+
+/// Every (batch, submission) was created exactly once on the emulator.
+fn assert_created_once(env: &TestEnv, run: &RunFile) {
+    let counters = env.emu().counters();
+    for (key, n) in &counters.creations_by_metadata {
+        assert_eq!(*n, 1, "{key} created {n} times: {counters:?}");
+        assert!(key.starts_with(&run.run_id), "foreign creation {key}");
+    }
+}
+
+#[tokio::test]
+async fn advance_takes_every_batch_to_downloaded_exactly_once() {
+    let (env, run_dir) = planned(
+        25,
+        &["--max-requests-per-batch", "10"],
+        EmulatorConfig::default(),
+    )
+    .await;
+    assert_eq!(states(&run_dir), [StateKind::Planned; 3]);
+    advance_until_downloaded(&env, &run_dir, 5).await;
+    let run = load(&run_dir);
+    assert_eq!(states(&run_dir), [StateKind::Downloaded; 3]);
+    let counters = env.emu().counters();
+    assert_eq!(counters.uploads, 3);
+    assert_eq!(counters.batch_creations, 3);
+    assert_created_once(&env, &run);
+    for batch in &run.batches {
+        let dir = run_dir.join("batches").join(&batch.name);
+        let output = read(dir.join("output.jsonl"));
+        assert_eq!(output.lines().count() as u64, batch.requests);
+        let seen: serde_json::Value = serde_json::from_str(&read(dir.join("batch.json"))).unwrap();
+        assert_eq!(seen["status"], "completed");
+        assert_eq!(seen["metadata"]["embatch_batch"], batch.name.as_str());
+        assert_eq!(seen["metadata"]["embatch_submission"], "1");
+        let BatchState::Downloaded(d) = &batch.state else {
+            unreachable!()
+        };
+        assert!(d.has_output && !d.has_errors);
+    }
+    // The uploads carry the deterministic name and an expiry.
+    let files = env.emu().files();
+    let names: Vec<&str> = files
+        .iter()
+        .filter_map(|f| f["filename"].as_str())
+        .collect();
+    assert!(
+        names.contains(&format!("embatch-{}-batch_001.jsonl", run.run_id).as_str()),
+        "{names:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .filter(|f| f["purpose"] == "batch")
+            .all(|f| f["expires_at"].is_i64())
+    );
+}
+
+#[tokio::test]
+async fn a_lost_answer_to_upload_or_create_ends_in_adoption() {
+    for lost in [LostAnswer::Upload, LostAnswer::CreateBatch] {
+        let (env, run_dir) = planned(5, &[], EmulatorConfig::default()).await;
+        env.emu().set_faults(Faults {
+            lose_answers: vec![lost],
+            ..Faults::default()
+        });
+        advance_until_downloaded(&env, &run_dir, 5).await;
+        let counters = env.emu().counters();
+        assert_eq!(counters.lost_answers, 1, "{lost:?}: {counters:?}");
+        assert_eq!(counters.uploads, 1, "{lost:?}: one upload");
+        assert_eq!(counters.batch_creations, 1, "{lost:?}: one creation");
+        assert_created_once(&env, &load(&run_dir));
+    }
+}
+
+#[tokio::test]
+async fn crash_at_every_step_never_creates_twice() {
+    let points: &[(&str, u32)] = &[
+        ("before_upload", 1),
+        ("after_upload", 1),
+        ("before_create", 1),
+        ("after_create", 1),
+        ("before_download", 1),
+        ("after_download", 1),
+        ("before_save", 1),
+        ("after_save", 1),
+        ("before_save", 2),
+        ("after_save", 2),
+        ("before_save", 3),
+        ("after_save", 3),
+        ("before_save", 4),
+        ("after_save", 4),
+        ("before_save", 5),
+        ("after_save", 6),
+    ];
+    for (point, nth) in points {
+        let (env, run_dir) = planned(
+            12,
+            &["--max-requests-per-batch", "5"],
+            EmulatorConfig::default(),
+        )
+        .await;
+        let crash = format!("{point}:{nth}");
+        let run = env
+            .exec_env(
+                &["advance", "--run-dir", run_dir.to_str().unwrap()],
+                &[("EMBATCH_CRASH_AT", &crash)],
+            )
+            .await;
+        assert!(run.killed(), "{crash}: expected a SIGKILL, got {run:#?}");
+        // run.json is always readable after a crash.
+        load(&run_dir);
+        advance_until_downloaded(&env, &run_dir, 6).await;
+        let run_file = load(&run_dir);
+        let counters = env.emu().counters();
+        assert_eq!(counters.batch_creations, 3, "{crash}: {counters:?}");
+        assert_eq!(counters.uploads, 3, "{crash}: {counters:?}");
+        assert_created_once(&env, &run_file);
+        assert_eq!(states(&run_dir), [StateKind::Downloaded; 3], "{crash}");
+    }
+}
+
+#[tokio::test]
+async fn a_second_advance_exits_75_naming_the_holder() {
+    let (env, run_dir) = planned(3, &[], EmulatorConfig::default()).await;
+    env.emu().set_faults(Faults {
+        latency: std::time::Duration::from_millis(1500),
+        ..Faults::default()
+    });
+    let dir = run_dir.to_str().unwrap().to_owned();
+    let first = {
+        let mut cmd = tokio::process::Command::from(env.command());
+        cmd.args(["advance", "--run-dir", &dir]).spawn().unwrap()
+    };
+    // Let the first take the lock (it is then waiting on the slow emulator).
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let second = advance(&env, &run_dir).await;
+    assert_eq!(second.code, 75, "{second:#?}");
+    assert!(
+        second.stderr.contains("locked by another embatch"),
+        "{second:#?}"
+    );
+    assert!(
+        second
+            .stderr
+            .contains(&format!("pid {}", first.id().unwrap())),
+        "{second:#?}"
+    );
+    assert!(second.stderr.contains("embatch advance"), "{second:#?}");
+    let out = first.wait_with_output().await.unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 75)), "{out:?}");
+}
+
+#[tokio::test]
+async fn wrong_key_and_dead_server_stop_cleanly_and_resume() {
+    let (env, run_dir) = planned(3, &[], EmulatorConfig::default()).await;
+    let dir = run_dir.to_str().unwrap();
+    let run = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("OPENAI_API_KEY", "sk-wrong-SECRET")],
+        )
+        .await;
+    run.assert_error("OPENAI_API_KEY");
+    assert!(!run.stderr.contains("sk-wrong-SECRET"), "{run:#?}");
+    assert_eq!(states(&run_dir), [StateKind::Planned]);
+
+    let run = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")],
+        )
+        .await;
+    assert_eq!(run.code, 75, "a dead server is 'not done yet': {run:#?}");
+    assert!(run.stderr.contains("run advance again later"), "{run:#?}");
+    load(&run_dir);
+
+    advance_until_downloaded(&env, &run_dir, 5).await;
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_validation_is_failed_with_its_errors() {
+    let (env, run_dir) = planned(3, &[], EmulatorConfig::default()).await;
+    // Make the input invalid the way a provider sees it: a repeated custom_id.
+    let input = run_dir.join("batches/batch_001/input.jsonl");
+    let text = read(&input);
+    let first = text.lines().next().unwrap().to_owned();
+    let broken: String = format!("{first}\n{}", text);
+    fs_err::write(&input, &broken).unwrap();
+    let mut run_file = load(&run_dir);
+    run_file.batches[0].bytes = broken.len() as u64;
+    store::save(&run_dir, &run_file).unwrap();
+
+    let run = advance(&env, &run_dir).await;
+    assert_eq!(states(&run_dir), [StateKind::Failed]);
+    assert_eq!(run.code, 0, "a failed batch is done: {run:#?}");
+    let BatchState::Failed(failed) = &load(&run_dir).batches[0].state else {
+        unreachable!()
+    };
+    assert!(
+        failed.errors.iter().any(|e| e.line == Some(2)),
+        "{failed:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_batch_downloads_its_partial_output_and_errors() {
+    let (env, run_dir) = planned(10, &[], EmulatorConfig::default()).await;
+    env.emu().set_faults(Faults {
+        expire_after_fraction: Some(0.5),
+        ..Faults::default()
+    });
+    advance_until_downloaded(&env, &run_dir, 5).await;
+    let run = load(&run_dir);
+    let BatchState::Downloaded(d) = &run.batches[0].state else {
+        panic!("{:?}", run.batches[0].state)
+    };
+    assert_eq!(d.terminal, embatch::state::Terminal::Expired);
+    assert!(d.has_output && d.has_errors);
+    let errors = read(run_dir.join("batches/batch_001/errors.jsonl"));
+    assert!(errors.contains("batch_expired"), "{errors}");
+}
+
+#[tokio::test]
+async fn token_limit_exceeded_queues_and_recreates_with_a_new_submission() {
+    let (env, run_dir) = planned(4, &[], EmulatorConfig::default()).await;
+    env.emu().set_faults(Faults {
+        token_limit_failures: 1,
+        ..Faults::default()
+    });
+    let first = advance(&env, &run_dir).await;
+    assert_eq!(first.code, 75, "{first:#?}");
+    advance_until_downloaded(&env, &run_dir, 5).await;
+    let run = load(&run_dir);
+    let counters = env.emu().counters();
+    assert_eq!(counters.batch_creations, 2, "{counters:?}");
+    let keys: Vec<&String> = counters.creations_by_metadata.keys().collect();
+    assert!(keys.iter().any(|k| k.ends_with("/batch_001/1")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.ends_with("/batch_001/2")), "{keys:?}");
+    assert_created_once(&env, &run);
+}
+
+#[tokio::test]
+async fn status_refresh_and_cancel_follow_the_remote_batch() {
+    let config = EmulatorConfig {
+        stage_duration: std::time::Duration::from_secs(600),
+        ..EmulatorConfig::default()
+    };
+    let (env, run_dir) = planned(4, &[], config).await;
+    let dir = run_dir.to_str().unwrap();
+    let first = advance(&env, &run_dir).await;
+    assert_eq!(first.code, 75, "{first:#?}");
+    assert_eq!(states(&run_dir), [StateKind::Submitted]);
+    let batch_id = load(&run_dir).batches[0]
+        .state
+        .batch_id()
+        .unwrap()
+        .to_owned();
+
+    env.emu().force_status(&batch_id, "in_progress");
+    let refreshed = env
+        .exec(&["status", "--run-dir", dir, "--refresh", "--json"])
+        .await;
+    assert_eq!(refreshed.code, 0, "{refreshed:#?}");
+    let view: serde_json::Value = serde_json::from_str(&refreshed.stdout).unwrap();
+    assert_eq!(view["batches"][0]["remote_status"], "in_progress");
+
+    let cancelled = env.exec(&["cancel", "--run-dir", dir]).await;
+    assert!(matches!(cancelled.code, 0 | 75), "{cancelled:#?}");
+    assert!(load(&run_dir).cancelled);
+    env.emu().force_status(&batch_id, "cancelled");
+    advance_until_downloaded(&env, &run_dir, 3).await;
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}
+
+#[tokio::test]
+async fn submit_plans_and_submits_without_waiting() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig {
+            stage_duration: std::time::Duration::from_secs(600),
+            ..EmulatorConfig::default()
+        })
+        .await;
+    let family: Uuid = env.add_family(1).await;
+    env.add_chunks(family, &["one", "two"]).await;
+    let run = env
+        .exec(&["submit", "--family-id", &family.to_string()])
+        .await;
+    let run_dir = run.run_dir();
+    assert_eq!(states(&run_dir), [StateKind::Submitted]);
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}
+
+#[tokio::test]
+async fn a_flaky_api_still_creates_each_batch_once() {
+    let (env, run_dir) = planned(
+        12,
+        &["--max-requests-per-batch", "4"],
+        EmulatorConfig {
+            seed: 11,
+            ..EmulatorConfig::default()
+        },
+    )
+    .await;
+    env.emu().set_faults(Faults {
+        rate_429: 0.3,
+        rate_500: 0.3,
+        retry_after_secs: 0,
+        ..Faults::default()
+    });
+    advance_until_downloaded(&env, &run_dir, 30).await;
+    let counters = env.emu().counters();
+    assert!(counters.injected_errors > 0, "{counters:?}");
+    assert_eq!(counters.batch_creations, 3, "{counters:?}");
+    assert_eq!(counters.uploads, 3, "{counters:?}");
+    assert_created_once(&env, &load(&run_dir));
+}
+
+#[tokio::test]
+async fn per_request_failures_land_in_the_error_file() {
+    let (env, run_dir) = planned(6, &[], EmulatorConfig::default()).await;
+    let first_id = read(run_dir.join("batches/batch_001/chunks.tsv"))
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split('\t').next().map(str::to_owned))
+        .unwrap();
+    env.emu().set_faults(Faults {
+        fail_custom_ids: vec![first_id.clone()],
+        ..Faults::default()
+    });
+    advance_until_downloaded(&env, &run_dir, 5).await;
+    let BatchState::Downloaded(d) = &load(&run_dir).batches[0].state else {
+        panic!("not downloaded")
+    };
+    assert!(d.has_output && d.has_errors);
+    let errors = read(run_dir.join("batches/batch_001/errors.jsonl"));
+    assert_eq!(errors.lines().count(), 1);
+    assert!(errors.contains(&first_id));
+    assert_eq!(
+        read(run_dir.join("batches/batch_001/output.jsonl"))
+            .lines()
+            .count(),
+        5
+    );
+}
