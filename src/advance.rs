@@ -16,7 +16,8 @@ use chrono::{DateTime, Utc};
 
 use crate::ExitStatus;
 use crate::api::{self, ApiClient, ApiError, ClientOptions};
-use crate::config::ApiSettings;
+pub use crate::config::AdvanceOptions;
+use crate::config::{ApiSettings, Global};
 use crate::crashpoint::crashpoint;
 use crate::lock::RunLock;
 use crate::plan::{INPUT_FILE, batch_dir};
@@ -36,12 +37,25 @@ pub const BATCH_JSON: &str = "batch.json";
 /// How far `advance` goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Goal {
-    /// Every step there is (today: up to `downloaded`).
+    /// Every step there is: upload, create, poll, download, ingest, plan retries.
     Done,
     /// Stop once every batch is submitted (`submit`).
     Submitted,
+    /// Poll, download and ingest what is complete; never upload, create or retry, so it never
+    /// spends money (`ingest`).
+    IngestOnly,
     /// Only poll what is submitted (`status --refresh`): no upload, no creation, no download.
     RefreshOnly,
+}
+
+impl Goal {
+    fn creates(self) -> bool {
+        matches!(self, Goal::Done | Goal::Submitted)
+    }
+
+    fn ingests(self) -> bool {
+        matches!(self, Goal::Done | Goal::IngestOnly)
+    }
 }
 
 /// The API client for the configured settings, or a message saying what is missing.
@@ -63,65 +77,96 @@ pub fn client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
 
 /// `embatch advance` (and `submit`): returns `Done` when the run is finished.
 pub async fn advance(
-    settings: &ApiSettings,
+    global: &Global,
     run_dir: &Path,
     goal: Goal,
+    opts: &AdvanceOptions,
     command: &str,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
     let _lock = RunLock::acquire(run_dir, command)?;
     let run = store::load(run_dir)?;
-    let api = client(settings)?;
+    let api = client(&global.api)?;
     let mut stepper = Stepper {
         run_dir: run_dir.to_path_buf(),
         run,
         api,
         printer: *printer,
+        opts: opts.clone(),
+        database_url: global.database_url.clone(),
+        db: None,
     };
-    let outcome = stepper.step_all(goal).await;
-    stepper.report();
-    match outcome {
-        Ok(()) => {}
-        // The provider is unreachable or overloaded: nothing is lost, try again later.
-        Err(err) if is_transient(&err) => {
-            printer.warn(&format!(
-                "{err:#}; the run is saved, run advance again later"
-            ));
+    let started = std::time::Instant::now();
+    let waiter = printer.waiting_line();
+    loop {
+        match stepper.step_all(goal).await {
+            Ok(()) => {}
+            // The provider is unreachable or overloaded: nothing is lost, try again later.
+            Err(err) if is_transient(&err) && !opts.wait => {
+                waiter.finish_and_clear();
+                stepper.report();
+                printer.warn(&format!(
+                    "{err:#}; the run is saved, run advance again later"
+                ));
+                return Ok(ExitStatus::NotYet);
+            }
+            Err(err) if is_transient(&err) => {
+                printer.warn(&format!(
+                    "{err:#}; trying again in {}s",
+                    opts.poll.as_secs()
+                ));
+            }
+            Err(err) => {
+                waiter.finish_and_clear();
+                stepper.report();
+                return Err(err);
+            }
+        }
+        let done = match goal {
+            Goal::Done | Goal::IngestOnly => stepper.is_finished(goal),
+            Goal::Submitted => stepper
+                .run
+                .batches
+                .iter()
+                .all(|b| !matches!(b.state.kind(), StateKind::Planned | StateKind::Uploaded)),
+            Goal::RefreshOnly => true,
+        };
+        if done {
+            waiter.finish_and_clear();
+            stepper.report();
+            return Ok(ExitStatus::Done);
+        }
+        let out_of_time = opts
+            .max_wait
+            .is_some_and(|max| started.elapsed() + opts.poll > max);
+        if !opts.wait || out_of_time {
+            waiter.finish_and_clear();
+            stepper.report();
             return Ok(ExitStatus::NotYet);
         }
-        Err(err) => return Err(err),
+        waiter.set_message(stepper.live_line());
+        tokio::time::sleep(opts.poll).await;
     }
-    let done = match goal {
-        Goal::Done => stepper.run.is_finished(),
-        Goal::Submitted => stepper
-            .run
-            .batches
-            .iter()
-            .all(|b| !matches!(b.state.kind(), StateKind::Planned | StateKind::Uploaded)),
-        Goal::RefreshOnly => true,
-    };
-    Ok(if done {
-        ExitStatus::Done
-    } else {
-        ExitStatus::NotYet
-    })
 }
 
 /// `embatch cancel`: no more creations or retries; remote batches are cancelled and followed
 /// until the provider finishes them (their partial output is still fetched).
 pub async fn cancel(
-    settings: &ApiSettings,
+    global: &Global,
     run_dir: &Path,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
     let _lock = RunLock::acquire(run_dir, "embatch cancel")?;
     let run = store::load(run_dir)?;
-    let api = client(settings)?;
+    let api = client(&global.api)?;
     let mut stepper = Stepper {
         run_dir: run_dir.to_path_buf(),
         run,
         api,
         printer: *printer,
+        opts: AdvanceOptions::default(),
+        database_url: global.database_url.clone(),
+        db: None,
     };
     stepper.run.cancelled = true;
     stepper.save()?;
@@ -142,7 +187,7 @@ pub async fn cancel(
         }
     }
     stepper.report();
-    Ok(if stepper.run.is_finished() {
+    Ok(if stepper.is_finished(Goal::Done) {
         ExitStatus::Done
     } else {
         ExitStatus::NotYet
@@ -154,15 +199,20 @@ fn is_transient(err: &anyhow::Error) -> bool {
         .is_some_and(|e| e.is_retryable() || e.is_unknown_outcome())
 }
 
-struct Stepper {
-    run_dir: PathBuf,
-    run: RunFile,
-    api: ApiClient,
-    printer: Printer,
+/// Moves the batches of one loaded run; `ingest.rs` adds the database steps.
+pub(crate) struct Stepper {
+    pub(crate) run_dir: PathBuf,
+    pub(crate) run: RunFile,
+    pub(crate) api: ApiClient,
+    pub(crate) printer: Printer,
+    pub(crate) opts: AdvanceOptions,
+    pub(crate) database_url: Option<String>,
+    /// Connected on first need: polling and downloading need no database.
+    pub(crate) db: Option<crate::ingest::DbContext>,
 }
 
 /// What one step did.
-enum Progress {
+pub(crate) enum Progress {
     /// The batch moved: step it again.
     Moved,
     /// Nothing more to do for this batch in this advance.
@@ -170,7 +220,7 @@ enum Progress {
 }
 
 impl Stepper {
-    fn save(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn save(&mut self) -> anyhow::Result<()> {
         self.run.updated_at = Utc::now();
         crashpoint("before_save");
         store::save(&self.run_dir, &self.run)?;
@@ -179,7 +229,7 @@ impl Stepper {
     }
 
     /// Applies one event to batch `idx` and saves the run.
-    fn apply(&mut self, idx: usize, event: Event) -> anyhow::Result<()> {
+    pub(crate) fn apply(&mut self, idx: usize, event: Event) -> anyhow::Result<()> {
         let batch = &mut self.run.batches[idx];
         let state = std::mem::replace(&mut batch.state, BatchState::Planned(Default::default()));
         match state.apply(event) {
@@ -193,11 +243,11 @@ impl Stepper {
         self.save()
     }
 
-    fn name(&self, idx: usize) -> &str {
+    pub(crate) fn name(&self, idx: usize) -> &str {
         &self.run.batches[idx].name
     }
 
-    fn dir(&self, idx: usize) -> PathBuf {
+    pub(crate) fn dir(&self, idx: usize) -> PathBuf {
         batch_dir(&self.run_dir, self.name(idx))
     }
 
@@ -214,24 +264,77 @@ impl Stepper {
         ])
     }
 
+    /// The run is finished for this goal (`ingest` cannot plan retries: retryable failures
+    /// then wait for an `advance`).
+    fn is_finished(&self, goal: Goal) -> bool {
+        self.run.batches.iter().all(|b| match &b.state {
+            BatchState::Ingested(_) if goal == Goal::IngestOnly => true,
+            state => state.is_done(),
+        })
+    }
+
     async fn step_all(&mut self, goal: Goal) -> anyhow::Result<()> {
-        for idx in 0..self.run.batches.len() {
+        if let Some(dims) = self.opts.dims
+            && dims != self.run.settings.dimensions
+        {
+            anyhow::bail!(
+                "--dims {dims} does not match this run, which was planned for {} dimensions",
+                self.run.settings.dimensions
+            );
+        }
+        if self.opts.redownload {
+            // Once per invocation: the files are fetched again before ingesting.
+            self.opts.redownload = false;
+            for idx in 0..self.run.batches.len() {
+                if self.run.batches[idx].state.kind() == StateKind::Downloaded {
+                    self.download(idx).await?;
+                }
+            }
+        }
+        // Batches grow while we go: retry batches are appended at the end.
+        let mut idx = 0;
+        while idx < self.run.batches.len() {
             while let Progress::Moved = self.step(idx, goal).await? {}
+            idx += 1;
+            if idx == self.run.batches.len() && goal == Goal::Done && !self.run.cancelled {
+                self.plan_retries().await?;
+            }
         }
         Ok(())
+    }
+
+    /// One line per batch for the live display while waiting.
+    fn live_line(&self) -> String {
+        let parts: Vec<String> = self
+            .run
+            .batches
+            .iter()
+            .filter(|b| !b.state.is_done())
+            .map(|b| match b.state.remote() {
+                Some(r) => format!(
+                    "{} {} {}/{}",
+                    b.name, r.status, r.request_counts.completed, r.request_counts.total
+                ),
+                None => format!("{} {}", b.name, b.state.kind().as_str()),
+            })
+            .collect();
+        format!("waiting: {}", parts.join(" · "))
     }
 
     /// One transition of batch `idx`, if one is possible now.
     async fn step(&mut self, idx: usize, goal: Goal) -> anyhow::Result<Progress> {
         let now = Utc::now();
         let cancelled = self.run.cancelled;
-        let creating = goal != Goal::RefreshOnly && !cancelled;
+        let creating = goal.creates() && !cancelled;
         match &self.run.batches[idx].state {
             BatchState::Planned(_) if creating => self.upload(idx).await,
             BatchState::Uploaded(up) if creating => {
                 if up.file_expires_at.is_some_and(|t| t <= now) && up.create_started.is_none() {
                     self.apply(idx, Event::FileExpired)?;
                     return Ok(Progress::Moved);
+                }
+                if up.create_started.is_none() && !self.fits_in_flight(idx) {
+                    return Ok(Progress::Wait);
                 }
                 self.create(idx).await
             }
@@ -251,18 +354,68 @@ impl Stepper {
                 self.create(idx).await
             }
             BatchState::Submitted(_) => self.poll(idx).await,
-            BatchState::Completed(_) | BatchState::Expired(_) => {
-                if goal == Goal::Done {
-                    self.download(idx).await
-                } else {
-                    Ok(Progress::Wait)
-                }
-            }
-            BatchState::Cancelled(c) if c.done.is_some() && goal == Goal::Done => {
+            BatchState::Completed(_) | BatchState::Expired(_) if goal.ingests() => {
                 self.download(idx).await
+            }
+            BatchState::Cancelled(c) if c.done.is_some() && goal.ingests() => {
+                self.download(idx).await
+            }
+            BatchState::Downloaded(_) if goal.ingests() => self.ingest(idx).await,
+            BatchState::Ingested(i) if goal.ingests() && !i.remote_files_deleted => {
+                self.clean_up(idx).await
             }
             _ => Ok(Progress::Wait),
         }
+    }
+
+    /// Whether creating batch `idx` keeps the tokens in flight under `--max-enqueued-tokens`
+    /// (each batch counted as the larger of its tokens and bytes/4). A batch alone over the
+    /// bound is still created when nothing else is in flight, or it would never run.
+    fn fits_in_flight(&self, idx: usize) -> bool {
+        let Some(bound) =
+            self.opts
+                .max_enqueued_tokens
+                .or(self.run.settings.limits.max_enqueued_tokens)
+        else {
+            return true;
+        };
+        let estimate = |b: &crate::store::BatchRecord| b.tokens.max(b.bytes.div_ceil(4));
+        let in_flight: u64 = self
+            .run
+            .batches
+            .iter()
+            .filter(|b| b.state.kind() == StateKind::Submitted)
+            .map(estimate)
+            .sum();
+        in_flight == 0 || in_flight + estimate(&self.run.batches[idx]) <= bound
+    }
+
+    /// Ingested: delete the remote input, output and error files (unless kept).
+    async fn clean_up(&mut self, idx: usize) -> anyhow::Result<Progress> {
+        if !self.opts.keep_remote_files {
+            let state = &self.run.batches[idx].state;
+            let mut ids: Vec<String> = state
+                .input_file_id()
+                .map(str::to_owned)
+                .into_iter()
+                .collect();
+            if let Some(remote) = state.remote() {
+                ids.extend(remote.output_file_id.clone());
+                ids.extend(remote.error_file_id.clone());
+            }
+            for id in ids {
+                // A file already gone is not an error (the client maps 404 to Ok).
+                if let Err(err) = self.api.delete_file(&id).await {
+                    self.printer.warn(&format!(
+                        "{}: could not delete the remote file {id} ({err}); it expires by itself, or delete it in the dashboard",
+                        self.name(idx)
+                    ));
+                    return Ok(Progress::Wait);
+                }
+            }
+        }
+        self.apply(idx, Event::RemoteFilesDeleted)?;
+        Ok(Progress::Moved)
     }
 
     /// Planned → Uploaded: adopt an earlier upload of this file, or upload it.
@@ -507,7 +660,7 @@ impl Stepper {
     }
 
     /// Completed/Expired/Cancelled → Downloaded: fetch the output and error files.
-    async fn download(&mut self, idx: usize) -> anyhow::Result<Progress> {
+    pub(crate) async fn download(&mut self, idx: usize) -> anyhow::Result<Progress> {
         let Some(remote) = self.run.batches[idx].state.remote().cloned() else {
             return Ok(Progress::Wait);
         };
@@ -560,7 +713,7 @@ impl Stepper {
         Ok(())
     }
 
-    fn report(&self) {
+    pub(crate) fn report(&self) {
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for batch in &self.run.batches {
             *counts.entry(batch.state.kind().as_str()).or_insert(0) += 1;

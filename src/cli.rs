@@ -10,8 +10,9 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{
-    AdvanceConfig, ApiSettings, CancelConfig, Command, Config, EmulatorCommandConfig, Global,
-    OutputSettings, PlanConfig, RunsConfig, SourceConfig, StatusConfig, StatusTarget, SubmitConfig,
+    AdvanceConfig, AdvanceOptions, ApiSettings, CancelConfig, Command, Config,
+    EmulatorCommandConfig, Global, IngestConfig, OutputSettings, PlanConfig, RunConfig, RunsConfig,
+    SourceConfig, StatusConfig, StatusTarget, SubmitConfig,
 };
 use crate::models::{DEFAULT_MODEL, EncodingFormat};
 use crate::sharder::BatchLimits;
@@ -90,8 +91,14 @@ enum CommandArgs {
     #[command(after_help = "Example:\n  embatch runs --family-id 3f8e… --json\n\n".to_owned() + AFTER_HELP)]
     Runs(RunsArgs),
     /// Move every batch of a run as far as it can go without waiting (exit 75: run it again later)
-    #[command(after_help = "Example:\n  until embatch advance --run-dir \"$RUN\"; do [ $? -eq 75 ] || exit 1; sleep 600; done\n\n".to_owned() + AFTER_HELP)]
-    Advance(RunDirArgs),
+    #[command(after_help = "Examples:\n  embatch advance --run-dir \"$RUN\"            # one step; exit 75 = run again later\n  embatch advance --run-dir \"$RUN\" --wait --max-wait 26h\n\n".to_owned() + AFTER_HELP)]
+    Advance(AdvanceArgs),
+    /// Download and ingest what is complete; never uploads, creates or retries (never spends)
+    #[command(after_help = "Example:\n  embatch ingest --run-dir batches/<family>/run_20261124_104500_7f3a --redownload\n\n".to_owned() + AFTER_HELP)]
+    Ingest(IngestArgs),
+    /// Plan, then advance until the run is finished (polls every --poll-seconds)
+    #[command(after_help = "Example:\n  embatch run --family-id 3f8e… --poll-seconds 60\n\n".to_owned() + AFTER_HELP)]
+    Run(RunArgs),
     /// Cancel a run: no more creations or retries; remote batches are cancelled
     #[command(after_help = "Example:\n  embatch cancel --run-dir batches/<family>/run_20261124_104500_7f3a\n\n".to_owned() + AFTER_HELP)]
     Cancel(RunDirArgs),
@@ -204,6 +211,72 @@ struct RunDirArgs {
 }
 
 #[derive(Debug, Args)]
+struct WriteArgs {
+    /// Write embeddings even where one is already present
+    #[arg(long)]
+    overwrite: bool,
+    /// Rows per transaction when writing vectors
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    update_chunk_size: u64,
+    /// Keep the remote input, output and error files after ingest
+    #[arg(long)]
+    keep_remote_files: bool,
+}
+
+#[derive(Debug, Args)]
+struct StepArgs {
+    #[command(flatten)]
+    write: WriteArgs,
+    /// Attempts per chunk before it is reported failed
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    max_attempts: u32,
+    /// Seconds between polls while waiting
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    poll_seconds: u64,
+    /// Give up waiting after this long (e.g. 90m, 26h); exit 75
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_wait: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Args)]
+struct AdvanceArgs {
+    /// The run folder (run_…)
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Loop until the run is finished
+    #[arg(long)]
+    wait: bool,
+    /// Keep the tokens in flight under this bound (overrides the plan's)
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_enqueued_tokens: Option<u64>,
+    #[command(flatten)]
+    step: StepArgs,
+}
+
+#[derive(Debug, Args)]
+struct IngestArgs {
+    /// The run folder (run_…)
+    #[arg(long)]
+    run_dir: PathBuf,
+    #[command(flatten)]
+    write: WriteArgs,
+    /// Download the output files again
+    #[arg(long)]
+    redownload: bool,
+    /// The vector size, checked against the run
+    #[arg(long)]
+    dims: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    plan: PlanArgs,
+    #[command(flatten)]
+    step: StepArgs,
+}
+
+#[derive(Debug, Args)]
 struct EmulatorArgs {
     /// Address to listen on
     #[arg(long, default_value = "127.0.0.1:8089")]
@@ -296,6 +369,26 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
         }),
         CommandArgs::Advance(args) => Command::Advance(AdvanceConfig {
             run_dir: args.run_dir,
+            opts: AdvanceOptions {
+                wait: args.wait,
+                max_enqueued_tokens: args.max_enqueued_tokens,
+                ..step_options(args.step)
+            },
+        }),
+        CommandArgs::Ingest(args) => Command::Ingest(IngestConfig {
+            run_dir: args.run_dir,
+            opts: AdvanceOptions {
+                redownload: args.redownload,
+                dims: args.dims,
+                ..write_options(args.write)
+            },
+        }),
+        CommandArgs::Run(args) => Command::Run(RunConfig {
+            plan: plan_config(args.plan)?,
+            opts: AdvanceOptions {
+                wait: true,
+                ..step_options(args.step)
+            },
         }),
         CommandArgs::Cancel(args) => Command::Cancel(CancelConfig {
             run_dir: args.run_dir,
@@ -311,9 +404,28 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
         CommandArgs::Submit(args) => Command::Submit(SubmitConfig {
             plan: plan_config(args.plan)?,
             dry_run: args.dry_run,
+            opts: AdvanceOptions::default(),
         }),
     };
     Ok(Config { global, command })
+}
+
+fn write_options(args: WriteArgs) -> AdvanceOptions {
+    AdvanceOptions {
+        overwrite: args.overwrite,
+        update_chunk_size: usize::try_from(args.update_chunk_size).unwrap_or(usize::MAX),
+        keep_remote_files: args.keep_remote_files,
+        ..AdvanceOptions::default()
+    }
+}
+
+fn step_options(args: StepArgs) -> AdvanceOptions {
+    AdvanceOptions {
+        max_attempts: args.max_attempts,
+        poll: std::time::Duration::from_secs(args.poll_seconds),
+        max_wait: args.max_wait,
+        ..write_options(args.write)
+    }
 }
 
 fn usage_error(message: &str) -> clap::Error {

@@ -90,6 +90,59 @@ pub struct StatusConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdvanceConfig {
     pub run_dir: PathBuf,
+    pub opts: AdvanceOptions,
+}
+
+/// `ingest --run-dir DIR`: never uploads, creates or retries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestConfig {
+    pub run_dir: PathBuf,
+    pub opts: AdvanceOptions,
+}
+
+/// `run --family-id ID`: plan, then advance until finished.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    pub plan: PlanConfig,
+    pub opts: AdvanceOptions,
+}
+
+/// Options of `advance` (and `run`, `submit`, `ingest`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdvanceOptions {
+    /// Write even where an embedding exists.
+    pub overwrite: bool,
+    /// Rows per transaction.
+    pub update_chunk_size: usize,
+    pub max_attempts: u32,
+    /// Overrides the plan's bound on tokens in flight.
+    pub max_enqueued_tokens: Option<u64>,
+    pub keep_remote_files: bool,
+    /// Loop until finished (`--wait`).
+    pub wait: bool,
+    pub poll: std::time::Duration,
+    pub max_wait: Option<std::time::Duration>,
+    /// `ingest --redownload`: fetch downloaded files again before ingesting.
+    pub redownload: bool,
+    /// `ingest --dims N`: checked against the run.
+    pub dims: Option<u32>,
+}
+
+impl Default for AdvanceOptions {
+    fn default() -> Self {
+        AdvanceOptions {
+            overwrite: false,
+            update_chunk_size: 1000,
+            max_attempts: 3,
+            max_enqueued_tokens: None,
+            keep_remote_files: false,
+            wait: false,
+            poll: std::time::Duration::from_secs(60),
+            max_wait: None,
+            redownload: false,
+            dims: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +174,7 @@ pub struct RunsConfig {
 pub struct SubmitConfig {
     pub plan: PlanConfig,
     pub dry_run: bool,
+    pub opts: AdvanceOptions,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -130,6 +184,8 @@ pub enum Command {
     Runs(RunsConfig),
     Submit(SubmitConfig),
     Advance(AdvanceConfig),
+    Ingest(IngestConfig),
+    Run(RunConfig),
     Cancel(CancelConfig),
     Emulator(EmulatorCommandConfig),
 }

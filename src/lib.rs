@@ -14,6 +14,7 @@ pub mod config;
 pub mod crashpoint;
 pub mod db;
 pub mod emulator;
+pub mod ingest;
 pub mod lock;
 pub mod models;
 pub mod output;
@@ -24,6 +25,7 @@ pub mod request;
 pub mod runs;
 pub mod sample;
 pub mod sharder;
+pub mod sink;
 pub mod source;
 pub mod state;
 pub mod status;
@@ -75,10 +77,40 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                 return Ok(ExitStatus::Done);
             }
             advance::advance(
-                &config.global.api,
+                &config.global,
                 &run_dir,
                 advance::Goal::Submitted,
+                &submit.opts,
                 "embatch submit",
+                &printer,
+            )
+            .await
+        }
+        Command::Run(run_cfg) => {
+            advance::client(&config.global.api)?;
+            let plan::PlanOutcome::Planned { run_dir, .. } =
+                plan::plan(&config.global, &run_cfg.plan, &printer, now).await?
+            else {
+                return Ok(ExitStatus::Done);
+            };
+            printer.data(&run_dir.display().to_string());
+            advance::advance(
+                &config.global,
+                &run_dir,
+                advance::Goal::Done,
+                &run_cfg.opts,
+                "embatch run",
+                &printer,
+            )
+            .await
+        }
+        Command::Ingest(ingest_cfg) => {
+            advance::advance(
+                &config.global,
+                &ingest_cfg.run_dir,
+                advance::Goal::IngestOnly,
+                &ingest_cfg.opts,
+                "embatch ingest",
                 &printer,
             )
             .await
@@ -96,9 +128,10 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             };
             if status_cfg.refresh {
                 advance::advance(
-                    &config.global.api,
+                    &config.global,
                     &run_dir,
                     advance::Goal::RefreshOnly,
+                    &advance::AdvanceOptions::default(),
                     "embatch status --refresh",
                     &printer,
                 )
@@ -120,15 +153,16 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         }
         Command::Advance(adv) => {
             advance::advance(
-                &config.global.api,
+                &config.global,
                 &adv.run_dir,
                 advance::Goal::Done,
+                &adv.opts,
                 "embatch advance",
                 &printer,
             )
             .await
         }
-        Command::Cancel(c) => advance::cancel(&config.global.api, &c.run_dir, &printer).await,
+        Command::Cancel(c) => advance::cancel(&config.global, &c.run_dir, &printer).await,
         Command::Emulator(e) => {
             let emu_config = emulator::EmulatorConfig {
                 api_key: config

@@ -129,7 +129,15 @@ pub async fn plan(
         dimensions: dims.send_dimensions.then_some(dims.dimensions),
         encoding_format: cfg.encoding_format,
     };
-    let mut writer = RunWriter::new(&partial_dir, template, cfg, &held)?;
+    let mut writer = RunWriter::new(
+        &partial_dir,
+        template,
+        cfg.on_too_long,
+        cfg.limits,
+        &held,
+        Numbering::FIRST_ATTEMPT,
+        &partial_dir.join(SKIPPED_FILE),
+    )?;
     let bar = printer.row_counter("planning");
     let streamed = source
         .stream_pending(&mut client, &cfg.family_id, cfg.reembed, cfg.limit, |row| {
@@ -201,6 +209,7 @@ pub async fn plan(
         database: identity,
         plan: summary,
         cancelled: false,
+        retry_given_up: 0,
         batches: written.batches,
     };
     let run_dir = family_dir.join(&name.folder);
@@ -313,12 +322,12 @@ fn report(
 }
 
 /// What the writer produced.
-struct Written {
-    batches: Vec<BatchRecord>,
-    chunks: u64,
-    tokens: u64,
-    truncated: u64,
-    skipped: BTreeMap<SkipReason, u64>,
+pub(crate) struct Written {
+    pub(crate) batches: Vec<BatchRecord>,
+    pub(crate) chunks: u64,
+    pub(crate) tokens: u64,
+    pub(crate) truncated: u64,
+    pub(crate) skipped: BTreeMap<SkipReason, u64>,
     /// Chunks left out, per holding run (indexes of `HeldChunks::runs`).
     held: Vec<u64>,
 }
@@ -331,16 +340,34 @@ struct OpenBatch {
     chunks: BufWriter<fs_err::File>,
 }
 
+/// How new batches are named and what they record about their origin.
+#[derive(Debug, Clone)]
+pub struct Numbering {
+    /// Number of the first batch written (`batch_001` is 1).
+    pub first: usize,
+    pub attempt: u32,
+    pub retry_of: Vec<String>,
+}
+
+impl Numbering {
+    pub const FIRST_ATTEMPT: Numbering = Numbering {
+        first: 1,
+        attempt: 1,
+        retry_of: Vec::new(),
+    };
+}
+
 /// The batch folders being written: the open batch and the records of the sealed ones.
 struct BatchFiles {
     run_dir: PathBuf,
+    numbering: Numbering,
     open: Option<OpenBatch>,
     written: Written,
 }
 
 impl BatchFiles {
     fn open_next(&mut self) -> anyhow::Result<()> {
-        let name = batch_name(self.written.batches.len() + 1);
+        let name = batch_name(self.numbering.first + self.written.batches.len());
         let dir = batch_dir(&self.run_dir, &name);
         create_private_dir(&dir)?;
         let input = BufWriter::with_capacity(1 << 20, fs_err::File::create(dir.join(INPUT_FILE))?);
@@ -367,8 +394,8 @@ impl BatchFiles {
         store::sync_dir(&open.dir)?;
         self.written.batches.push(BatchRecord {
             name: open.name,
-            attempt: 1,
-            retry_of: Vec::new(),
+            attempt: self.numbering.attempt,
+            retry_of: self.numbering.retry_of.clone(),
             requests: u64::from(tally.requests),
             bytes: tally.bytes,
             tokens: tally.tokens,
@@ -380,7 +407,7 @@ impl BatchFiles {
 
 /// Streams chunks into batch folders as the sharder decides. The decisions (sharding, token
 /// limits) belong to the sharder and tokens modules; this only applies them and writes.
-struct RunWriter<'a> {
+pub(crate) struct RunWriter<'a> {
     template: RequestTemplate,
     on_too_long: OnTooLong,
     held: &'a HeldChunks,
@@ -391,21 +418,34 @@ struct RunWriter<'a> {
 }
 
 impl<'a> RunWriter<'a> {
-    fn new(
+    /// `skipped_path` receives the chunks that cannot be sent; it is created with a header
+    /// line, or appended to when it exists.
+    pub(crate) fn new(
         run_dir: &Path,
         template: RequestTemplate,
-        cfg: &PlanConfig,
+        on_too_long: OnTooLong,
+        limits: crate::sharder::BatchLimits,
         held: &'a HeldChunks,
+        numbering: Numbering,
+        skipped_path: &Path,
     ) -> anyhow::Result<RunWriter<'a>> {
-        let mut skipped_file = BufWriter::new(fs_err::File::create(run_dir.join(SKIPPED_FILE))?);
-        tsv::write_record(&mut skipped_file, &["id", "reason"])?;
+        let exists = skipped_path.exists();
+        let file = fs_err::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(skipped_path)?;
+        let mut skipped_file = BufWriter::new(file);
+        if !exists {
+            tsv::write_record(&mut skipped_file, &["id", "reason"])?;
+        }
         Ok(RunWriter {
             template,
-            on_too_long: cfg.on_too_long,
+            on_too_long,
             held,
-            sharder: Sharder::new(cfg.limits),
+            sharder: Sharder::new(limits),
             files: BatchFiles {
                 run_dir: run_dir.to_path_buf(),
+                numbering,
                 open: None,
                 written: Written {
                     batches: Vec::new(),
@@ -427,7 +467,7 @@ impl<'a> RunWriter<'a> {
         Ok(())
     }
 
-    fn add(&mut self, row: ChunkRow) -> anyhow::Result<()> {
+    pub(crate) fn add(&mut self, row: ChunkRow) -> anyhow::Result<()> {
         if !self.held.is_empty()
             && let Some(run_idx) = self.held.holder(&row.id)
         {
@@ -487,7 +527,7 @@ impl<'a> RunWriter<'a> {
         Ok(())
     }
 
-    fn finish(mut self) -> anyhow::Result<Written> {
+    pub(crate) fn finish(mut self) -> anyhow::Result<Written> {
         if let Some(tally) = self.sharder.finish() {
             self.files.seal(tally)?;
         }

@@ -138,6 +138,42 @@ pub struct Downloaded {
     pub done: RemoteDone,
     pub has_output: bool,
     pub has_errors: bool,
+    /// Where an interrupted ingest resumes: saved after every committed transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<IngestProgress>,
+}
+
+/// Which downloaded file an ingest is reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IngestFile {
+    Output,
+    Errors,
+}
+
+/// Lines of an output or error file that could not be taken as they were.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineAnomalies {
+    /// A custom_id that is not a chunk of this batch: refused.
+    pub unknown_custom_id: u64,
+    /// A second line for a custom_id: the first line wins.
+    pub repeated_custom_id: u64,
+    /// A line that is not JSON or names no custom_id.
+    pub unparseable: u64,
+}
+
+/// The state of an ingest after its last committed transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestProgress {
+    pub file: IngestFile,
+    /// Bytes of `file` fully handled (a line boundary).
+    pub offset: u64,
+    pub counts: IngestCounts,
+    pub anomalies: LineAnomalies,
+    /// Chunks marked for a retry batch so far.
+    pub to_retry: u64,
+    /// Length of `failed_chunk_ids.tsv` at that point (a resume truncates back to it).
+    pub failed_file_len: u64,
 }
 
 /// Outcome of ingesting one batch.
@@ -155,6 +191,22 @@ pub struct Ingested {
     pub done: Option<RemoteDone>,
     pub counts: IngestCounts,
     pub remote_files_deleted: bool,
+    #[serde(default)]
+    pub anomalies: LineAnomalies,
+    /// Chunks of this batch that failed for a retryable reason and go into a retry batch.
+    #[serde(default)]
+    pub to_retry: u64,
+    /// Their retry batch is planned (or there was nothing to retry).
+    #[serde(default)]
+    pub retries_planned: bool,
+}
+
+/// What an ingest produced, carried by [`Event::ResultsIngested`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestOutcome {
+    pub counts: IngestCounts,
+    pub anomalies: LineAnomalies,
+    pub to_retry: u64,
 }
 
 /// The state of one batch. The serialized `state` names are those of `status --json`.
@@ -231,7 +283,7 @@ impl StateKind {
                 Submitted, Cancelled, Queued, Failed, Planned, Completed, Expired,
             ],
             Submitted => &[Completed, Expired, Cancelled, Failed, Queued],
-            Completed | Expired | Cancelled => &[Downloaded, Ingested],
+            Completed | Expired | Cancelled => &[Downloaded],
             Failed => &[],
             Downloaded => &[Ingested],
             Ingested => &[],
@@ -270,11 +322,14 @@ pub enum Event {
     QueueReleased,
     /// The output and error files (those that exist) are on disk.
     FilesDownloaded { has_output: bool, has_errors: bool },
+    /// One more transaction of an ingest is committed.
+    IngestCommitted { progress: IngestProgress },
     /// The results are written to the database.
-    ResultsIngested {
-        counts: IngestCounts,
-        remote_files_deleted: bool,
-    },
+    ResultsIngested { outcome: IngestOutcome },
+    /// The retry batch for this batch's retryable failures is planned.
+    RetriesPlanned,
+    /// The remote input, output and error files are deleted.
+    RemoteFilesDeleted,
     /// The user cancelled the run; for a submitted batch, the remote cancel was requested and
     /// the batch is followed until the provider finishes it.
     CancelRequested,
@@ -315,7 +370,9 @@ impl BatchState {
     /// Nothing more will happen to this batch.
     pub fn is_done(&self) -> bool {
         match self {
-            BatchState::Failed(_) | BatchState::Ingested(_) => true,
+            BatchState::Failed(_) => true,
+            // Done once its retryable failures have their retry batch.
+            BatchState::Ingested(i) => i.retries_planned,
             // A batch cancelled before creation has nothing to fetch.
             BatchState::Cancelled(c) => c.done.is_none(),
             _ => false,
@@ -497,47 +554,36 @@ impl BatchState {
                     has_errors,
                 },
             ) => downloaded(Terminal::Cancelled, done, has_output, has_errors),
-            // A remote batch with no file at all to fetch skips `downloaded`.
-            (
-                S::Completed(done),
-                E::ResultsIngested {
-                    counts,
-                    remote_files_deleted,
-                },
-            ) => ingested(
-                Terminal::Completed,
-                Some(done),
-                counts,
-                remote_files_deleted,
-            ),
-            (
-                S::Expired(done),
-                E::ResultsIngested {
-                    counts,
-                    remote_files_deleted,
-                },
-            ) => ingested(Terminal::Expired, Some(done), counts, remote_files_deleted),
-            (
-                S::Cancelled(Cancelled {
-                    done: Some(done), ..
-                }),
-                E::ResultsIngested {
-                    counts,
-                    remote_files_deleted,
-                },
-            ) => ingested(
-                Terminal::Cancelled,
-                Some(done),
-                counts,
-                remote_files_deleted,
-            ),
+            // `--redownload`: fetch the files again and ingest from the start (writes are
+            // idempotent, so redoing part of an ingest is harmless).
             (
                 S::Downloaded(d),
-                E::ResultsIngested {
-                    counts,
-                    remote_files_deleted,
+                E::FilesDownloaded {
+                    has_output,
+                    has_errors,
                 },
-            ) => ingested(d.terminal, Some(d.done), counts, remote_files_deleted),
+            ) => downloaded(d.terminal, d.done, has_output, has_errors),
+            (S::Downloaded(d), E::IngestCommitted { progress }) => S::Downloaded(Downloaded {
+                progress: Some(progress),
+                ..d
+            }),
+            (S::Downloaded(d), E::ResultsIngested { outcome }) => S::Ingested(Ingested {
+                terminal: d.terminal,
+                done: Some(d.done),
+                counts: outcome.counts,
+                remote_files_deleted: false,
+                anomalies: outcome.anomalies,
+                to_retry: outcome.to_retry,
+                retries_planned: outcome.to_retry == 0,
+            }),
+            (S::Ingested(i), E::RetriesPlanned) => S::Ingested(Ingested {
+                retries_planned: true,
+                ..i
+            }),
+            (S::Ingested(i), E::RemoteFilesDeleted) => S::Ingested(Ingested {
+                remote_files_deleted: true,
+                ..i
+            }),
             (state, event) => {
                 return Err(IllegalTransition {
                     state: Box::new(state),
@@ -623,20 +669,7 @@ fn downloaded(
         done,
         has_output,
         has_errors,
-    })
-}
-
-fn ingested(
-    terminal: Terminal,
-    done: Option<RemoteDone>,
-    counts: IngestCounts,
-    remote_files_deleted: bool,
-) -> BatchState {
-    BatchState::Ingested(Ingested {
-        terminal,
-        done,
-        counts,
-        remote_files_deleted,
+        progress: None,
     })
 }
 
@@ -712,9 +745,23 @@ mod tests {
                 has_output: o,
                 has_errors: e
             }),
-            Just(Event::ResultsIngested {
-                counts: IngestCounts::default(),
-                remote_files_deleted: true
+            (0u64..3).prop_map(|n| Event::ResultsIngested {
+                outcome: IngestOutcome {
+                    to_retry: n,
+                    ..IngestOutcome::default()
+                }
+            }),
+            Just(Event::RetriesPlanned),
+            Just(Event::RemoteFilesDeleted),
+            Just(Event::IngestCommitted {
+                progress: IngestProgress {
+                    file: IngestFile::Output,
+                    offset: 10,
+                    counts: IngestCounts::default(),
+                    anomalies: LineAnomalies::default(),
+                    to_retry: 0,
+                    failed_file_len: 0,
+                }
             }),
             Just(Event::CancelRequested),
         ]
@@ -735,7 +782,10 @@ mod tests {
                             from == to || from.successors().contains(&to),
                             "{} -> {} is not in the design's graph", from.as_str(), to.as_str()
                         );
-                        prop_assert!(!before.is_done(), "a done batch moved");
+                        prop_assert!(
+                            !before.is_done() || from == to,
+                            "a done batch moved to another state"
+                        );
                         state = next;
                     }
                     Err(illegal) => {
@@ -800,12 +850,16 @@ mod tests {
                 done: done.clone(),
                 has_output: true,
                 has_errors: false,
+                progress: None,
             }),
             BatchState::Ingested(Ingested {
                 terminal: Terminal::Completed,
                 done: Some(done),
                 counts: IngestCounts::default(),
                 remote_files_deleted: false,
+                anomalies: LineAnomalies::default(),
+                to_retry: 0,
+                retries_planned: true,
             }),
         ];
         for (state, kind) in states.iter().zip(StateKind::ALL) {

@@ -108,6 +108,9 @@ pub struct RunFile {
     pub database: DatabaseIdentity,
     pub plan: PlanSummary,
     pub cancelled: bool,
+    /// Chunks a retry could not send again (deleted, or no longer sendable): given up.
+    #[serde(default)]
+    pub retry_given_up: u64,
     pub batches: Vec<BatchRecord>,
 }
 

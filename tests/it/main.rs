@@ -3,5 +3,6 @@
 
 mod advance;
 mod harness;
+mod ingest;
 mod plan;
 mod status;

@@ -1,0 +1,650 @@
+//! Ingest: stream a downloaded batch's output and error files into the database, report every
+//! failed request, and plan retry batches (DESIGN.md §5, §7).
+//!
+//! Lines are read one at a time and checked (status, custom_id of this batch, first line wins,
+//! dimension, finite values); vectors go to the `sink` in set-based statements, committed every
+//! `--update-chunk-size` rows, after which the position is saved in `run.json`: a crash redoes
+//! at most one transaction, harmlessly. This module owns `failed_chunk_ids.tsv` and the retry
+//! batches; the SQL of the writes belongs to `sink`, the line format to `output`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+
+use anyhow::{Context, bail};
+use tokio_postgres::Client;
+
+use crate::advance::{ERRORS_FILE, OUTPUT_FILE, Progress, Stepper};
+use crate::db::DbTarget;
+use crate::output::{FailReason, LineOutcome, parse_line};
+use crate::plan::{CHUNKS_FILE, Numbering, RunWriter};
+use crate::request::RequestTemplate;
+use crate::runs::HeldChunks;
+use crate::sink::{RowOutcome, Sink, VectorRow};
+use crate::source::{self, ChunkRow, quote_ident, quote_qualified};
+use crate::state::{
+    BatchState, Event, IngestCounts, IngestFile, IngestOutcome, IngestProgress, LineAnomalies,
+    Terminal,
+};
+use crate::store::OnTooLong;
+use crate::tsv;
+
+pub const FAILED_FILE: &str = "failed_chunk_ids.tsv";
+/// Chunks a retry could not send again (deleted or no longer sendable): id, reason.
+pub const RETRY_SKIPPED_FILE: &str = "retry_skipped.tsv";
+
+/// The database side of a stepper, connected on first need.
+pub(crate) struct DbContext {
+    client: Client,
+    sink: Sink,
+}
+
+/// A chunk of the batch being ingested.
+struct ChunkEntry {
+    sha256: String,
+    seen: bool,
+}
+
+/// The running figures of one ingest.
+struct Tally {
+    counts: IngestCounts,
+    anomalies: LineAnomalies,
+    to_retry: u64,
+}
+
+impl Stepper {
+    /// Connects to the run's database (once), checks it is the one the run was planned
+    /// against, and warns about vector indexes that make updates slow.
+    async fn database(&mut self) -> anyhow::Result<&mut DbContext> {
+        if self.db.is_none() {
+            let url = self.database_url.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("no database given; set DATABASE_URL (or --database-url) to the database this run was planned against")
+            })?;
+            let target = DbTarget::parse(url)?;
+            let client = target.connect().await?;
+            let identity = source::database_identity(&client).await?;
+            let planned = &self.run.database;
+            let same_system = match (&planned.system_identifier, &identity.system_identifier) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            };
+            if !same_system || planned.database != identity.database {
+                bail!(
+                    "this run was planned against database `{}` (system {}), but DATABASE_URL points at `{}` (system {}); point DATABASE_URL at the run's database",
+                    planned.database,
+                    planned.system_identifier.as_deref().unwrap_or("unknown"),
+                    identity.database,
+                    identity.system_identifier.as_deref().unwrap_or("unknown"),
+                );
+            }
+            let source = &self.run.settings.source;
+            let indexes = crate::sink::ann_indexes(&client, source).await?;
+            for index in &indexes {
+                self.printer.warn(&format!(
+                    "column {} has a {} index ({}): updates run about 100 times slower with it; drop it before the backfill and build it afterwards (`DROP INDEX {}` … `CREATE INDEX … USING {}`)",
+                    source.embedding_column,
+                    index.method,
+                    index.name,
+                    quote_ident(&index.name),
+                    index.method
+                ));
+            }
+            let overwrite = self.opts.overwrite || self.run.settings.reembed;
+            let sink = Sink::prepare(&client, source, overwrite).await?;
+            self.db = Some(DbContext { client, sink });
+        }
+        self.db
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("internal error: no database connection"))
+    }
+
+    /// Downloaded → Ingested.
+    pub(crate) async fn ingest(&mut self, idx: usize) -> anyhow::Result<Progress> {
+        let BatchState::Downloaded(downloaded) = self.run.batches[idx].state.clone() else {
+            return Ok(Progress::Wait);
+        };
+        self.database().await?;
+        let Some(mut db) = self.db.take() else {
+            bail!("internal error: no database connection");
+        };
+        let result = self.ingest_with(&mut db, idx, &downloaded).await;
+        self.db = Some(db);
+        let outcome = result?;
+        let name = self.name(idx).to_owned();
+        let c = outcome.counts;
+        self.printer.info(&format!(
+            "{name}: {} written, {} already present, {} stale, {} failed, {} to retry",
+            c.ingested, c.already_present, c.stale, c.failed, outcome.to_retry
+        ));
+        let a = outcome.anomalies;
+        if a.unknown_custom_id + a.repeated_custom_id + a.unparseable > 0 {
+            self.printer.warn(&format!(
+                "{name}: {} lines with a custom_id not in this batch (refused), {} repeated custom_ids (the first line was kept), {} unparseable lines",
+                a.unknown_custom_id, a.repeated_custom_id, a.unparseable
+            ));
+        }
+        self.apply(idx, Event::ResultsIngested { outcome })?;
+        Ok(Progress::Moved)
+    }
+
+    async fn ingest_with(
+        &mut self,
+        db: &mut DbContext,
+        idx: usize,
+        downloaded: &crate::state::Downloaded,
+    ) -> anyhow::Result<IngestOutcome> {
+        let dir = self.dir(idx);
+        let batch = &self.run.batches[idx];
+        let mut chunks = load_chunks(&dir.join(CHUNKS_FILE))?;
+        let retry_allowed = !self.run.cancelled && batch.attempt < self.opts.max_attempts.max(1);
+        let dims = self.run.settings.dimensions as usize;
+        let statement_rows = Sink::MAX_ROWS_PER_STATEMENT.min(self.opts.update_chunk_size.max(1));
+        let rows_per_tx = self.opts.update_chunk_size.max(1);
+
+        let resume = downloaded.progress;
+        let failed_path = dir.join(FAILED_FILE);
+        let mut failed = open_failed_file(&failed_path, resume.map(|p| p.failed_file_len))?;
+        let mut tally = Tally {
+            counts: resume.map(|p| p.counts).unwrap_or_default(),
+            anomalies: resume.map(|p| p.anomalies).unwrap_or_default(),
+            to_retry: resume.map(|p| p.to_retry).unwrap_or_default(),
+        };
+        let files: Vec<(IngestFile, &str)> = [
+            (IngestFile::Output, downloaded.has_output, OUTPUT_FILE),
+            (IngestFile::Errors, downloaded.has_errors, ERRORS_FILE),
+        ]
+        .into_iter()
+        .filter(|(_, has, _)| *has)
+        .map(|(file, _, name)| (file, name))
+        .collect();
+        // On resume, the lines before the saved position were handled: mark their ids seen so
+        // that "the first line wins" still holds.
+        if let Some(progress) = resume {
+            for (file, name) in &files {
+                let limit = match (*file, progress.file) {
+                    (f, p) if f == p => progress.offset,
+                    (IngestFile::Output, IngestFile::Errors) => u64::MAX,
+                    _ => 0,
+                };
+                mark_seen_before(&dir.join(name), limit, &mut chunks)?;
+            }
+        }
+
+        let bar = self.printer.row_bar("ingesting", batch.requests);
+        let mut group: Vec<(String, Vec<f32>)> = Vec::with_capacity(statement_rows);
+        for (file, name) in files {
+            let start = match resume {
+                Some(p) if p.file == file => p.offset,
+                Some(p) if p.file == IngestFile::Errors && file == IngestFile::Output => continue,
+                _ => 0,
+            };
+            let path = dir.join(name);
+            let mut reader = BufReader::with_capacity(1 << 20, fs_err::File::open(&path)?);
+            reader.seek(SeekFrom::Start(start))?;
+            let mut offset = start;
+            let mut line = Vec::with_capacity(64 * 1024);
+            let cancelled = self.run.cancelled;
+            let mut at_end = false;
+            // One transaction per `--update-chunk-size` rows, then a checkpoint.
+            while !at_end {
+                let tx = db
+                    .client
+                    .transaction()
+                    .await
+                    .context("could not start a transaction")?;
+                let mut rows_in_tx = 0usize;
+                loop {
+                    line.clear();
+                    let n = reader.read_until(b'\n', &mut line)?;
+                    if n == 0 {
+                        at_end = true;
+                        break;
+                    }
+                    offset += n as u64;
+                    let text = std::str::from_utf8(&line).unwrap_or("");
+                    let text = text.trim_end_matches(['\n', '\r']);
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    bar.inc(1);
+                    match parse_line(text, dims) {
+                        LineOutcome::Vector { custom_id, vector } => {
+                            match chunks.get_mut(&custom_id) {
+                                None => tally.anomalies.unknown_custom_id += 1,
+                                Some(entry) if entry.seen => {
+                                    tally.anomalies.repeated_custom_id += 1
+                                }
+                                Some(entry) => {
+                                    entry.seen = true;
+                                    group.push((custom_id, vector));
+                                }
+                            }
+                        }
+                        LineOutcome::Failed {
+                            custom_id: Some(custom_id),
+                            reason,
+                            detail: _,
+                        } => match chunks.get_mut(&custom_id) {
+                            None => tally.anomalies.unknown_custom_id += 1,
+                            Some(entry) if entry.seen => tally.anomalies.repeated_custom_id += 1,
+                            Some(entry) => {
+                                entry.seen = true;
+                                record_failure(
+                                    &mut failed,
+                                    &mut tally,
+                                    &custom_id,
+                                    reason,
+                                    retry_allowed,
+                                    cancelled,
+                                )?;
+                            }
+                        },
+                        LineOutcome::Failed {
+                            custom_id: None, ..
+                        } => tally.anomalies.unparseable += 1,
+                    }
+                    if group.len() >= statement_rows {
+                        rows_in_tx += group.len();
+                        write_group(
+                            &db.sink,
+                            &tx,
+                            &mut group,
+                            &chunks,
+                            &mut failed,
+                            &mut tally,
+                            retry_allowed,
+                            cancelled,
+                        )
+                        .await?;
+                        if rows_in_tx >= rows_per_tx {
+                            break;
+                        }
+                    }
+                }
+                if !group.is_empty() {
+                    write_group(
+                        &db.sink,
+                        &tx,
+                        &mut group,
+                        &chunks,
+                        &mut failed,
+                        &mut tally,
+                        retry_allowed,
+                        cancelled,
+                    )
+                    .await?;
+                }
+                tx.commit()
+                    .await
+                    .context("could not commit the ingest transaction")?;
+                self.checkpoint(idx, &mut failed, file, offset, &tally)?;
+            }
+        }
+        bar.finish_and_clear();
+
+        // Chunks no line spoke of.
+        let missing_reason = match downloaded.terminal {
+            Terminal::Expired => FailReason::Expired,
+            Terminal::Cancelled => FailReason::Cancelled,
+            Terminal::Completed => FailReason::BadOutput,
+        };
+        let mut missing: Vec<&String> = chunks
+            .iter()
+            .filter(|(_, entry)| !entry.seen)
+            .map(|(id, _)| id)
+            .collect();
+        missing.sort();
+        for id in missing {
+            record_failure(
+                &mut failed,
+                &mut tally,
+                id,
+                missing_reason,
+                retry_allowed,
+                self.run.cancelled,
+            )?;
+        }
+        finish_failed_file(failed)?;
+        Ok(IngestOutcome {
+            counts: tally.counts,
+            anomalies: tally.anomalies,
+            to_retry: tally.to_retry,
+        })
+    }
+
+    /// After a commit: make the failure report durable, then save where to resume.
+    fn checkpoint(
+        &mut self,
+        idx: usize,
+        failed: &mut BufWriter<fs_err::File>,
+        file: IngestFile,
+        offset: u64,
+        tally: &Tally,
+    ) -> anyhow::Result<()> {
+        failed.flush()?;
+        failed.get_ref().sync_all()?;
+        let failed_file_len = failed.get_ref().metadata()?.len();
+        crate::crashpoint::crashpoint("ingest_commit");
+        self.apply(
+            idx,
+            Event::IngestCommitted {
+                progress: IngestProgress {
+                    file,
+                    offset,
+                    counts: tally.counts,
+                    anomalies: tally.anomalies,
+                    to_retry: tally.to_retry,
+                    failed_file_len,
+                },
+            },
+        )
+    }
+
+    /// Turns the retryable failures of ingested batches into new batches of the same run,
+    /// built from each chunk's current content.
+    pub(crate) async fn plan_retries(&mut self) -> anyhow::Result<()> {
+        let sources: Vec<usize> = (0..self.run.batches.len())
+            .filter(|&i| {
+                matches!(&self.run.batches[i].state, BatchState::Ingested(ing) if !ing.retries_planned)
+            })
+            .collect();
+        if sources.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::new();
+        for &i in &sources {
+            let path = self.dir(i).join(FAILED_FILE);
+            let reader = BufReader::new(fs_err::File::open(&path)?);
+            tsv::for_each_record(reader, |fields| {
+                if fields.get(2).map(String::as_str) == Some("true")
+                    && let Some(id) = fields.into_iter().next()
+                {
+                    ids.push(id);
+                }
+                Ok(())
+            })?;
+        }
+        let attempt = sources
+            .iter()
+            .map(|&i| self.run.batches[i].attempt)
+            .max()
+            .unwrap_or(1)
+            + 1;
+        let retry_of: Vec<String> = sources.iter().map(|&i| self.name(i).to_owned()).collect();
+        let rows = self.current_rows(&ids).await?;
+        let found: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let deleted: Vec<String> = ids
+            .iter()
+            .filter(|id| !found.contains(id.as_str()))
+            .cloned()
+            .collect();
+
+        let settings = &self.run.settings;
+        let template = RequestTemplate {
+            model: settings.model.clone(),
+            dimensions: settings.send_dimensions.then_some(settings.dimensions),
+            encoding_format: settings.encoding_format,
+        };
+        // A retry never aborts the run: an input now over the limit is skipped, not fatal.
+        let on_too_long = match settings.on_too_long {
+            OnTooLong::Fail => OnTooLong::Skip,
+            other => other,
+        };
+        let skipped_path = self.run_dir.join(RETRY_SKIPPED_FILE);
+        let held = HeldChunks::default();
+        let mut writer = RunWriter::new(
+            &self.run_dir,
+            template,
+            on_too_long,
+            settings.limits,
+            &held,
+            Numbering {
+                first: self.run.batches.len() + 1,
+                attempt,
+                retry_of,
+            },
+            &skipped_path,
+        )?;
+        for row in rows {
+            writer.add(row)?;
+        }
+        let written = writer.finish()?;
+        if !deleted.is_empty() {
+            let mut file = BufWriter::new(
+                fs_err::OpenOptions::new()
+                    .append(true)
+                    .open(&skipped_path)?,
+            );
+            for id in &deleted {
+                tsv::write_record(&mut file, &[id, FailReason::Deleted.as_str()])?;
+            }
+            file.flush()?;
+        }
+        let given_up = written.skipped.values().sum::<u64>() + deleted.len() as u64;
+        self.run.retry_given_up += given_up;
+        let n_new = written.batches.len();
+        self.run.batches.extend(written.batches);
+        self.save()?;
+        for i in sources {
+            self.apply(i, Event::RetriesPlanned)?;
+        }
+        self.printer.info(&format!(
+            "planned {n_new} retry batch{} (attempt {attempt}) for {} chunks{}",
+            if n_new == 1 { "" } else { "es" },
+            ids.len() as u64 - given_up,
+            if given_up > 0 {
+                format!("; {given_up} could not be sent again (see {RETRY_SKIPPED_FILE})")
+            } else {
+                String::new()
+            }
+        ));
+        Ok(())
+    }
+
+    /// The current content of the given chunks, in id order.
+    async fn current_rows(&mut self, ids: &[String]) -> anyhow::Result<Vec<ChunkRow>> {
+        let source = self.run.settings.source.clone();
+        let db = self.database().await?;
+        let id_type = match source.id_type.as_str() {
+            "uuid" => "uuid",
+            "bigint" => "bigint",
+            _ => "text",
+        };
+        let order = if id_type == "text" {
+            " COLLATE \"C\""
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT t.{id}::text, t.{text} FROM {table} AS t WHERE t.{id} = ANY($1::text[]::{id_type}[]) ORDER BY t.{id}{order}",
+            id = quote_ident(&source.id_column),
+            text = quote_ident(&source.text_column),
+            table = quote_qualified(&source.table),
+        );
+        let mut rows = Vec::with_capacity(ids.len());
+        for part in ids.chunks(5000) {
+            let part: Vec<&str> = part.iter().map(String::as_str).collect();
+            for row in db
+                .client
+                .query(&sql, &[&part])
+                .await
+                .context("could not read the chunks to retry")?
+            {
+                rows.push(ChunkRow {
+                    id: row.get(0),
+                    content: row.get(1),
+                });
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// Writes one group through the sink and tallies the outcome of each row.
+#[allow(clippy::too_many_arguments)]
+async fn write_group(
+    sink: &Sink,
+    tx: &tokio_postgres::Transaction<'_>,
+    group: &mut Vec<(String, Vec<f32>)>,
+    chunks: &HashMap<String, ChunkEntry>,
+    failed: &mut BufWriter<fs_err::File>,
+    tally: &mut Tally,
+    retry_allowed: bool,
+    cancelled: bool,
+) -> anyhow::Result<()> {
+    let rows: Vec<VectorRow> = group
+        .iter()
+        .map(|(id, vector)| VectorRow {
+            id,
+            vector,
+            content_sha256: chunks.get(id).map(|c| c.sha256.as_str()).unwrap_or(""),
+        })
+        .collect();
+    let outcomes = sink.write(tx, &rows).await?;
+    for ((id, _), outcome) in group.iter().zip(outcomes) {
+        match outcome {
+            RowOutcome::Written => tally.counts.ingested += 1,
+            RowOutcome::AlreadyPresent => tally.counts.already_present += 1,
+            RowOutcome::Stale => {
+                tally.counts.stale += 1;
+                record_failure(
+                    failed,
+                    tally,
+                    id,
+                    FailReason::Stale,
+                    retry_allowed,
+                    cancelled,
+                )?;
+            }
+            RowOutcome::Deleted => {
+                record_failure(
+                    failed,
+                    tally,
+                    id,
+                    FailReason::Deleted,
+                    retry_allowed,
+                    cancelled,
+                )?;
+            }
+        }
+    }
+    group.clear();
+    Ok(())
+}
+
+/// Reports one failed chunk: retried when its reason allows and attempts remain, otherwise
+/// given up (and counted as failed).
+fn record_failure(
+    failed: &mut BufWriter<fs_err::File>,
+    tally: &mut Tally,
+    id: &str,
+    reason: FailReason,
+    retry_allowed: bool,
+    cancelled: bool,
+) -> anyhow::Result<()> {
+    let (reason, retry) = match (reason.is_retryable(), retry_allowed) {
+        (true, true) => (reason, true),
+        // The user cancelled: keep the real reason, but no retry.
+        (true, false) if cancelled => (reason, false),
+        (true, false) => (FailReason::AttemptsExhausted, false),
+        (false, _) => (reason, false),
+    };
+    tsv::write_record(
+        failed,
+        &[id, reason.as_str(), if retry { "true" } else { "false" }],
+    )?;
+    if retry {
+        tally.to_retry += 1;
+    } else {
+        tally.counts.failed += 1;
+    }
+    Ok(())
+}
+
+fn load_chunks(path: &std::path::Path) -> anyhow::Result<HashMap<String, ChunkEntry>> {
+    let reader = BufReader::new(fs_err::File::open(path).with_context(|| {
+        format!(
+            "the batch's chunk list is missing; restore {} or plan the run again",
+            path.display()
+        )
+    })?);
+    let mut chunks = HashMap::new();
+    tsv::for_each_record(reader, |fields| {
+        let mut fields = fields.into_iter();
+        if let (Some(id), Some(sha256)) = (fields.next(), fields.next()) {
+            chunks.insert(
+                id,
+                ChunkEntry {
+                    sha256,
+                    seen: false,
+                },
+            );
+        }
+        Ok(())
+    })?;
+    Ok(chunks)
+}
+
+/// Opens `failed_chunk_ids.tsv`: new with a header, or cut back to `resume_len` bytes.
+fn open_failed_file(
+    path: &std::path::Path,
+    resume_len: Option<u64>,
+) -> anyhow::Result<BufWriter<fs_err::File>> {
+    let mut file = fs_err::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    match resume_len {
+        Some(len) => {
+            file.set_len(len)?;
+            file.seek(SeekFrom::End(0))?;
+            Ok(BufWriter::new(file))
+        }
+        None => {
+            file.set_len(0)?;
+            let mut writer = BufWriter::new(file);
+            tsv::write_record(&mut writer, &["id", "reason", "retryable"])?;
+            Ok(writer)
+        }
+    }
+}
+
+fn finish_failed_file(mut failed: BufWriter<fs_err::File>) -> anyhow::Result<()> {
+    failed.flush()?;
+    failed.get_ref().sync_all()?;
+    Ok(())
+}
+
+/// Marks as seen the chunks named by the lines of `path` before byte `limit`.
+fn mark_seen_before(
+    path: &std::path::Path,
+    limit: u64,
+    chunks: &mut HashMap<String, ChunkEntry>,
+) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        custom_id: Option<String>,
+    }
+    if limit == 0 {
+        return Ok(());
+    }
+    let mut reader = BufReader::new(fs_err::File::open(path)?);
+    let mut line = Vec::new();
+    let mut offset = 0u64;
+    while offset < limit {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        offset += n as u64;
+        if let Ok(IdOnly {
+            custom_id: Some(id),
+        }) = serde_json::from_slice(&line)
+            && let Some(entry) = chunks.get_mut(&id)
+        {
+            entry.seen = true;
+        }
+    }
+    Ok(())
+}
