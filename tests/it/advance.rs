@@ -216,7 +216,10 @@ async fn wrong_key_and_dead_server_stop_cleanly_and_resume() {
     let run = env
         .exec_env(
             &["advance", "--run-dir", dir],
-            &[("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")],
+            &[
+                ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1"),
+                ("EMBATCH_API_RETRIES", "1"),
+            ],
         )
         .await;
     assert_eq!(run.code, 75, "a dead server is 'not done yet': {run:#?}");
