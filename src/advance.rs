@@ -97,13 +97,11 @@ pub async fn advance(
         db: None,
     };
     let started = std::time::Instant::now();
-    let waiter = printer.waiting_line();
     loop {
         match stepper.step_all(goal).await {
             Ok(()) => {}
             // The provider is unreachable or overloaded: nothing is lost, try again later.
             Err(err) if is_transient(&err) && !opts.wait => {
-                waiter.finish_and_clear();
                 stepper.report();
                 printer.warn(&format!(
                     "{err:#}; the run is saved, run advance again later"
@@ -117,7 +115,6 @@ pub async fn advance(
                 ));
             }
             Err(err) => {
-                waiter.finish_and_clear();
                 stepper.report();
                 return Err(err);
             }
@@ -132,7 +129,6 @@ pub async fn advance(
             Goal::RefreshOnly => true,
         };
         if done {
-            waiter.finish_and_clear();
             stepper.report();
             return Ok(ExitStatus::Done);
         }
@@ -140,12 +136,13 @@ pub async fn advance(
             .max_wait
             .is_some_and(|max| started.elapsed() + opts.poll > max);
         if !opts.wait || out_of_time {
-            waiter.finish_and_clear();
             stepper.report();
             return Ok(ExitStatus::NotYet);
         }
-        waiter.set_message(stepper.live_line());
+        // Shown only while sleeping, so that the steps' own messages never tear it.
+        let waiter = printer.waiting_line(stepper.live_line());
         tokio::time::sleep(opts.poll).await;
+        waiter.finish_and_clear();
     }
 }
 
@@ -437,7 +434,22 @@ impl Stepper {
         let filename = self.upload_filename(idx);
         self.apply(idx, Event::UploadStarted { at: Utc::now() })?;
         crashpoint("before_upload");
-        match self.api.upload_file(&path, &filename, INPUT_FILE_TTL).await {
+        let bar = self.printer.byte_bar(
+            format!("uploading {}", self.name(idx)),
+            Some(self.run.batches[idx].bytes),
+        );
+        let observer = bar.clone();
+        let uploaded = self
+            .api
+            .upload_file_observed(
+                &path,
+                &filename,
+                INPUT_FILE_TTL,
+                std::sync::Arc::new(move |n| observer.set_position(n)),
+            )
+            .await;
+        bar.finish_and_clear();
+        match uploaded {
             Ok(file) => {
                 crashpoint("after_upload");
                 self.apply(idx, uploaded_event(&file))?;
@@ -675,9 +687,20 @@ impl Stepper {
         {
             let Some(file_id) = file_id else { continue };
             crashpoint("before_download");
-            self.api
-                .download_file(file_id, &dir.join(name))
-                .await
+            let bar = self
+                .printer
+                .byte_bar(format!("downloading {name} of {}", self.name(idx)), None);
+            let observer = bar.clone();
+            let downloaded = self
+                .api
+                .download_file_observed(
+                    file_id,
+                    &dir.join(name),
+                    std::sync::Arc::new(move |n| observer.set_position(n)),
+                )
+                .await;
+            bar.finish_and_clear();
+            downloaded
                 .with_context(|| format!("could not download {name} of {}", self.name(idx)))?;
             crashpoint("after_download");
             has[slot] = true;

@@ -46,6 +46,9 @@ const UPLOAD_CHUNK_BYTES: usize = 256 * 1024;
 // ---------------------------------------------------------------------------------------------
 // Options
 
+/// Told the number of bytes transferred so far (upload and download progress).
+pub type ByteObserver = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// How to reach the API and how hard to retry.
 #[derive(Clone)]
 pub struct ClientOptions {
@@ -650,6 +653,19 @@ impl ApiClient {
         filename: &str,
         expires_after: Duration,
     ) -> Result<FileObject, ApiError> {
+        self.upload_file_observed(path, filename, expires_after, Arc::new(|_| {}))
+            .await
+    }
+
+    /// [`ApiClient::upload_file`], telling `observe` how many bytes have been sent so far (for
+    /// a progress bar).
+    pub async fn upload_file_observed(
+        &self,
+        path: &Path,
+        filename: &str,
+        expires_after: Duration,
+        observe: ByteObserver,
+    ) -> Result<FileObject, ApiError> {
         let seconds = expires_after.as_secs();
         if !(3600..=2_592_000).contains(&seconds) {
             return Err(ApiError::Config {
@@ -672,6 +688,7 @@ impl ApiClient {
                     let mut state = stream_progress.lock().unwrap_or_else(|e| e.into_inner());
                     state.0 = Instant::now();
                     state.1 += bytes.len() as u64;
+                    observe(state.1);
                 }
             },
         );
@@ -766,10 +783,28 @@ impl ApiClient {
     /// one. Retried from scratch; a body shorter than its `Content-Length` is retried too.
     /// Returns the number of bytes written.
     pub async fn download_file(&self, id: &str, dest: &Path) -> Result<u64, ApiError> {
-        self.retrying(|| self.download_once(id, dest)).await
+        self.download_file_observed(id, dest, Arc::new(|_| {}))
+            .await
     }
 
-    async fn download_once(&self, id: &str, dest: &Path) -> Result<u64, ApiError> {
+    /// [`ApiClient::download_file`], telling `observe` how many bytes have been received so
+    /// far (for a progress bar; a retry starts again from zero).
+    pub async fn download_file_observed(
+        &self,
+        id: &str,
+        dest: &Path,
+        observe: ByteObserver,
+    ) -> Result<u64, ApiError> {
+        self.retrying(|| self.download_once(id, dest, &observe))
+            .await
+    }
+
+    async fn download_once(
+        &self,
+        id: &str,
+        dest: &Path,
+        observe: &ByteObserver,
+    ) -> Result<u64, ApiError> {
         let idle = self.timeouts.idle;
         let stalled = |what: &str| ApiError::Connection {
             message: format!(
@@ -806,6 +841,7 @@ impl ApiClient {
                 let Some(chunk) = chunk else { break };
                 writer.write_all(&chunk).await?;
                 written += chunk.len() as u64;
+                observe(written);
             }
             if let Some(expected) = expected
                 && written != expected

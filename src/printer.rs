@@ -76,7 +76,7 @@ impl Printer {
     }
 
     /// A one-line live display (a spinner with a message), for `--wait`.
-    pub fn waiting_line(&self) -> ProgressBar {
+    pub fn waiting_line(&self, message: String) -> ProgressBar {
         if !self.bars {
             return ProgressBar::hidden();
         }
@@ -85,6 +85,7 @@ impl Printer {
             ProgressStyle::with_template("{spinner} {wide_msg} ({elapsed})")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
+        bar.set_message(message);
         bar.enable_steady_tick(std::time::Duration::from_millis(200));
         bar
     }
@@ -100,6 +101,24 @@ impl Printer {
                 "{msg} [{bar:30}] {human_pos}/{human_len} rows ({per_sec}, eta {eta})",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(message);
+        bar
+    }
+
+    /// A bar over bytes (upload, download); `total` when known.
+    pub fn byte_bar(&self, message: String, total: Option<u64>) -> ProgressBar {
+        if !self.bars {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+        let template = if total.is_some() {
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})"
+        } else {
+            "{spinner} {msg} {binary_bytes} ({binary_bytes_per_sec})"
+        };
+        bar.set_style(
+            ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(message);
         bar
