@@ -538,16 +538,21 @@ impl Stepper {
             self.name(idx),
             batch.id
         ));
-        self.write_batch_json(idx, &batch)?;
+        self.record_created(idx, &batch)?;
+        Ok(true)
+    }
+
+    /// A remote batch exists for batch `idx` (created now or adopted): save what we know.
+    fn record_created(&mut self, idx: usize, batch: &api::Batch) -> anyhow::Result<()> {
+        self.write_batch_json(idx, batch)?;
         self.apply(
             idx,
             Event::BatchCreated {
                 batch_id: batch.id.clone(),
                 at: from_unix(batch.created_at),
-                remote: snapshot(&batch),
+                remote: snapshot(batch),
             },
-        )?;
-        Ok(true)
+        )
     }
 
     /// Uploaded/Queued → Submitted (or Queued again after a queue refusal).
@@ -574,15 +579,7 @@ impl Stepper {
         match self.api.create_batch(&input_file_id, &metadata).await {
             Ok(batch) => {
                 crashpoint("after_create");
-                self.write_batch_json(idx, &batch)?;
-                self.apply(
-                    idx,
-                    Event::BatchCreated {
-                        batch_id: batch.id.clone(),
-                        at: from_unix(batch.created_at),
-                        remote: snapshot(&batch),
-                    },
-                )?;
+                self.record_created(idx, &batch)?;
                 self.printer
                     .verbose(&format!("{}: created {}", self.name(idx), batch.id));
                 Ok(Progress::Moved)

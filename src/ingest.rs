@@ -51,6 +51,39 @@ struct Tally {
     to_retry: u64,
 }
 
+/// Where failed chunks are reported, and whether they may be retried.
+struct Report {
+    failed: BufWriter<fs_err::File>,
+    tally: Tally,
+    /// Attempts remain and the run is not cancelled.
+    retry_allowed: bool,
+    cancelled: bool,
+}
+
+impl Report {
+    /// Reports one failed chunk: retried when its reason allows and attempts remain,
+    /// otherwise given up (and counted as failed).
+    fn fail(&mut self, id: &str, reason: FailReason) -> anyhow::Result<()> {
+        let (reason, retry) = match (reason.is_retryable(), self.retry_allowed) {
+            (true, true) => (reason, true),
+            // The user cancelled: keep the real reason, but no retry.
+            (true, false) if self.cancelled => (reason, false),
+            (true, false) => (FailReason::AttemptsExhausted, false),
+            (false, _) => (reason, false),
+        };
+        tsv::write_record(
+            &mut self.failed,
+            &[id, reason.as_str(), if retry { "true" } else { "false" }],
+        )?;
+        if retry {
+            self.tally.to_retry += 1;
+        } else {
+            self.tally.counts.failed += 1;
+        }
+        Ok(())
+    }
+}
+
 impl Stepper {
     /// Connects to the run's database (once), checks it is the one the run was planned
     /// against, and warns about vector indexes that make updates slow.
@@ -135,18 +168,22 @@ impl Stepper {
         let dir = self.dir(idx);
         let batch = &self.run.batches[idx];
         let mut chunks = load_chunks(&dir.join(CHUNKS_FILE))?;
-        let retry_allowed = !self.run.cancelled && batch.attempt < self.opts.max_attempts.max(1);
+
         let dims = self.run.settings.dimensions as usize;
         let statement_rows = Sink::MAX_ROWS_PER_STATEMENT.min(self.opts.update_chunk_size.max(1));
         let rows_per_tx = self.opts.update_chunk_size.max(1);
 
         let resume = downloaded.progress;
         let failed_path = dir.join(FAILED_FILE);
-        let mut failed = open_failed_file(&failed_path, resume.map(|p| p.failed_file_len))?;
-        let mut tally = Tally {
-            counts: resume.map(|p| p.counts).unwrap_or_default(),
-            anomalies: resume.map(|p| p.anomalies).unwrap_or_default(),
-            to_retry: resume.map(|p| p.to_retry).unwrap_or_default(),
+        let mut report = Report {
+            failed: open_failed_file(&failed_path, resume.map(|p| p.failed_file_len))?,
+            tally: Tally {
+                counts: resume.map(|p| p.counts).unwrap_or_default(),
+                anomalies: resume.map(|p| p.anomalies).unwrap_or_default(),
+                to_retry: resume.map(|p| p.to_retry).unwrap_or_default(),
+            },
+            retry_allowed: !self.run.cancelled && batch.attempt < self.opts.max_attempts.max(1),
+            cancelled: self.run.cancelled,
         };
         let files: Vec<(IngestFile, &str)> = [
             (IngestFile::Output, downloaded.has_output, OUTPUT_FILE),
@@ -182,7 +219,6 @@ impl Stepper {
             reader.seek(SeekFrom::Start(start))?;
             let mut offset = start;
             let mut line = Vec::with_capacity(64 * 1024);
-            let cancelled = self.run.cancelled;
             let mut at_end = false;
             // One transaction per `--update-chunk-size` rows, then a checkpoint.
             while !at_end {
@@ -209,9 +245,9 @@ impl Stepper {
                     match parse_line(text, dims) {
                         LineOutcome::Vector { custom_id, vector } => {
                             match chunks.get_mut(&custom_id) {
-                                None => tally.anomalies.unknown_custom_id += 1,
+                                None => report.tally.anomalies.unknown_custom_id += 1,
                                 Some(entry) if entry.seen => {
-                                    tally.anomalies.repeated_custom_id += 1
+                                    report.tally.anomalies.repeated_custom_id += 1
                                 }
                                 Some(entry) => {
                                     entry.seen = true;
@@ -224,59 +260,34 @@ impl Stepper {
                             reason,
                             detail: _,
                         } => match chunks.get_mut(&custom_id) {
-                            None => tally.anomalies.unknown_custom_id += 1,
-                            Some(entry) if entry.seen => tally.anomalies.repeated_custom_id += 1,
+                            None => report.tally.anomalies.unknown_custom_id += 1,
+                            Some(entry) if entry.seen => {
+                                report.tally.anomalies.repeated_custom_id += 1
+                            }
                             Some(entry) => {
                                 entry.seen = true;
-                                record_failure(
-                                    &mut failed,
-                                    &mut tally,
-                                    &custom_id,
-                                    reason,
-                                    retry_allowed,
-                                    cancelled,
-                                )?;
+                                report.fail(&custom_id, reason)?;
                             }
                         },
                         LineOutcome::Failed {
                             custom_id: None, ..
-                        } => tally.anomalies.unparseable += 1,
+                        } => report.tally.anomalies.unparseable += 1,
                     }
                     if group.len() >= statement_rows {
                         rows_in_tx += group.len();
-                        write_group(
-                            &db.sink,
-                            &tx,
-                            &mut group,
-                            &chunks,
-                            &mut failed,
-                            &mut tally,
-                            retry_allowed,
-                            cancelled,
-                        )
-                        .await?;
+                        write_group(&db.sink, &tx, &mut group, &chunks, &mut report).await?;
                         if rows_in_tx >= rows_per_tx {
                             break;
                         }
                     }
                 }
                 if !group.is_empty() {
-                    write_group(
-                        &db.sink,
-                        &tx,
-                        &mut group,
-                        &chunks,
-                        &mut failed,
-                        &mut tally,
-                        retry_allowed,
-                        cancelled,
-                    )
-                    .await?;
+                    write_group(&db.sink, &tx, &mut group, &chunks, &mut report).await?;
                 }
                 tx.commit()
                     .await
                     .context("could not commit the ingest transaction")?;
-                self.checkpoint(idx, &mut failed, file, offset, &tally)?;
+                self.checkpoint(idx, &mut report, file, offset)?;
             }
         }
         bar.finish_and_clear();
@@ -294,16 +305,10 @@ impl Stepper {
             .collect();
         missing.sort();
         for id in missing {
-            record_failure(
-                &mut failed,
-                &mut tally,
-                id,
-                missing_reason,
-                retry_allowed,
-                self.run.cancelled,
-            )?;
+            report.fail(id, missing_reason)?;
         }
-        finish_failed_file(failed)?;
+        finish_failed_file(report.failed)?;
+        let tally = report.tally;
         Ok(IngestOutcome {
             counts: tally.counts,
             anomalies: tally.anomalies,
@@ -315,11 +320,11 @@ impl Stepper {
     fn checkpoint(
         &mut self,
         idx: usize,
-        failed: &mut BufWriter<fs_err::File>,
+        report: &mut Report,
         file: IngestFile,
         offset: u64,
-        tally: &Tally,
     ) -> anyhow::Result<()> {
+        let (failed, tally) = (&mut report.failed, &report.tally);
         failed.flush()?;
         failed.get_ref().sync_all()?;
         let failed_file_len = failed.get_ref().metadata()?.len();
@@ -331,7 +336,7 @@ impl Stepper {
                     file,
                     offset,
                     counts: tally.counts,
-                    anomalies: tally.anomalies,
+                    anomalies: report.tally.anomalies,
                     to_retry: tally.to_retry,
                     failed_file_len,
                 },
@@ -480,16 +485,12 @@ impl Stepper {
 }
 
 /// Writes one group through the sink and tallies the outcome of each row.
-#[allow(clippy::too_many_arguments)]
 async fn write_group(
     sink: &Sink,
     tx: &tokio_postgres::Transaction<'_>,
     group: &mut Vec<(String, Vec<f32>)>,
     chunks: &HashMap<String, ChunkEntry>,
-    failed: &mut BufWriter<fs_err::File>,
-    tally: &mut Tally,
-    retry_allowed: bool,
-    cancelled: bool,
+    report: &mut Report,
 ) -> anyhow::Result<()> {
     let rows: Vec<VectorRow> = group
         .iter()
@@ -502,61 +503,16 @@ async fn write_group(
     let outcomes = sink.write(tx, &rows).await?;
     for ((id, _), outcome) in group.iter().zip(outcomes) {
         match outcome {
-            RowOutcome::Written => tally.counts.ingested += 1,
-            RowOutcome::AlreadyPresent => tally.counts.already_present += 1,
+            RowOutcome::Written => report.tally.counts.ingested += 1,
+            RowOutcome::AlreadyPresent => report.tally.counts.already_present += 1,
             RowOutcome::Stale => {
-                tally.counts.stale += 1;
-                record_failure(
-                    failed,
-                    tally,
-                    id,
-                    FailReason::Stale,
-                    retry_allowed,
-                    cancelled,
-                )?;
+                report.tally.counts.stale += 1;
+                report.fail(id, FailReason::Stale)?;
             }
-            RowOutcome::Deleted => {
-                record_failure(
-                    failed,
-                    tally,
-                    id,
-                    FailReason::Deleted,
-                    retry_allowed,
-                    cancelled,
-                )?;
-            }
+            RowOutcome::Deleted => report.fail(id, FailReason::Deleted)?,
         }
     }
     group.clear();
-    Ok(())
-}
-
-/// Reports one failed chunk: retried when its reason allows and attempts remain, otherwise
-/// given up (and counted as failed).
-fn record_failure(
-    failed: &mut BufWriter<fs_err::File>,
-    tally: &mut Tally,
-    id: &str,
-    reason: FailReason,
-    retry_allowed: bool,
-    cancelled: bool,
-) -> anyhow::Result<()> {
-    let (reason, retry) = match (reason.is_retryable(), retry_allowed) {
-        (true, true) => (reason, true),
-        // The user cancelled: keep the real reason, but no retry.
-        (true, false) if cancelled => (reason, false),
-        (true, false) => (FailReason::AttemptsExhausted, false),
-        (false, _) => (reason, false),
-    };
-    tsv::write_record(
-        failed,
-        &[id, reason.as_str(), if retry { "true" } else { "false" }],
-    )?;
-    if retry {
-        tally.to_retry += 1;
-    } else {
-        tally.counts.failed += 1;
-    }
     Ok(())
 }
 
