@@ -93,7 +93,7 @@ pub fn view(run: &RunFile, run_dir: &Path, only: Option<&str>) -> StatusJson {
             BatchState::Ingested(done) => Some(done.counts),
             _ => None,
         })
-        .fold((0u64, 0u64), |(ing, fail), c| {
+        .fold((0u64, run.retry_given_up), |(ing, fail), c| {
             (ing + c.ingested + c.already_present, fail + c.failed)
         });
     StatusJson {

@@ -267,6 +267,49 @@ mod tests {
         assert!(leftovers.is_empty());
     }
 
+    /// Every released schema version keeps loading: fixtures written by that version.
+    #[test]
+    fn released_run_files_keep_loading() {
+        for (name, text) in [
+            (
+                "run-v1-ingested.json",
+                include_str!("../tests/fixtures/run-v1-ingested.json"),
+            ),
+            (
+                "run-v1-every-state.json",
+                include_str!("../tests/fixtures/run-v1-every-state.json"),
+            ),
+        ] {
+            let run = parse(text.as_bytes(), Path::new(name))
+                .unwrap_or_else(|err| panic!("{name}: {err}"));
+            assert_eq!(run.schema_version, 1, "{name}");
+        }
+        let every = parse(
+            include_str!("../tests/fixtures/run-v1-every-state.json").as_bytes(),
+            Path::new("every"),
+        )
+        .unwrap();
+        let kinds: Vec<&str> = every
+            .batches
+            .iter()
+            .map(|b| b.state.kind().as_str())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "planned",
+                "uploaded",
+                "submitted",
+                "queued",
+                "expired",
+                "cancelled",
+                "failed",
+                "downloaded",
+                "ingested"
+            ]
+        );
+    }
+
     #[test]
     fn damaged_and_newer_files_are_refused_with_the_way_out() {
         let path = Path::new("/r/run.json");
