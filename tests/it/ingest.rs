@@ -467,3 +467,31 @@ async fn ingest_memory_stays_flat_on_a_large_output() {
     );
     assert!(max_rss_kib < 64 * 1024, "peak RSS {max_rss_kib} KiB");
 }
+
+#[tokio::test]
+async fn a_chunk_emptied_after_plan_is_given_up_and_counted_failed() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, ids) = family_with_chunks(&env, 1, 4).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    env.client
+        .execute(
+            "UPDATE knowledge_chunks SET content = '   ' WHERE id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .unwrap();
+    advance_until_finished(&env, &run_dir, 5).await;
+    let skipped = read(run_dir.join("retry_skipped.tsv"));
+    assert!(skipped.contains(&format!("{}\tempty", ids[1])), "{skipped}");
+    let status = env
+        .exec(&["status", "--run-dir", run_dir.to_str().unwrap(), "--json"])
+        .await;
+    let view: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(view["finished"], true);
+    assert_eq!(view["totals"]["ingested"], 3);
+    assert_eq!(view["totals"]["failed"], 1, "{view}");
+    assert_eq!(view["totals"]["pending"], 0, "{view}");
+}
