@@ -615,6 +615,18 @@ impl Stepper {
                 self.apply(idx, Event::FileExpired)?;
                 Ok(Progress::Moved)
             }
+            Err(ApiError::BadRequest { status, message })
+                if self.input_file_gone(&input_file_id).await? =>
+            {
+                // Refused because the input file is gone (the provider answers 400, not 404,
+                // for an unknown input_file_id): upload it again.
+                self.printer.warn(&format!(
+                    "{}: the uploaded input file {input_file_id} is gone (HTTP {status}: {message}); uploading it again",
+                    self.name(idx)
+                ));
+                self.apply(idx, Event::FileExpired)?;
+                Ok(Progress::Moved)
+            }
             Err(ApiError::BadRequest { status, message }) => {
                 self.printer.warn(&format!(
                     "{}: the provider refused the batch (HTTP {status}): {message}",
@@ -634,6 +646,15 @@ impl Stepper {
             }
             Err(err) => Err(anyhow::Error::from(err)
                 .context(format!("could not create the batch for {}", self.name(idx)))),
+        }
+    }
+
+    /// Whether the provider no longer has the input file `file_id` (expired or deleted).
+    async fn input_file_gone(&self, file_id: &str) -> anyhow::Result<bool> {
+        match self.api.get_file(file_id).await {
+            Ok(_) => Ok(false),
+            Err(ApiError::NotFound { .. }) => Ok(true),
+            Err(err) => Err(err.into()),
         }
     }
 

@@ -407,3 +407,64 @@ async fn per_request_failures_land_in_the_error_file() {
         5
     );
 }
+
+#[tokio::test]
+async fn an_input_file_gone_before_creation_is_uploaded_again() {
+    let (env, run_dir) = planned(3, &[], EmulatorConfig::default()).await;
+    let dir = run_dir.to_str().unwrap();
+    let killed = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("EMBATCH_CRASH_AT", "before_create:1")],
+        )
+        .await;
+    assert!(killed.killed(), "{killed:#?}");
+    let file_id = load(&run_dir).batches[0]
+        .state
+        .input_file_id()
+        .unwrap()
+        .to_owned();
+    // The provider dropped the file (it expired, or someone deleted it).
+    let api = embatch::api::ApiClient::new(embatch::api::ClientOptions::new(
+        env.emu().base_url(),
+        env.emu().api_key(),
+    ))
+    .unwrap();
+    api.delete_file(&file_id).await.unwrap();
+    let run = advance(&env, &run_dir).await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(run.stderr.contains("is gone"), "{run:#?}");
+    assert!(run.stderr.contains("uploading it again"), "{run:#?}");
+    let counters = env.emu().counters();
+    assert_eq!(
+        (counters.uploads, counters.batch_creations),
+        (2, 1),
+        "{counters:?}"
+    );
+    assert_created_once(&env, &load(&run_dir));
+}
+
+#[tokio::test]
+async fn a_lost_answer_to_cancel_is_retried_harmlessly() {
+    let config = EmulatorConfig {
+        stage_duration: std::time::Duration::from_secs(600),
+        ..EmulatorConfig::default()
+    };
+    let (env, run_dir) = planned(3, &[], config).await;
+    let dir = run_dir.to_str().unwrap();
+    assert_eq!(advance(&env, &run_dir).await.code, 75);
+    env.emu().set_faults(Faults {
+        lose_answers: vec![LostAnswer::Cancel],
+        ..Faults::default()
+    });
+    let cancelled = env.exec(&["cancel", "--run-dir", dir]).await;
+    assert!(matches!(cancelled.code, 0 | 75), "{cancelled:#?}");
+    assert_eq!(env.emu().counters().lost_answers, 1);
+    let run = load(&run_dir);
+    assert!(run.cancelled);
+    let remote = run.batches[0].state.remote().unwrap();
+    assert!(
+        matches!(remote.status.as_str(), "cancelling" | "cancelled"),
+        "{remote:?}"
+    );
+}
