@@ -84,18 +84,7 @@ pub async fn advance(
     command: &str,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
-    let _lock = RunLock::acquire(run_dir, command)?;
-    let run = store::load(run_dir)?;
-    let api = client(&global.api)?;
-    let mut stepper = Stepper {
-        run_dir: run_dir.to_path_buf(),
-        run,
-        api,
-        printer: *printer,
-        opts: opts.clone(),
-        database_url: global.database_url.clone(),
-        db: None,
-    };
+    let (_lock, mut stepper) = Stepper::open(global, run_dir, command, opts, printer)?;
     let started = std::time::Instant::now();
     loop {
         match stepper.step_all(goal).await {
@@ -153,18 +142,13 @@ pub async fn cancel(
     run_dir: &Path,
     printer: &Printer,
 ) -> anyhow::Result<ExitStatus> {
-    let _lock = RunLock::acquire(run_dir, "embatch cancel")?;
-    let run = store::load(run_dir)?;
-    let api = client(&global.api)?;
-    let mut stepper = Stepper {
-        run_dir: run_dir.to_path_buf(),
-        run,
-        api,
-        printer: *printer,
-        opts: AdvanceOptions::default(),
-        database_url: global.database_url.clone(),
-        db: None,
-    };
+    let (_lock, mut stepper) = Stepper::open(
+        global,
+        run_dir,
+        "embatch cancel",
+        &AdvanceOptions::default(),
+        printer,
+    )?;
     stepper.run.cancelled = true;
     stepper.save()?;
     for idx in 0..stepper.run.batches.len() {
@@ -217,6 +201,30 @@ pub(crate) enum Progress {
 }
 
 impl Stepper {
+    /// lock → load → API client: how every command that writes a run begins. The lock is
+    /// held as long as the returned guard lives.
+    fn open(
+        global: &Global,
+        run_dir: &Path,
+        command: &str,
+        opts: &AdvanceOptions,
+        printer: &Printer,
+    ) -> anyhow::Result<(RunLock, Stepper)> {
+        let lock = RunLock::acquire(run_dir, command)?;
+        let run = store::load(run_dir)?;
+        let api = client(&global.api)?;
+        let stepper = Stepper {
+            run_dir: run_dir.to_path_buf(),
+            run,
+            api,
+            printer: *printer,
+            opts: opts.clone(),
+            database_url: global.database_url.clone(),
+            db: None,
+        };
+        Ok((lock, stepper))
+    }
+
     pub(crate) fn save(&mut self) -> anyhow::Result<()> {
         self.run.updated_at = Utc::now();
         crashpoint("before_save");

@@ -156,11 +156,12 @@ pub struct FileObject {
     pub expires_at: Option<i64>,
 }
 
-/// One page of `GET /files`.
+/// One page of a list endpoint (`ListFilesResponse`, `ListBatchesResponse`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileList {
-    #[serde(default)]
-    pub data: Vec<FileObject>,
+#[serde(bound(deserialize = "T: serde::de::DeserializeOwned"))]
+pub struct Page<T> {
+    #[serde(default = "Vec::new")]
+    pub data: Vec<T>,
     #[serde(default)]
     pub has_more: bool,
     #[serde(default)]
@@ -168,6 +169,9 @@ pub struct FileList {
     #[serde(default)]
     pub last_id: Option<String>,
 }
+
+/// One page of `GET /files`.
+pub type FileList = Page<FileObject>;
 
 /// A batch (`Batch` in the OpenAPI description).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,17 +246,7 @@ pub struct BatchError {
 }
 
 /// One page of `GET /batches`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BatchList {
-    #[serde(default)]
-    pub data: Vec<Batch>,
-    #[serde(default)]
-    pub has_more: bool,
-    #[serde(default)]
-    pub first_id: Option<String>,
-    #[serde(default)]
-    pub last_id: Option<String>,
-}
+pub type BatchList = Page<Batch>;
 
 #[derive(Serialize)]
 struct CreateBatchRequest<'a> {
