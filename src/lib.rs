@@ -47,6 +47,22 @@ pub enum ExitStatus {
     NotYet,
 }
 
+/// `plan`, then the run folder as the only stdout line (none when nothing is pending).
+async fn plan_and_print(
+    config: &Config,
+    plan_cfg: &config::PlanConfig,
+    printer: &Printer,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    match plan::plan(&config.global, plan_cfg, printer, now).await? {
+        plan::PlanOutcome::Planned { run_dir } => {
+            printer.data(&run_dir.display().to_string());
+            Ok(Some(run_dir))
+        }
+        plan::PlanOutcome::NothingToDo => Ok(None),
+    }
+}
+
 /// Runs one command. Errors carry their own message; `main` prints them and exits 1 (or 75
 /// for a lock held by another process).
 pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
@@ -54,11 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
     let now = chrono::Utc::now();
     match &config.command {
         Command::Plan(plan_cfg) => {
-            if let plan::PlanOutcome::Planned { run_dir, .. } =
-                plan::plan(&config.global, plan_cfg, &printer, now).await?
-            {
-                printer.data(&run_dir.display().to_string());
-            }
+            plan_and_print(&config, plan_cfg, &printer, now).await?;
             Ok(ExitStatus::Done)
         }
         Command::Submit(submit) => {
@@ -66,12 +78,9 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                 // Fail on a missing key before planning, not after.
                 advance::client(&config.global.api)?;
             }
-            let plan::PlanOutcome::Planned { run_dir, .. } =
-                plan::plan(&config.global, &submit.plan, &printer, now).await?
-            else {
+            let Some(run_dir) = plan_and_print(&config, &submit.plan, &printer, now).await? else {
                 return Ok(ExitStatus::Done);
             };
-            printer.data(&run_dir.display().to_string());
             if submit.dry_run {
                 printer.info("dry run: batch files written, no API called");
                 return Ok(ExitStatus::Done);
@@ -88,12 +97,9 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         }
         Command::Run(run_cfg) => {
             advance::client(&config.global.api)?;
-            let plan::PlanOutcome::Planned { run_dir, .. } =
-                plan::plan(&config.global, &run_cfg.plan, &printer, now).await?
-            else {
+            let Some(run_dir) = plan_and_print(&config, &run_cfg.plan, &printer, now).await? else {
                 return Ok(ExitStatus::Done);
             };
-            printer.data(&run_dir.display().to_string());
             advance::advance(
                 &config.global,
                 &run_dir,

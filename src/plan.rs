@@ -80,7 +80,7 @@ fn make_private_dir(path: &Path, recursive: bool) -> std::io::Result<()> {
 
 /// The outcome of a plan: the run folder, or nothing when no chunk needs sending.
 pub enum PlanOutcome {
-    Planned { run_dir: PathBuf, run: Box<RunFile> },
+    Planned { run_dir: PathBuf },
     NothingToDo,
 }
 
@@ -227,10 +227,7 @@ pub async fn plan(
             run_dir.display()
         )));
     }
-    Ok(PlanOutcome::Planned {
-        run_dir,
-        run: Box::new(run),
-    })
+    Ok(PlanOutcome::Planned { run_dir })
 }
 
 /// Picks a run name whose final and partial folders are both free, and creates the partial
