@@ -433,10 +433,13 @@ impl Stepper {
         }
         let path = self.dir(idx).join(INPUT_FILE);
         if !path.exists() {
+            // Nothing can rebuild it here (the chunks may have changed since the plan): the
+            // way out is a copy of the file, or a new plan for what is still pending.
             anyhow::bail!(
-                "{} is missing, so batch {} cannot be uploaded; restore the file or plan the run again",
+                "{} is missing, so batch {} cannot be uploaded; restore the file if you have a copy, or `embatch cancel --run-dir {}` and plan again (the new plan takes every chunk still without an embedding)",
                 path.display(),
-                self.name(idx)
+                self.name(idx),
+                self.run_dir.display()
             );
         }
         let filename = self.upload_filename(idx);

@@ -193,6 +193,19 @@ impl Stepper {
         .filter(|(_, has, _)| *has)
         .map(|(file, _, name)| (file, name))
         .collect();
+        // A downloaded file lost before its ingest finished: say how to fetch it again rather
+        // than fail on a bare "no such file" (the remote copy is only deleted after ingest).
+        for (_, name) in &files {
+            let path = dir.join(name);
+            if !path.exists() {
+                bail!(
+                    "{} is missing: batch {} was downloaded but not yet ingested; fetch it again with `embatch ingest --run-dir {} --redownload`",
+                    path.display(),
+                    batch.name,
+                    self.run_dir.display()
+                );
+            }
+        }
         // On resume, the lines before the saved position were handled: mark their ids seen so
         // that "the first line wins" still holds.
         if let Some(progress) = resume {

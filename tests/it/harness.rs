@@ -208,3 +208,68 @@ pub fn snapshot_settings() -> insta::Settings {
 pub fn read(path: impl AsRef<Path>) -> String {
     fs_err::read_to_string(path.as_ref()).expect("read file")
 }
+
+/// A family `n_family` with `n` chunks of distinct text; returns the family and chunk ids.
+pub async fn family_of(env: &TestEnv, n_family: u128, n: usize) -> (Uuid, Vec<Uuid>) {
+    let family = env.add_family(n_family).await;
+    let texts: Vec<String> = (0..n)
+        .map(|i| format!("Family {n_family} chunk {i}: grease bearing {i} every 200 hours."))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let ids = env.add_chunks(family, &refs).await;
+    (family, ids)
+}
+
+/// How many chunks of `family` hold an embedding; panics if any holds a vector other than the
+/// emulator's for its current content.
+pub async fn count_embedded_exactly(env: &TestEnv, family: Uuid, dims: usize) -> usize {
+    let rows = env
+        .client
+        .query(
+            "SELECT id, content, embedding FROM knowledge_chunks
+             WHERE equipment_family_id = $1 AND embedding IS NOT NULL",
+            &[&family],
+        )
+        .await
+        .expect("read embeddings");
+    for row in &rows {
+        let id: Uuid = row.get(0);
+        let content: String = row.get(1);
+        let stored: pgvector::Vector = row.get(2);
+        let want = embatch::emulator::vectors::embedding(&content, dims);
+        let same = stored.as_slice().len() == want.len()
+            && stored
+                .as_slice()
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "chunk {id} does not hold the emulator's vector of its content"
+        );
+    }
+    rows.len()
+}
+
+/// Every file and folder under `dir`, `dir` included.
+#[allow(dead_code)] // used by the security tests
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for entry in fs_err::read_dir(dir)
+        .expect("read folder")
+        .filter_map(Result::ok)
+    {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The bytes of a file, or `None` when it does not exist.
+pub fn bytes_of(path: impl AsRef<Path>) -> Option<Vec<u8>> {
+    fs_err::read(path.as_ref()).ok()
+}

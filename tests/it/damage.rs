@@ -1,0 +1,300 @@
+//! Damaged local state (issue 6, item 2): a `run.json` that is truncated, not JSON, empty or
+//! from a newer embatch, and a run folder that lost a batch's `input.jsonl` or `output.jsonl`.
+//! Every command refuses with one line naming the file and the way out, never rewrites
+//! `run.json` or `run.json.bak`, and following the way out finishes the run with nothing lost
+//! and nothing paid twice.
+
+use embatch::emulator::EmulatorConfig;
+use embatch::state::StateKind;
+use embatch::store;
+use serde_json::Value;
+
+use crate::advance::advance_until_finished;
+use crate::harness::{Run, TestEnv, bytes_of, count_embedded_exactly, family_of, read};
+
+/// A run whose only batch is downloaded but not ingested: the database was away.
+async fn downloaded_run(n: usize) -> (TestEnv, uuid::Uuid, std::path::PathBuf) {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, _) = family_of(&env, 1, n).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    let away = env
+        .exec_env(
+            &["advance", "--run-dir", run_dir.to_str().unwrap()],
+            &[("DATABASE_URL", "host=/nonexistent dbname=x")],
+        )
+        .await;
+    assert_eq!(away.code, 1, "{away:#?}");
+    assert_eq!(
+        store::load(&run_dir).unwrap().batches[0].state.kind(),
+        StateKind::Downloaded
+    );
+    (env, family, run_dir)
+}
+
+#[track_caller]
+fn assert_one_line_error(run: &Run, needles: &[&str], what: &str) {
+    assert_eq!(run.code, 1, "{what}: expected exit 1: {run:#?}");
+    assert!(
+        run.stdout.is_empty(),
+        "{what}: stdout should be empty: {run:#?}"
+    );
+    assert!(!run.stderr.contains("panicked"), "{what}: {run:#?}");
+    // Progress lines may come first; the error is one line, the last.
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{what}: one error line: {run:#?}");
+    assert_eq!(
+        run.stderr.trim_end().lines().last(),
+        Some(errors[0]),
+        "{what}: the error comes last: {run:#?}"
+    );
+    for needle in needles {
+        assert!(
+            errors[0].contains(needle),
+            "{what}: error lacks {needle:?}: {run:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_run_json_is_refused_by_every_command_and_never_rewritten() {
+    let (env, family, run_dir) = downloaded_run(6).await;
+    let dir = run_dir.to_str().unwrap();
+    let run_json = run_dir.join("run.json");
+    let backup = run_dir.join("run.json.bak");
+    let path = run_json.display().to_string();
+    let backup_path = backup.display().to_string();
+    let good = read(&run_json);
+    let good_backup = bytes_of(&backup).expect("advance kept the previous run.json");
+    store::parse(&good_backup, &backup).expect("the backup is a valid run.json");
+    let family = family.to_string();
+    let batch_json = run_dir.join("batches/batch_001/batch.json");
+    let batch_json = batch_json.to_str().unwrap();
+
+    let newer = good.replacen("\"schema_version\": 1", "\"schema_version\": 9", 1);
+    assert_ne!(newer, good);
+    let damages: [(&str, Vec<u8>, &str); 4] = [
+        (
+            "truncated",
+            good.as_bytes()[..good.len() / 2].to_vec(),
+            "restore it from",
+        ),
+        (
+            "not json",
+            b"this is not json\n".to_vec(),
+            "restore it from",
+        ),
+        ("empty", Vec::new(), "restore it from"),
+        ("newer schema", newer.into_bytes(), "upgrade embatch"),
+    ];
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["advance", "--run-dir", dir],
+        vec!["advance", "--run-dir", dir, "--wait", "--poll-seconds", "1"],
+        vec!["ingest", "--run-dir", dir],
+        vec!["ingest", "--run-dir", dir, "--redownload"],
+        vec!["cancel", "--run-dir", dir],
+        vec!["status", "--run-dir", dir],
+        vec!["status", "--run-dir", dir, "--json"],
+        vec!["status", "--run-dir", dir, "--refresh"],
+        vec!["status", "--batch-file", batch_json],
+        // New runs of the family: an unreadable run may hold its chunks.
+        vec!["plan", "--family-id", &family],
+        vec!["submit", "--family-id", &family],
+        vec!["run", "--family-id", &family, "--poll-seconds", "1"],
+    ];
+    let counters = env.emu().counters();
+    for (damage, bytes, way_out) in &damages {
+        fs_err::write(&run_json, bytes).unwrap();
+        for args in &commands {
+            let what = format!("{damage}: {}", args.join(" "));
+            let run = env.exec(args).await;
+            let mut needles = vec![path.as_str(), *way_out];
+            if *way_out == "restore it from" {
+                needles.push(&backup_path);
+            }
+            assert_one_line_error(&run, &needles, &what);
+            assert_eq!(
+                bytes_of(&run_json).as_deref(),
+                Some(bytes.as_slice()),
+                "{what} rewrote run.json"
+            );
+            assert_eq!(
+                bytes_of(&backup).as_deref(),
+                Some(good_backup.as_slice()),
+                "{what} rewrote run.json.bak"
+            );
+            assert_eq!(
+                env.run_folders(),
+                std::slice::from_ref(&run_dir),
+                "{what} made a run"
+            );
+        }
+        // `runs` lists it as unreadable instead of failing on it.
+        let runs = env.exec(&["runs"]).await;
+        assert_eq!(runs.code, 0, "{runs:#?}");
+        assert!(runs.stdout.contains("unreadable"), "{runs:#?}");
+    }
+    assert_eq!(
+        env.emu().counters(),
+        counters,
+        "a refused command called the API"
+    );
+
+    // The way out the message gives: restore the backup, run again. Nothing lost, nothing
+    // paid twice.
+    fs_err::copy(&backup, &run_json).unwrap();
+    advance_until_finished(&env, &run_dir, 5).await;
+    let family: uuid::Uuid = family.parse().unwrap();
+    assert_eq!(count_embedded_exactly(&env, family, 1536).await, 6);
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}
+
+#[tokio::test]
+async fn a_damaged_run_json_without_a_backup_says_to_plan_again() {
+    let env = TestEnv::new().await;
+    let (family, _) = family_of(&env, 1, 2).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    assert!(
+        !run_dir.join("run.json.bak").exists(),
+        "a plan writes run.json once"
+    );
+    let run_json = run_dir.join("run.json");
+    fs_err::write(&run_json, b"{\"schema_version\": 1, \"run_id\": ").unwrap();
+    let run = env
+        .exec(&["status", "--run-dir", run_dir.to_str().unwrap()])
+        .await;
+    assert_one_line_error(
+        &run,
+        &[
+            &run_json.display().to_string(),
+            "there is no",
+            "plan the run again",
+        ],
+        "status",
+    );
+    assert!(!run_dir.join("run.json.bak").exists());
+}
+
+#[tokio::test]
+async fn a_lost_output_file_is_named_and_redownload_recovers_it() {
+    let (env, family, run_dir) = downloaded_run(30).await;
+    let dir = run_dir.to_str().unwrap();
+    // Half ingested, then killed: the saved position points into the file about to be lost.
+    let killed = env
+        .exec_env(
+            &["advance", "--run-dir", dir, "--update-chunk-size", "10"],
+            &[("EMBATCH_CRASH_AT", "ingest_commit:1")],
+        )
+        .await;
+    assert!(killed.killed(), "{killed:#?}");
+    assert_eq!(count_embedded_exactly(&env, family, 1536).await, 10);
+
+    let output = run_dir.join("batches/batch_001/output.jsonl");
+    fs_err::remove_file(&output).unwrap();
+    let run_json = bytes_of(run_dir.join("run.json"));
+    let backup = bytes_of(run_dir.join("run.json.bak"));
+    let output_path = output.display().to_string();
+    let way_out = format!("embatch ingest --run-dir {dir} --redownload");
+    for args in [
+        vec!["advance", "--run-dir", dir],
+        vec!["ingest", "--run-dir", dir],
+    ] {
+        let run = env.exec(&args).await;
+        assert_one_line_error(&run, &[&output_path, &way_out], &args.join(" "));
+        assert_eq!(bytes_of(run_dir.join("run.json")), run_json, "{args:?}");
+        assert_eq!(bytes_of(run_dir.join("run.json.bak")), backup, "{args:?}");
+    }
+    // status only reads: it still shows the run.
+    let status = env.exec(&["status", "--run-dir", dir, "--json"]).await;
+    assert_eq!(status.code, 0, "{status:#?}");
+
+    // The way out, end to end against the emulator.
+    let downloads = env.emu().counters().downloads;
+    let run = env
+        .exec(&["ingest", "--run-dir", dir, "--redownload"])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(output.exists());
+    assert!(env.emu().counters().downloads > downloads);
+    assert_eq!(count_embedded_exactly(&env, family, 1536).await, 30);
+    let status = env.exec(&["status", "--run-dir", dir, "--json"]).await;
+    let status: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["totals"]["ingested"], 30, "{status}");
+    assert_eq!(status["totals"]["failed"], 0, "{status}");
+    assert_eq!(status["totals"]["pending"], 0, "{status}");
+    advance_until_finished(&env, &run_dir, 3).await;
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}
+
+#[tokio::test]
+async fn a_lost_input_file_is_named_and_a_new_plan_finishes_the_family() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, _) = family_of(&env, 1, 4).await;
+    let run_dir = env
+        .plan(family, &["--max-requests-per-batch", "2"])
+        .run_dir();
+    let dir = run_dir.to_str().unwrap();
+    let input = run_dir.join("batches/batch_002/input.jsonl");
+    fs_err::remove_file(&input).unwrap();
+
+    let run = env.exec(&["advance", "--run-dir", dir]).await;
+    let cancel = format!("embatch cancel --run-dir {dir}");
+    assert_one_line_error(
+        &run,
+        &[&input.display().to_string(), &cancel, "plan again"],
+        "advance",
+    );
+    // The batch that could go went, and was saved; the other was never uploaded.
+    let saved = store::load(&run_dir).unwrap();
+    assert_eq!(saved.batches[0].state.kind(), StateKind::Ingested);
+    assert_eq!(saved.batches[1].state.kind(), StateKind::Planned);
+    assert_eq!(env.emu().counters().uploads, 1);
+    assert_eq!(count_embedded_exactly(&env, family, 1536).await, 2);
+    // Again: the same refusal, nothing uploaded.
+    let again = env.exec(&["advance", "--run-dir", dir]).await;
+    assert_eq!(again.code, 1, "{again:#?}");
+    assert_eq!(env.emu().counters().uploads, 1);
+
+    // The way out: cancel, plan again, finish.
+    let run = env.exec(&["cancel", "--run-dir", dir]).await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    let second = env.plan(family, &[]).run_dir();
+    assert_eq!(store::load(&second).unwrap().plan.chunks, 2);
+    advance_until_finished(&env, &second, 5).await;
+    assert_eq!(count_embedded_exactly(&env, family, 1536).await, 4);
+    assert_eq!(env.emu().counters().batch_creations, 2);
+}
+
+/// `status` of a run folder whose path is given wrong stays a clear error too.
+#[tokio::test]
+async fn a_folder_without_run_json_is_not_taken_for_a_run() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let empty = env.dir.path().join("not-a-run");
+    fs_err::create_dir_all(&empty).unwrap();
+    let dir = empty.to_str().unwrap();
+    for args in [
+        vec!["advance", "--run-dir", dir],
+        vec!["ingest", "--run-dir", dir],
+        vec!["cancel", "--run-dir", dir],
+        vec!["status", "--run-dir", dir],
+    ] {
+        let run = env.exec(&args).await;
+        assert_one_line_error(&run, &["is not an embatch run"], &args.join(" "));
+        assert!(
+            !empty.join("run.json").exists(),
+            "{args:?} created a run.json"
+        );
+    }
+}
