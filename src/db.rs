@@ -815,6 +815,11 @@ fn classify_connect_error(target: String, error: tokio_postgres::Error) -> DbErr
     if is_tls_error(&error) {
         return DbError::Tls { target, error };
     }
+    // The server asked for a password the string does not give: a login problem, not a
+    // reason to try again later.
+    if error_chain(&error).ends_with("password missing") {
+        return DbError::Login { target, error };
+    }
     DbError::Connect { target, error }
 }
 

@@ -9,7 +9,8 @@
 //!
 //! It does not own the project's tables, connection pools or TLS: callers get a plain libpq
 //! connection string and connect however they like. It is not meant for production data: the
-//! cluster runs with `fsync=off` and trusts every local connection.
+//! cluster runs with `fsync=off` and trusts every local connection (except the roles that
+//! `create_password_role` makes, for tests that need a password the server really checks).
 
 use std::io::{self, Read, Seek};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -47,6 +48,8 @@ const UNPRIVILEGED_ID_FALLBACK: u32 = 65534;
 
 /// The superuser initdb creates and every connection string uses.
 const SUPERUSER: &str = "postgres";
+/// Members of this role log in with a password (`create_password_role`); no one else does.
+const PASSWORD_GROUP: &str = "embatch_password_login";
 /// The maintenance database that `admin_url` names.
 const MAINTENANCE_DATABASE: &str = "postgres";
 /// Every database this module creates starts with this, so `drop_database` can refuse others.
@@ -131,6 +134,9 @@ pub enum PgTempError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// An opt-in that needs a cluster this process started (not `EMBATCH_TEST_DATABASE_URL`).
+    #[error("{0} needs the throwaway cluster this process starts; unset {TEST_DATABASE_URL_ENV}")]
+    NeedsLocal(&'static str),
     /// The process-wide instance failed to start earlier; its error is repeated here.
     #[error("the shared throwaway Postgres could not start: {0}")]
     Shared(String),
@@ -320,6 +326,103 @@ impl ThrowawayPostgres {
             )))
     }
 
+    /// The unix socket the started cluster listens on (`<folder>/.s.PGSQL.<port>`), for test
+    /// fronts that relay TCP to it; `None` when attached to `EMBATCH_TEST_DATABASE_URL`.
+    pub fn unix_socket(&self) -> Option<PathBuf> {
+        match &self.server {
+            Server::External { .. } => None,
+            Server::Local(cluster) => Some(
+                cluster
+                    .socket_dir
+                    .join(format!(".s.PGSQL.{}", cluster.port)),
+            ),
+        }
+    }
+
+    /// Opt-in, for tests of secret handling: creates a login role that must give `password`
+    /// (the cluster otherwise trusts every local connection), allowed to read and write every
+    /// table, and returns the connection string of `database_url`'s database as that role,
+    /// password included. The first call adds one `pg_hba.conf` rule, `scram-sha-256` for
+    /// members of `embatch_password_login`, and reloads the server; every other role keeps
+    /// trust authentication.
+    ///
+    /// # Errors
+    /// `NeedsLocal` when attached to `EMBATCH_TEST_DATABASE_URL`; otherwise when the rule
+    /// cannot be written, the role cannot be created, or the server does not start asking
+    /// for the password within 10 s.
+    pub async fn create_password_role(
+        &self,
+        database_url: &str,
+        password: &str,
+    ) -> Result<String, PgTempError> {
+        let Server::Local(cluster) = &self.server else {
+            return Err(PgTempError::NeedsLocal(
+                "a role with password authentication",
+            ));
+        };
+        let database = database_url
+            .parse::<tokio_postgres::Config>()
+            .map_err(sql_error(
+                "could not parse the database's connection string",
+            ))?
+            .get_dbname()
+            .unwrap_or(MAINTENANCE_DATABASE)
+            .to_owned();
+        let admin = connect(&self.admin_url()).await.map_err(sql_error(format!(
+            "could not connect to the maintenance database of {}",
+            self.describe()
+        )))?;
+        // Concurrent first calls may both try: a duplicate group is fine.
+        if let Err(error) = admin
+            .batch_execute(&format!("CREATE ROLE {PASSWORD_GROUP} NOLOGIN"))
+            .await
+            && error.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT)
+        {
+            return Err(sql_error("could not create the password-login group")(
+                error,
+            ));
+        }
+        let role = format!("embatch_pw_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {role} LOGIN PASSWORD '{}' IN ROLE {PASSWORD_GROUP};
+                 GRANT pg_read_all_data, pg_write_all_data TO {role};",
+                password.replace('\'', "''")
+            ))
+            .await
+            .map_err(sql_error(format!("could not create role {role}")))?;
+        cluster.require_passwords_of_group()?;
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .map_err(sql_error("could not reload the server configuration"))?;
+        let url = format!(
+            "host={} port={} user={role} dbname={}",
+            conninfo_value(&cluster.socket_dir.to_string_lossy()),
+            cluster.port,
+            conninfo_value(&database)
+        );
+        // The reload is asynchronous: wait until a wrong password is refused.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let wrong = format!(
+            "{url} password={}",
+            conninfo_value(&format!("not-{password}"))
+        );
+        loop {
+            match connect(&wrong).await {
+                Err(error) if error.as_db_error().is_some() => break,
+                Err(error) => return Err(sql_error(format!("could not connect as {role}"))(error)),
+                Ok(_) if Instant::now() > deadline => {
+                    return Err(PgTempError::Startup(format!(
+                        "the server still trusts {role} 10 s after the pg_hba.conf rule was added"
+                    )));
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        Ok(format!("{url} password={}", conninfo_value(password)))
+    }
+
     fn url_for(&self, database: &str) -> String {
         match &self.server {
             Server::External { admin_url } => with_dbname(admin_url, database),
@@ -356,6 +459,8 @@ struct LocalCluster {
     /// The only write end of the pipe the sidecar waits on; closing it (by dropping this, or by
     /// the process ending) tells the sidecar the owner is gone.
     sidecar_wake: Mutex<Option<io::PipeWriter>>,
+    /// Serialises edits of `pg_hba.conf` (`create_password_role`).
+    hba_lock: Mutex<()>,
 }
 
 impl LocalCluster {
@@ -389,6 +494,7 @@ impl LocalCluster {
             postmaster: Mutex::new(None),
             sidecar: Mutex::new(None),
             sidecar_wake: Mutex::new(None),
+            hba_lock: Mutex::new(()),
         };
 
         if let Some(identity) = identity {
@@ -417,6 +523,21 @@ impl LocalCluster {
 
     fn data_dir(&self) -> PathBuf {
         self.root_dir.join("data")
+    }
+
+    /// Puts the `scram-sha-256` rule for `PASSWORD_GROUP` first in `pg_hba.conf`, once.
+    /// Rewritten in place, so the file keeps its owner (the server user).
+    fn require_passwords_of_group(&self) -> Result<(), PgTempError> {
+        let _guard = self.hba_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let path = self.data_dir().join("pg_hba.conf");
+        let rules =
+            fs_err::read_to_string(&path).map_err(io_error("could not read pg_hba.conf"))?;
+        let rule = format!("local all +{PASSWORD_GROUP} scram-sha-256\n");
+        if rules.starts_with(&rule) {
+            return Ok(());
+        }
+        fs_err::write(&path, format!("{rule}{rules}"))
+            .map_err(io_error("could not write pg_hba.conf"))
     }
 
     fn log_path(&self) -> PathBuf {

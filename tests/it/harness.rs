@@ -252,7 +252,6 @@ pub async fn count_embedded_exactly(env: &TestEnv, family: Uuid, dims: usize) ->
 }
 
 /// Every file and folder under `dir`, `dir` included.
-#[allow(dead_code)] // used by the security tests
 pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![dir.to_path_buf()];
     for entry in fs_err::read_dir(dir)

@@ -6,4 +6,5 @@ mod damage;
 mod harness;
 mod ingest;
 mod plan;
+mod security;
 mod status;
