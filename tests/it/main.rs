@@ -8,3 +8,4 @@ mod ingest;
 mod plan;
 mod security;
 mod status;
+mod tls_front;
