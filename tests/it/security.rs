@@ -306,3 +306,184 @@ async fn every_folder_and_file_of_a_full_cycle_is_the_owners_only() {
     );
     assert!(store::load(&run_dir).unwrap().is_finished());
 }
+
+/// A name that would end the statement and drop table `y` if it were pasted into SQL.
+fn hostile(name: &str) -> String {
+    format!("{name}\"; DROP TABLE y; --")
+}
+
+/// `name` quoted as Postgres does, for the test's own setup SQL.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn y_rows(env: &TestEnv) -> i64 {
+    env.client
+        .query_one("SELECT count(*) FROM y", &[])
+        .await
+        .expect("table y still exists")
+        .get(0)
+}
+
+#[tokio::test]
+async fn hostile_identifiers_from_every_flag_are_quoted_end_to_end() {
+    let env = TestEnv::empty()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (schema, table, family_table) = (hostile("sch"), hostile("tab"), hostile("fam"));
+    let (id, family, text, embedding) = (
+        hostile("i\"d"),
+        hostile("fa'm"),
+        hostile("te xt"),
+        hostile("em;b"),
+    );
+    let qualified = |t: &str| format!("{}.{}", quoted(&schema), quoted(t));
+    env.client
+        .batch_execute(&format!(
+            "CREATE TABLE y (id int); INSERT INTO y VALUES (1);
+             CREATE SCHEMA {schema_q};
+             CREATE TABLE {fam_q} (id bigint PRIMARY KEY);
+             INSERT INTO {fam_q} VALUES (1), (2);
+             CREATE TABLE {tab_q} ({id_q} bigint PRIMARY KEY, {family_q} bigint, {text_q} text, {emb_q} vector(1536));
+             INSERT INTO {tab_q} VALUES
+               (1, 1, 'Drain the hydraulic tank.', NULL),
+               (2, 1, 'Replace the return filter.', NULL),
+               (3, 1, 'Check the pump coupling.', NULL),
+               (4, 2, 'Another family: not in this run.', NULL);",
+            schema_q = quoted(&schema),
+            fam_q = qualified(&family_table),
+            tab_q = qualified(&table),
+            id_q = quoted(&id),
+            family_q = quoted(&family),
+            text_q = quoted(&text),
+            emb_q = quoted(&embedding),
+        ))
+        .await
+        .unwrap();
+    let table_flag = format!("{schema}.{table}");
+    let family_table_flag = format!("{schema}.{family_table}");
+    let run = env
+        .exec(&[
+            "plan",
+            "--family-id",
+            "1",
+            "--table",
+            &table_flag,
+            "--id-column",
+            &id,
+            "--text-column",
+            &text,
+            "--embedding-column",
+            &embedding,
+            "--family-column",
+            &family,
+            "--family-table",
+            &family_table_flag,
+        ])
+        .await;
+    let run_dir = run.run_dir();
+    assert_eq!(store::load(&run_dir).unwrap().plan.chunks, 3);
+    let run = env
+        .exec(&["advance", "--run-dir", run_dir.to_str().unwrap()])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert_eq!(y_rows(&env).await, 1);
+
+    let rows = env
+        .client
+        .query(
+            &format!(
+                "SELECT {}, {}, {} FROM {} ORDER BY 1",
+                quoted(&id),
+                quoted(&text),
+                quoted(&embedding),
+                qualified(&table)
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 4, "no row deleted");
+    for row in rows {
+        let id: i64 = row.get(0);
+        let content: String = row.get(1);
+        let stored: Option<pgvector::Vector> = row.get(2);
+        if id == 4 {
+            assert!(stored.is_none(), "a chunk of another family was written");
+        } else {
+            let want = embatch::emulator::vectors::embedding(&content, 1536);
+            assert_eq!(stored.expect("embedded").as_slice(), want.as_slice());
+        }
+    }
+}
+
+#[tokio::test]
+async fn scope_sql_cannot_change_data() {
+    let env = TestEnv::new().await;
+    let (family, _) = family_of(&env, 1, 3).await;
+    let (other, _) = family_of(&env, 2, 2).await;
+    env.client
+        .batch_execute(
+            "CREATE TABLE y (id int); INSERT INTO y VALUES (1);
+             CREATE SEQUENCE s;
+             CREATE FUNCTION wipe(fam uuid) RETURNS SETOF uuid LANGUAGE sql AS
+               $$ DELETE FROM knowledge_chunks WHERE equipment_family_id <> fam RETURNING id $$;
+             CREATE FUNCTION scribble(fam uuid) RETURNS SETOF uuid LANGUAGE sql AS
+               $$ UPDATE knowledge_chunks SET content = 'pwned' WHERE equipment_family_id = fam RETURNING id $$;
+             CREATE FUNCTION escape_read_only(fam uuid) RETURNS SETOF uuid LANGUAGE plpgsql AS
+               $$ BEGIN
+                    PERFORM set_config('transaction_read_only', 'off', true);
+                    RETURN QUERY DELETE FROM knowledge_chunks RETURNING id;
+                  END $$;",
+        )
+        .await
+        .unwrap();
+    let snapshot = || async {
+        let row = env
+            .client
+            .query_one(
+                "SELECT (SELECT md5(string_agg(k::text, ',' ORDER BY id)) FROM knowledge_chunks k),
+                        (SELECT count(*) FROM y),
+                        (SELECT is_called FROM s)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, bool>(2),
+        )
+    };
+    let before = snapshot().await;
+    let other = other.to_string();
+    let evil = [
+        "SELECT * FROM wipe($1)".to_owned(),
+        "SELECT * FROM scribble($1)".to_owned(),
+        "SELECT * FROM escape_read_only($1)".to_owned(),
+        "SELECT id FROM knowledge_chunks WHERE equipment_family_id = $1 AND nextval('s') > 0"
+            .to_owned(),
+        format!(
+            "SELECT id FROM knowledge_chunks WHERE equipment_family_id = $1 AND '{other}' IN (SELECT * FROM wipe('{other}'))"
+        ),
+        "SELECT id FROM knowledge_chunks WHERE equipment_family_id = $1); DROP TABLE y; --"
+            .to_owned(),
+    ];
+    for scope in &evil {
+        let run = env.plan(family, &["--family-table", "none", "--scope-sql", scope]);
+        run.assert_error("--scope-sql failed");
+        assert!(run.stderr.contains("read-only"), "{scope}: {run:#?}");
+        assert!(env.run_folders().is_empty(), "{scope} left a run folder");
+        assert_eq!(snapshot().await, before, "{scope} changed data");
+    }
+    // A well-behaved scope still plans.
+    let run = env.plan(
+        family,
+        &[
+            "--scope-sql",
+            "SELECT id FROM knowledge_chunks WHERE equipment_family_id = $1",
+        ],
+    );
+    assert_eq!(store::load(&run.run_dir()).unwrap().plan.chunks, 3);
+}
