@@ -487,3 +487,223 @@ async fn scope_sql_cannot_change_data() {
     );
     assert_eq!(store::load(&run.run_dir()).unwrap().plan.chunks, 3);
 }
+
+/// A valid output line for `custom_id` with `embedding` as its raw JSON.
+fn output_line(custom_id: &str, status: &str, embedding: &str) -> String {
+    format!(
+        r#"{{"id":"r","custom_id":{custom_id},"response":{{"status_code":{status},"request_id":"q","body":{{"object":"list","data":[{{"object":"embedding","index":0,"embedding":{embedding}}}],"model":"m","usage":{{"prompt_tokens":1,"total_tokens":1}}}}}},"error":null}}"#
+    )
+}
+
+/// The parser's answer is sane: a vector only of the asked size and finite, and never a
+/// panic (a panic fails the test).
+fn assert_sane(line: &str, dims: usize) {
+    use embatch::output::{LineOutcome, parse_line};
+    if let LineOutcome::Vector { vector, .. } = parse_line(line, dims) {
+        assert_eq!(vector.len(), dims);
+        assert!(vector.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn output_lines_with_huge_or_malformed_fields_never_panic() {
+    use embatch::output::{FailReason, LineOutcome, parse_line};
+    let ten_mb = 10 << 20;
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let deep_object = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+    let huge_digits = format!("1{}", "0".repeat(100_000));
+    let many = format!("[{}0.5]", "0.5,".repeat(ten_mb / 4));
+    let cases: Vec<(&str, String)> = vec![
+        ("10 MB of garbage", "x".repeat(ten_mb)),
+        (
+            "10 MB custom_id",
+            output_line(&format!("\"{}\"", "a".repeat(ten_mb)), "200", "[0.5]"),
+        ),
+        ("10 MB embedding", output_line("\"a\"", "200", &many)),
+        (
+            "10 MB string embedding",
+            output_line("\"a\"", "200", &format!("\"{}\"", "A".repeat(ten_mb))),
+        ),
+        (
+            "deep nesting in the embedding",
+            output_line("\"a\"", "200", &deep(1_000_000)),
+        ),
+        (
+            "deep nesting in the custom_id",
+            output_line(&deep(1_000_000), "200", "[0.5]"),
+        ),
+        (
+            "deep objects in the body",
+            output_line("\"a\"", "200", &deep_object(1_000_000)),
+        ),
+        ("deep nesting as the line", deep(1_000_000)),
+        ("huge status", output_line("\"a\"", &huge_digits, "[0.5]")),
+        ("negative status", output_line("\"a\"", "-200", "[0.5]")),
+        (
+            "status out of range",
+            output_line("\"a\"", "70000", "[0.5]"),
+        ),
+        ("fractional status", output_line("\"a\"", "200.5", "[0.5]")),
+        (
+            "huge number",
+            output_line("\"a\"", "200", &format!("[{huge_digits}]")),
+        ),
+        (
+            "huge exponent",
+            output_line("\"a\"", "200", "[1e99999999999999999999]"),
+        ),
+        (
+            "tiny exponent",
+            output_line("\"a\"", "200", "[1e-99999999999999999999]"),
+        ),
+        ("overflowing f32", output_line("\"a\"", "200", "[3.5e38]")),
+        ("not a number", output_line("\"a\"", "200", "[1.2.3]")),
+        ("lone minus", output_line("\"a\"", "200", "[-]")),
+        ("empty element", output_line("\"a\"", "200", "[0.5,,0.5]")),
+        ("numeric custom_id", output_line("123", "200", "[0.5]")),
+        ("null custom_id", output_line("null", "200", "[0.5]")),
+        ("bad base64", output_line("\"a\"", "200", "\"!!!!\"")),
+        ("base64 of 3 bytes", output_line("\"a\"", "200", "\"AAAA\"")),
+        (
+            "invalid utf-8 escape",
+            output_line("\"\\udc00\"", "200", "[0.5]"),
+        ),
+        (
+            "nul in custom_id",
+            output_line("\"a\\u0000b\"", "200", "[0.5]"),
+        ),
+    ];
+    for (what, line) in &cases {
+        let outcome = parse_line(line, 1);
+        match outcome {
+            LineOutcome::Vector { vector, .. } => {
+                assert_eq!(vector.len(), 1, "{what}");
+                assert!(vector[0].is_finite(), "{what}");
+            }
+            LineOutcome::Failed { reason, detail, .. } => {
+                assert!(
+                    !matches!(reason, FailReason::Cancelled | FailReason::Stale),
+                    "{what}: {reason:?}"
+                );
+                assert!(detail.len() < 10_000, "{what}: the detail quotes the line");
+            }
+        }
+    }
+    // Numbers that round to infinity are refused, not stored.
+    for what in ["huge number", "huge exponent", "overflowing f32"] {
+        let line = &cases.iter().find(|(w, _)| w == &what).unwrap().1;
+        assert!(
+            matches!(
+                parse_line(line, 1),
+                LineOutcome::Failed {
+                    reason: FailReason::BadOutput,
+                    ..
+                }
+            ),
+            "{what}"
+        );
+    }
+}
+
+proptest::proptest! {
+    /// Lines built from hostile pieces in every field: never a panic, never an insane vector.
+    #[test]
+    fn output_lines_from_hostile_pieces_never_panic(
+        custom_id in proptest::prop_oneof![3 => proptest::strategy::Just("\"a\"".to_owned()), 1 => hostile_json()],
+        status in proptest::prop_oneof![3 => proptest::strategy::Just("200".to_owned()), 1 => hostile_json()],
+        embedding in hostile_json(),
+        dims in proptest::prop_oneof![3 => proptest::strategy::Just(1usize), 1 => 0usize..4],
+    ) {
+        assert_sane(&output_line(&custom_id, &status, &embedding), dims);
+    }
+}
+
+/// JSON-ish fragments meant to break a parser: huge and odd numbers, deep nesting, long
+/// strings, escapes, wrong types, and plain garbage.
+fn hostile_json() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just("200".to_owned()),
+        Just("\"a\"".to_owned()),
+        Just("[0.5]".to_owned()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<f64>().prop_map(|n| format!("{n:e}")),
+        (1usize..5000).prop_map(|n| format!("1{}", "9".repeat(n))),
+        (1usize..5000).prop_map(|n| format!("[1{}]", "9".repeat(n))),
+        (any::<f32>(), 1usize..400).prop_map(|(x, e)| format!("[{x}e{e}]")),
+        (1usize..5000).prop_map(|n| format!("-0.{}1e-{n}", "0".repeat(n))),
+        (1usize..200_000).prop_map(|n| format!("{}{}", "[".repeat(n), "]".repeat(n))),
+        (1usize..200_000).prop_map(|n| "[".repeat(n)),
+        (1usize..100_000).prop_map(|n| format!("\"{}\"", "\\u0041".repeat(n))),
+        (0usize..2000).prop_map(|n| format!("[{}]", "1e38,".repeat(n) + "1e38")),
+        "[\\[\\]{}\",:0-9a-zA-Z.eE+\\-\\\\ ]{0,64}",
+    ]
+}
+
+#[tokio::test]
+async fn an_output_line_for_a_chunk_outside_the_batch_is_refused_and_counted() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, ids) = family_of(&env, 1, 3).await;
+    let (_, other_ids) = family_of(&env, 2, 1).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    let dir = run_dir.to_str().unwrap();
+    // The database is away when the batch completes: it stops at `downloaded`.
+    let away = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("DATABASE_URL", "host=/nonexistent dbname=x")],
+        )
+        .await;
+    assert_eq!(away.code, 1, "{away:#?}");
+
+    // A line for ids[0] turned into one for a real chunk of another family (so its vector
+    // would land on the wrong chunk), one naming a hostile non-id, and a 10 MB line.
+    let output_path = run_dir.join("batches/batch_001/output.jsonl");
+    let output = fs_err::read_to_string(&output_path).unwrap();
+    let mut lines: Vec<String> = Vec::new();
+    for line in output.lines() {
+        if line.contains(&ids[0].to_string()) {
+            lines.push(line.replace(&ids[0].to_string(), &other_ids[0].to_string()));
+            lines.push(line.replace(&format!("\"{}\"", ids[0]), "\"'; DROP TABLE y; --\""));
+        } else {
+            lines.push(line.to_owned());
+        }
+    }
+    lines.push("x".repeat(10 << 20));
+    fs_err::write(&output_path, lines.join("\n") + "\n").unwrap();
+
+    let run = env
+        .exec(&["advance", "--run-dir", dir, "--max-attempts", "1"])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(
+        run.stderr
+            .contains("2 lines with a custom_id not in this batch (refused)"),
+        "{run:#?}"
+    );
+    assert!(run.stderr.contains("1 unparseable lines"), "{run:#?}");
+    let other: Option<pgvector::Vector> = env
+        .client
+        .query_one(
+            "SELECT embedding FROM knowledge_chunks WHERE id = $1",
+            &[&other_ids[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(other.is_none(), "a chunk of another family was written");
+    assert_eq!(count_embedded_exactly(&env, family, 1536).await, 2);
+    let saved = store::load(&run_dir).unwrap();
+    let embatch::state::BatchState::Ingested(ingested) = &saved.batches[0].state else {
+        panic!("not ingested: {:?}", saved.batches[0].state.kind());
+    };
+    assert_eq!(ingested.anomalies.unknown_custom_id, 2);
+    assert_eq!(ingested.anomalies.unparseable, 1);
+    // The chunk whose line was taken is reported, not silently lost.
+    let failed =
+        fs_err::read_to_string(run_dir.join("batches/batch_001/failed_chunk_ids.tsv")).unwrap();
+    assert!(failed.contains(&format!("{}\t", ids[0])), "{failed}");
+}
