@@ -74,6 +74,26 @@ impl Pki {
         }
     }
 
+    /// A lone self-signed certificate for `localhost`, as many servers have: no CA at all.
+    pub fn self_signed_localhost() -> Pki {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        let cert = params.self_signed(&key).expect("self-signed certificate");
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der)
+        .expect("server TLS config");
+        Pki {
+            ca_pem: cert.pem(),
+            server: Arc::new(server),
+        }
+    }
+
     /// Writes the CA certificate to `dir/name` and returns its path.
     pub fn write_ca(&self, dir: &Path, name: &str) -> PathBuf {
         let path = dir.join(name);
@@ -240,6 +260,19 @@ async fn plan_and_a_full_cycle_run_over_tls_to_a_real_postgres() {
     let run_dir = plan.run_dir();
     assert!(front.tls_sessions() >= 1, "plan did not use TLS");
     assert_eq!(front.plain_sessions(), 0);
+
+    // require against a lone self-signed certificate: accepted, as libpq does.
+    let self_signed = TlsFront::start(Some(&Pki::self_signed_localhost()));
+    let require_self_signed = tcp_url(&role_url, "localhost", self_signed.port, "sslmode=require");
+    let run = exec_with_db(
+        &env,
+        &require_self_signed,
+        &["plan", "--family-id", &family, "--limit", "1"],
+    )
+    .await;
+    // Every pending chunk is held by the first run: nothing to plan, but connected.
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(self_signed.tls_sessions() >= 1, "{run:#?}");
 
     // verify-full with the CA: the chain and the name `localhost` check out. A whole cycle.
     let verify_full = tcp_url(
