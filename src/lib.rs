@@ -150,6 +150,9 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                 bail!("run {} has no batch {name}", run_dir.display());
             }
             let view = status::view(&run, &run_dir, only.as_deref());
+            for message in status::missing_files(&run, &run_dir) {
+                printer.warn(&message);
+            }
             if status_cfg.json {
                 printer.data(&serde_json::to_string_pretty(&view)?);
             } else {

@@ -213,6 +213,48 @@ pub fn render_table(status: &StatusJson, colour: bool) -> String {
     )
 }
 
+/// Files the run still needs but its folder lost, each with the way out: an input not yet
+/// uploaded, or an output or error file downloaded but not yet ingested. `status` shows these
+/// as warnings (it only reads); `advance` and `ingest` stop on them with the same advice.
+pub fn missing_files(run: &RunFile, run_dir: &Path) -> Vec<String> {
+    let mut missing = Vec::new();
+    for batch in &run.batches {
+        let dir = crate::plan::batch_dir(run_dir, &batch.name);
+        match &batch.state {
+            BatchState::Planned(_) => {
+                let input = dir.join(crate::plan::INPUT_FILE);
+                if !input.exists() {
+                    missing.push(format!(
+                        "{} is missing, so batch {} cannot be uploaded; restore the file if you have a copy, or `embatch cancel --run-dir {}` and plan again",
+                        input.display(),
+                        batch.name,
+                        run_dir.display()
+                    ));
+                }
+            }
+            BatchState::Downloaded(downloaded) => {
+                let files = [
+                    (downloaded.has_output, crate::advance::OUTPUT_FILE),
+                    (downloaded.has_errors, crate::advance::ERRORS_FILE),
+                ];
+                for (_, name) in files.iter().filter(|(has, _)| *has) {
+                    let path = dir.join(name);
+                    if !path.exists() {
+                        missing.push(format!(
+                            "{} is missing: batch {} was downloaded but not yet ingested; fetch it again with `embatch ingest --run-dir {} --redownload`",
+                            path.display(),
+                            batch.name,
+                            run_dir.display()
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    missing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

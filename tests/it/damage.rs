@@ -210,9 +210,14 @@ async fn a_lost_output_file_is_named_and_redownload_recovers_it() {
         assert_eq!(bytes_of(run_dir.join("run.json")), run_json, "{args:?}");
         assert_eq!(bytes_of(run_dir.join("run.json.bak")), backup, "{args:?}");
     }
-    // status only reads: it still shows the run.
+    // status only reads: it still shows the run, and warns about the lost file.
     let status = env.exec(&["status", "--run-dir", dir, "--json"]).await;
     assert_eq!(status.code, 0, "{status:#?}");
+    serde_json::from_str::<Value>(&status.stdout).expect("status --json still prints JSON");
+    assert!(
+        status.stderr.starts_with("warning: ") && status.stderr.contains(&way_out),
+        "{status:#?}"
+    );
 
     // The way out, end to end against the emulator.
     let downloads = env.emu().counters().downloads;
@@ -246,8 +251,11 @@ async fn a_lost_input_file_is_named_and_a_new_plan_finishes_the_family() {
     let input = run_dir.join("batches/batch_002/input.jsonl");
     fs_err::remove_file(&input).unwrap();
 
-    let run = env.exec(&["advance", "--run-dir", dir]).await;
     let cancel = format!("embatch cancel --run-dir {dir}");
+    let status = env.exec(&["status", "--run-dir", dir]).await;
+    assert_eq!(status.code, 0, "{status:#?}");
+    assert!(status.stderr.contains(&cancel), "{status:#?}");
+    let run = env.exec(&["advance", "--run-dir", dir]).await;
     assert_one_line_error(
         &run,
         &[&input.display().to_string(), &cancel, "plan again"],
