@@ -210,6 +210,10 @@ impl Stepper {
         opts: &AdvanceOptions,
         printer: &Printer,
     ) -> anyhow::Result<(RunLock, Stepper)> {
+        // A folder that is not a run gets no `run.lock` left behind in it.
+        if !run_dir.join(store::RUN_FILE).exists() {
+            store::load(run_dir)?;
+        }
         let lock = RunLock::acquire(run_dir, command)?;
         let run = store::load(run_dir)?;
         let api = client(&global.api)?;

@@ -72,7 +72,13 @@ async fn a_damaged_run_json_is_refused_by_every_command_and_never_rewritten() {
     let backup_path = backup.display().to_string();
     let good = read(&run_json);
     let good_backup = bytes_of(&backup).expect("advance kept the previous run.json");
-    store::parse(&good_backup, &backup).expect("the backup is a valid run.json");
+    let previous = store::parse(&good_backup, &backup).expect("the backup is a valid run.json");
+    let current = store::load(&run_dir).unwrap();
+    assert!(previous.updated_at <= current.updated_at);
+    assert_ne!(
+        previous, current,
+        "the backup is the state before the last save"
+    );
     let family = family.to_string();
     let batch_json = run_dir.join("batches/batch_001/batch.json");
     let batch_json = batch_json.to_str().unwrap();
@@ -304,5 +310,6 @@ async fn a_folder_without_run_json_is_not_taken_for_a_run() {
             !empty.join("run.json").exists(),
             "{args:?} created a run.json"
         );
+        assert!(!empty.join("run.lock").exists(), "{args:?} left a run.lock");
     }
 }
