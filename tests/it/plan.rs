@@ -537,7 +537,15 @@ async fn custom_schemas_text_and_bigint_ids_and_scope_sql() {
     );
 
     // --scope-sql runs read-only: a query that tries to write fails and changes nothing.
-    let evil = "WITH gone AS (DELETE FROM parts RETURNING pid) SELECT pid FROM gone WHERE $1::int IS NOT NULL";
+    // Through a function: a data-modifying WITH inside a subquery is refused even outside a
+    // read-only transaction, so it would prove nothing.
+    env.client
+        .batch_execute(
+            "CREATE FUNCTION gone(fam int) RETURNS SETOF bigint LANGUAGE sql AS $$ DELETE FROM parts RETURNING pid $$",
+        )
+        .await
+        .unwrap();
+    let evil = "SELECT * FROM gone($1)";
     let run = env.run(&[
         "plan",
         "--family-id",
