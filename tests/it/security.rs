@@ -93,7 +93,7 @@ async fn full_cycle(env: &TestEnv, captured: &mut Captured) -> PathBuf {
         fail_custom_ids: vec![ids[0].to_string(), ids[1].to_string()],
         ..Faults::default()
     });
-    let plan = captured.keep("plan", env.plan(family, &[]));
+    let plan = captured.keep("plan -v", env.plan(family, &["-v"]));
     let run_dir = plan.run_dir();
     let dir = run_dir.to_str().unwrap().to_owned();
     // Deleted before its retry is planned: the retry cannot send it again.
@@ -255,8 +255,9 @@ async fn the_api_key_and_the_database_password_reach_no_file_and_no_output() {
         }
     }
 
+    // The whole working folder of the binary, runs dir included.
     captured.assert_nowhere(
-        &env.runs_dir,
+        env.dir.path(),
         &[&api_key, &password, &wrong_key, &wrong_password],
     );
 }
