@@ -195,7 +195,16 @@ pub fn held_chunks(runs_dir: &Path, family_id: &str) -> anyhow::Result<HeldChunk
                 .join("batches")
                 .join(&batch.name)
                 .join("chunks.tsv");
-            let reader = std::io::BufReader::new(fs_err::File::open(&path)?);
+            let file = fs_err::File::open(&path).map_err(|err| {
+                anyhow::anyhow!(
+                    "{err}: the unfinished run {} no longer knows which chunks it holds; \
+                     restore that file, or cancel the run (embatch cancel --run-dir {}), \
+                     or pass --force to plan without checking",
+                    found.dir.display(),
+                    found.dir.display()
+                )
+            })?;
+            let reader = std::io::BufReader::new(file);
             tsv::for_each_record(reader, |fields| {
                 if let Some(id) = fields.first() {
                     held.by_digest.insert(id_digest(id), run_idx);

@@ -313,3 +313,32 @@ async fn a_folder_without_run_json_is_not_taken_for_a_run() {
         assert!(!empty.join("run.lock").exists(), "{args:?} left a run.lock");
     }
 }
+
+#[tokio::test]
+async fn a_lost_chunk_list_of_an_unfinished_run_blocks_a_new_plan_with_the_way_out() {
+    let env = TestEnv::new().await;
+    let (family, _) = family_of(&env, 1, 4).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    let dir = run_dir.to_str().unwrap();
+    let chunks = run_dir.join("batches/batch_001/chunks.tsv");
+    fs_err::remove_file(&chunks).unwrap();
+    let before = bytes_of(run_dir.join("run.json"));
+
+    // The unfinished run may hold every chunk of the family: planning them again could pay twice.
+    let again = env.plan(family, &[]);
+    assert_one_line_error(
+        &again,
+        &[
+            &chunks.display().to_string(),
+            &format!("embatch cancel --run-dir {dir}"),
+            "--force",
+        ],
+        "plan beside a run that lost chunks.tsv",
+    );
+    assert_eq!(bytes_of(run_dir.join("run.json")), before);
+    assert_eq!(env.run_folders().len(), 1, "no second run folder");
+
+    // --force plans anyway, as the message says.
+    let forced = env.plan(family, &["--force"]).run_dir();
+    assert_eq!(store::load(&forced).unwrap().plan.chunks, 4);
+}
