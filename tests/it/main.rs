@@ -5,4 +5,5 @@ mod advance;
 mod harness;
 mod ingest;
 mod plan;
+mod serve;
 mod status;
