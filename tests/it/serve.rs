@@ -558,3 +558,35 @@ async fn sigterm_lets_requests_in_flight_finish() {
     // New connections are refused once it is gone.
     assert!(http().get(server.url("/healthz")).send().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn content_edited_during_the_call_is_never_given_the_old_vector() {
+    let env = env_with_emulator().await;
+    let family = env.add_family(1).await;
+    let ids = env.add_chunks(family, &["Old text about the pump."]).await;
+    let new_text = "New text about the compressor and its valves.";
+    env.emu().set_faults(Faults {
+        latency: Duration::from_millis(800),
+        ..Faults::default()
+    });
+    let server = env.serve(&[], &[]).await;
+    let url = server.url(&format!("/api/v1/embed/chunk/{}", ids[0]));
+    let request = tokio::spawn(async move { http().post(url).send().await });
+    // Edited while the first call is on its way: its vector is refused (stale) and the
+    // service embeds the new content.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.client
+        .execute(
+            "UPDATE knowledge_chunks SET content = $2 WHERE id = $1",
+            &[&ids[0], &new_text],
+        )
+        .await
+        .unwrap();
+    let response = request.await.unwrap().unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["tokens"], count_tokens(new_text));
+    let stored = env.embedding_of(ids[0]).await.unwrap();
+    assert_eq!(bits(&stored), bits(&embedding(new_text, 1536)));
+    assert_eq!(env.emu().counters().embedding_calls, 2);
+}
