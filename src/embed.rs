@@ -568,6 +568,7 @@ pub async fn embed_command(
     }
 
     let mut problems: Vec<String> = Vec::new();
+    let mut n_failed = 0usize;
     let (mut n_embedded, mut n_tokens) = (0usize, 0usize);
     for (id, outcome) in outcomes {
         let outcome = match outcome.or_else(|| decided.get(&id).cloned()) {
@@ -589,9 +590,20 @@ pub async fn embed_command(
         printer.data(&format!("{id}\t{}\t{tokens}", outcome.label()));
         if outcome.is_ok() {
             printer.verbose(&outcome.message(&id));
-        } else {
+        } else if !matches!(outcome, Outcome::Failed { .. }) {
             problems.push(outcome.message(&id));
+        } else {
+            n_failed += 1;
         }
+    }
+    // A failed call fails every chunk after it the same way: said once, not per chunk.
+    if let Some(message) = &failure {
+        problems.insert(
+            0,
+            format!(
+                "the embeddings API call failed ({message}), so {n_failed} chunks were not sent or not written"
+            ),
+        );
     }
     printer.info(&format!(
         "embedded {n_embedded} of {} chunks ({n_tokens} tokens) with {}",
@@ -603,9 +615,9 @@ pub async fn embed_command(
     }
     // One error (printed by `main`, even with -q) that names every chunk left undone.
     const SHOWN: usize = 20;
+    let n_problems = problems.len() + n_failed - usize::from(failure.is_some());
     let mut message = format!(
-        "{} of {} chunks were not embedded: {}",
-        problems.len(),
+        "{n_problems} of {} chunks were not embedded: {}",
         cfg.chunk_ids.len(),
         problems[..problems.len().min(SHOWN)].join("; ")
     );
