@@ -2,10 +2,11 @@
 //!
 //! # Layout
 //! `cli` turns arguments into a `config::Config`; [`run`] dispatches to one module per
-//! command (`plan`, `status`, `runs`, `advance`; `embed` and `serve` for the realtime path). The pure core — `sharder`, `state`, `models`,
-//! `request`, `tokens`, `tsv` — does no I/O; `store` and `lock` own the run folder's files;
-//! `source` and `db` own the database; `printer` owns the terminal; `pgtemp` starts a throwaway
-//! Postgres for tests, the demo and the benchmark. See `ARCHITECTURE.md` for the invariants.
+//! command (`plan`, `status`, `runs`, `advance`; `embed` and `serve` for the realtime path,
+//! which never touches runs). The pure core — `sharder`, `state`, `models`, `request`,
+//! `tokens`, `tsv` — does no I/O; `store` and `lock` own the run folder's files; `source` and
+//! `db` own the database; `printer` owns the terminal; `pgtemp` starts a throwaway Postgres for
+//! tests, the demo and the benchmark. See `ARCHITECTURE.md` for the invariants.
 
 pub mod advance;
 pub mod api;

@@ -275,7 +275,11 @@ async fn bearer(State(state): State<Arc<AppState>>, request: Request, next: Next
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(|value| {
+                // The scheme is case-insensitive (RFC 9110 §11.1).
+                let (scheme, token) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
             .map(|token| Sha256::digest(token.as_bytes()));
         let ok = presented.is_some_and(|p| bool::from(p.as_slice().ct_eq(expected.as_slice())));
         if !ok {
