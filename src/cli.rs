@@ -640,6 +640,56 @@ mod tests {
     }
 
     #[test]
+    fn embed_takes_plan_source_flags_and_dedupes_ids() {
+        let parsed = parse([
+            "embatch",
+            "embed",
+            "--chunk-id",
+            "a",
+            "--chunk-id",
+            " a ",
+            "--chunk-id",
+            "b",
+            "--table",
+            "s.parts",
+            "--dimensions",
+            "512",
+            "--model",
+            "text-embedding-3-large",
+            "--overwrite",
+        ])
+        .unwrap();
+        let Command::Embed(embed) = parsed.config.command else {
+            panic!("expected embed");
+        };
+        assert_eq!(embed.chunk_ids, ["a", "b"]);
+        assert!(embed.overwrite);
+        assert_eq!(embed.realtime.source.table, "s.parts");
+        assert_eq!(embed.realtime.dimensions, Some(512));
+        assert_eq!(embed.realtime.model, "text-embedding-3-large");
+        for bad in [
+            vec!["embatch", "embed"],
+            vec!["embatch", "embed", "--chunk-id", " "],
+            vec!["embatch", "embed", "--chunk-id", "a", "--family-id", "f"],
+            vec!["embatch", "serve", "--max-connections", "0"],
+        ] {
+            assert_eq!(parse(bad).err().unwrap().exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn serve_config_never_shows_the_token() {
+        let parsed = parse(["embatch", "serve", "--listen", "127.0.0.1:0"]).unwrap();
+        let Command::Serve(mut serve) = parsed.config.command else {
+            panic!("expected serve");
+        };
+        serve.token = Some("s3cret-token".to_owned());
+        let shown = format!("{serve:?}");
+        assert!(!shown.contains("s3cret-token"), "{shown}");
+        assert_eq!(serve.max_connections, 16);
+    }
+
+    #[test]
     fn too_many_requests_per_batch_is_a_usage_error() {
         let err = parse([
             "embatch",

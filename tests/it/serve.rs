@@ -590,3 +590,89 @@ async fn content_edited_during_the_call_is_never_given_the_old_vector() {
     assert_eq!(bits(&stored), bits(&embedding(new_text, 1536)));
     assert_eq!(env.emu().counters().embedding_calls, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_database_is_503_and_the_pool_recovers() {
+    let env = env_with_emulator().await;
+    let family = env.add_family(1).await;
+    let ids = env
+        .add_chunks(family, &["Lubricate the chain.", "Align the rollers."])
+        .await;
+    let server = env.serve(&[], &[]).await;
+    let http = http();
+    let (status, _) = server.embed(&http, &ids[0].to_string(), None, "").await;
+    assert_eq!(status, 200);
+
+    // The database refuses new connections and drops the pool's ones.
+    let database: String = env
+        .client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let quoted = format!("\"{}\"", database.replace('"', "\"\""));
+    let admin_url = embatch::pgtemp::ThrowawayPostgres::shared()
+        .unwrap()
+        .admin_url();
+    let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {quoted} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{database}' AND pid <> pg_backend_pid();"
+        ))
+        .await
+        .unwrap();
+    let health = http.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 503);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    let (status, body) = server.embed(&http, &ids[1].to_string(), None, "").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(!body.to_string().contains("password"), "{body}");
+
+    // Back again: new connections replace the dead ones.
+    admin
+        .batch_execute(&format!("ALTER DATABASE {quoted} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    let health = http.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let (status, body) = server.embed(&http, &ids[1].to_string(), None, "").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embed_reports_a_chunk_edited_during_the_call_as_stale() {
+    let env = env_with_emulator().await;
+    let family = env.add_family(1).await;
+    let ids = env.add_chunks(family, &["Before the edit."]).await;
+    env.emu().set_faults(Faults {
+        latency: Duration::from_millis(1500),
+        ..Faults::default()
+    });
+    let id = ids[0].to_string();
+    let args = ["embed", "--chunk-id", &id];
+    let command = env.exec(&args);
+    let edit = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        env.client
+            .execute(
+                "UPDATE knowledge_chunks SET content = 'After the edit.' WHERE id = $1",
+                &[&ids[0]],
+            )
+            .await
+            .unwrap();
+    };
+    let (run, ()) = tokio::join!(command, edit);
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert_eq!(run.stdout, format!("{id}\tstale\t\n"));
+    assert!(
+        run.stderr.contains("changed while it was being embedded"),
+        "{run:#?}"
+    );
+    assert_eq!(env.embedding_of(ids[0]).await, None);
+}
