@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -26,10 +27,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Shared};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
-use tokio::sync::OnceCell;
 
 use crate::api::ApiClient;
 use crate::config::{Global, ServeConfig};
@@ -186,34 +188,63 @@ fn db_unavailable(detail: &str) -> Reply {
 
 /// Requests for the same chunk (and the same `overwrite`) that arrive while one is in flight
 /// join it: one lookup, one API call, one write, and every joiner gets the same reply. The
-/// entry leaves the table when its reply is ready, so a request arriving later starts afresh
-/// (and finds the chunk embedded: 409).
+/// work runs as a task of its own, so it finishes (and its vector lands) even if every client
+/// that asked hung up. The task takes its entry out of the table when its reply is ready, so a
+/// request arriving later starts afresh (and finds the chunk embedded: 409).
 #[derive(Default)]
 pub struct Flights {
-    table: Mutex<HashMap<FlightKey, Arc<OnceCell<Reply>>>>,
+    table: Mutex<HashMap<FlightKey, (u64, Flight)>>,
+    /// Tells a finished task's entry from a newer flight of the same key.
+    next_generation: AtomicU64,
 }
 
 /// The chunk id (normalized) and whether the request overwrites.
 type FlightKey = (String, bool);
 
+/// A flight's reply, awaited by every request that joined it.
+type Flight = Shared<BoxFuture<'static, Reply>>;
+
 impl Flights {
-    async fn run<F, Fut>(&self, key: FlightKey, work: F) -> Reply
+    /// Joins the flight for `key`, or starts one running `work`.
+    pub fn join<F, Fut>(self: &Arc<Self>, key: FlightKey, work: F) -> impl Future<Output = Reply>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Reply>,
+        Fut: Future<Output = Reply> + Send + 'static,
     {
-        let cell = {
-            let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(table.entry(key.clone()).or_default())
-        };
-        // If the request doing the work goes away (its client hung up), the next joiner takes
-        // over: `get_or_init` runs its own `work`.
-        let reply = cell.get_or_init(work).await.clone();
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        if table.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            table.remove(&key);
+        if let Some((_, flight)) = table.get(&key) {
+            return flight.clone();
         }
-        reply
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let flights = Arc::clone(self);
+        let task_key = key.clone();
+        let work = work();
+        // Spawned while the table is locked: the task's `finish` waits for the insert below.
+        let task = tokio::spawn(async move {
+            let reply = work.await;
+            flights.finish(&task_key, generation);
+            reply
+        });
+        let flight = async move {
+            task.await.unwrap_or_else(|_| {
+                error_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the embedding task failed; try again".to_owned(),
+                )
+            })
+        }
+        .boxed()
+        .shared();
+        table.insert(key, (generation, flight.clone()));
+        flight
+    }
+
+    fn finish(&self, key: &FlightKey, generation: u64) {
+        let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if table.get(key).is_some_and(|(g, _)| *g == generation) {
+            table.remove(key);
+        }
     }
 
     /// Flights in the table now (for tests).
@@ -240,7 +271,7 @@ pub struct AppState {
     /// sha256 of the bearer token: compared in constant time, and the token itself is not
     /// kept.
     token_sha256: Option<[u8; 32]>,
-    pub flights: Flights,
+    pub flights: Arc<Flights>,
     verbose: bool,
 }
 
@@ -344,7 +375,7 @@ async fn embed_chunk(
             let work_state = Arc::clone(&state);
             state
                 .flights
-                .run(key, || async move {
+                .join(key, move || async move {
                     embed_one(&work_state, &chunk_id, query.overwrite).await
                 })
                 .await
@@ -464,7 +495,7 @@ pub async fn app_state(global: &Global, cfg: &ServeConfig) -> anyhow::Result<Arc
             .token
             .as_ref()
             .map(|t| Sha256::digest(t.as_bytes()).into()),
-        flights: Flights::default(),
+        flights: Arc::new(Flights::default()),
         verbose: global.output.verbose,
     }))
 }
@@ -580,7 +611,7 @@ mod tests {
             let calls = Arc::clone(&calls);
             tasks.push(tokio::spawn(async move {
                 flights
-                    .run(("c1".to_owned(), false), || async move {
+                    .join(("c1".to_owned(), false), || async move {
                         calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         error_reply(StatusCode::OK, "x", "same".to_owned())
@@ -594,5 +625,21 @@ mod tests {
         }
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(flights.is_empty(), "the finished flight left the table");
+    }
+
+    #[tokio::test]
+    async fn a_flight_finishes_when_every_client_hung_up() {
+        let flights = Arc::new(Flights::default());
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&done);
+        let waiting = flights.join(("c1".to_owned(), false), || async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            error_reply(StatusCode::OK, "x", "done".to_owned())
+        });
+        drop(waiting);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(flights.is_empty());
     }
 }
