@@ -580,6 +580,11 @@ pub async fn serve_command(
             );
         }
     }
+    // Flights whose clients all hung up still run as tasks of their own: let them land.
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    while !state.flights.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     state.pool.close();
     printer.info("stopped");
     Ok(())
