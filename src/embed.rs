@@ -199,16 +199,17 @@ pub fn classify(chunk: &LoadedChunk, overwrite: bool) -> Readiness {
 /// chunk can have it. Uuids are accepted in any spelling Postgres accepts (upper case, braces,
 /// no hyphens) so they all meet in one single-flight key.
 pub fn normalize_id(id_type: IdType, raw: &str) -> Result<String, String> {
-    let raw = raw.trim();
     match id_type {
-        IdType::Uuid => uuid::Uuid::parse_str(raw)
+        // A text id is taken as given: spaces may be part of it.
+        IdType::Text => Ok(raw.to_owned()),
+        IdType::Uuid => uuid::Uuid::parse_str(raw.trim())
             .map(|id| id.hyphenated().to_string())
             .map_err(|_| format!("`{raw}` is not a uuid, and the id column holds uuids")),
         IdType::Bigint => raw
+            .trim()
             .parse::<i64>()
             .map(|id| id.to_string())
             .map_err(|_| format!("`{raw}` is not an integer, and the id column holds integers")),
-        IdType::Text => Ok(raw.to_owned()),
     }
 }
 
