@@ -295,7 +295,28 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "no such route: use POST /api/v1/embed/chunk/{chunk_id} or GET /healthz".to_owned(),
             )
         })
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            log_request,
+        ))
         .with_state(state)
+}
+
+/// With `-v`: one line per request — method, path, status, time. Never a header (the token
+/// travels in one) and never a query string.
+async fn log_request(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if !state.verbose {
+        return next.run(request).await;
+    }
+    let started = Instant::now();
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let response = next.run(request).await;
+    eprintln!(
+        "{method} {path} -> {} in {} ms",
+        response.status().as_u16(),
+        started.elapsed().as_millis()
+    );
+    response
 }
 
 /// `Authorization: Bearer <EMBATCH_SERVE_TOKEN>`, when a token is set. Both sides are hashed
@@ -355,7 +376,6 @@ async fn embed_chunk(
     Path(raw_id): Path<String>,
     query: Result<Query<EmbedQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
-    let started = Instant::now();
     let Ok(Query(query)) = query else {
         return error_reply(
             StatusCode::BAD_REQUEST,
@@ -364,7 +384,7 @@ async fn embed_chunk(
                 .to_owned(),
         );
     };
-    let reply = match embed::normalize_id(state.target.source.id_type, &raw_id) {
+    match embed::normalize_id(state.target.source.id_type, &raw_id) {
         Err(why) => error_reply(
             StatusCode::NOT_FOUND,
             "chunk_not_found",
@@ -380,15 +400,7 @@ async fn embed_chunk(
                 })
                 .await
         }
-    };
-    if state.verbose {
-        eprintln!(
-            "POST /api/v1/embed/chunk/{raw_id} -> {} in {} ms",
-            reply.status.as_u16(),
-            started.elapsed().as_millis()
-        );
     }
-    reply
 }
 
 /// The work of one flight: look up, check, call the API, write.

@@ -62,7 +62,7 @@ async fn serve_answers_every_status_code() {
     let (ok_id, empty_id, blank_id, long_id, second_id) = (ids[0], ids[1], ids[2], ids[3], ids[4]);
     let server = env
         .serve(
-            &[],
+            &["-v"],
             &[("EMBATCH_SERVE_TOKEN", TOKEN), ("EMBATCH_API_RETRIES", "1")],
         )
         .await;
@@ -169,8 +169,13 @@ async fn serve_answers_every_status_code() {
     let lost = http.get(server.url("/nope")).send().await.unwrap();
     assert_eq!(lost.status().as_u16(), 404);
 
-    // Neither the token nor the API key ever reaches the log.
+    // Neither the token nor the API key ever reaches the log (-v logs every request).
     let log = server.stderr_text();
+    assert!(
+        log.contains(&format!("/api/v1/embed/chunk/{ok_id} -> 200")),
+        "{log}"
+    );
+    assert!(log.contains("-> 401"), "{log}");
     assert!(!log.contains(TOKEN), "{log}");
     assert!(!log.contains(env.emu().api_key()), "{log}");
 }
@@ -675,4 +680,30 @@ async fn embed_reports_a_chunk_edited_during_the_call_as_stale() {
         "{run:#?}"
     );
     assert_eq!(env.embedding_of(ids[0]).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embed_and_serve_say_what_is_missing() {
+    // No API key (no emulator configured): refused before anything else.
+    let env = TestEnv::new().await;
+    let run = env
+        .exec(&["embed", "--chunk-id", &Uuid::from_u128(1).to_string()])
+        .await;
+    run.assert_error("no OpenAI API key");
+    let err = env.try_serve(&[], &[]).await.err().expect("refused");
+    assert!(err.contains("no OpenAI API key"), "{err}");
+
+    // A table that is not there: the message names the flag to check.
+    let env = env_with_emulator().await;
+    let run = env
+        .exec(&["embed", "--table", "nope", "--chunk-id", "1"])
+        .await;
+    run.assert_error("check --table");
+    let err = env
+        .try_serve(&["--table", "nope"], &[])
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.contains("check --table"), "{err}");
+    assert!(err.starts_with("exit code Some(1)"), "{err}");
 }
