@@ -10,9 +10,9 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{
-    AdvanceConfig, AdvanceOptions, ApiSettings, CancelConfig, Command, Config,
-    EmulatorCommandConfig, Global, IngestConfig, OutputSettings, PlanConfig, RunConfig, RunsConfig,
-    SourceConfig, StatusConfig, StatusTarget, SubmitConfig,
+    AdvanceConfig, AdvanceOptions, ApiSettings, CancelConfig, Command, Config, EmbedConfig,
+    EmulatorCommandConfig, Global, IngestConfig, OutputSettings, PlanConfig, RealtimeConfig,
+    RunConfig, RunsConfig, ServeConfig, SourceConfig, StatusConfig, StatusTarget, SubmitConfig,
 };
 use crate::models::{DEFAULT_MODEL, EncodingFormat};
 use crate::sharder::BatchLimits;
@@ -108,10 +108,17 @@ enum CommandArgs {
     /// Plan, then submit the batches (`--dry-run`: write the files only, call no API)
     #[command(after_help = "Example:\n  embatch submit --family-id 3f8e… --dry-run\n\n".to_owned() + AFTER_HELP)]
     Submit(SubmitArgs),
+    /// Embed the given chunks now through the realtime /v1/embeddings endpoint
+    #[command(after_help = "Examples:\n  embatch embed --chunk-id 5b1d…                 # one chunk\n  embatch embed --chunk-id 5b1d… --chunk-id 9c2e… --overwrite\n\nstdout: one line per chunk: id, outcome, tokens (tab-separated).\n\n".to_owned() + AFTER_HELP)]
+    Embed(EmbedArgs),
+    /// Serve the realtime path over HTTP: POST /api/v1/embed/chunk/{chunk_id}, GET /healthz
+    #[command(after_help = "Example:\n  EMBATCH_SERVE_TOKEN=… embatch serve --listen 127.0.0.1:8080\n  curl -X POST -H \"Authorization: Bearer $EMBATCH_SERVE_TOKEN\" http://127.0.0.1:8080/api/v1/embed/chunk/5b1d…\n\nEMBATCH_SERVE_TOKEN is required on any address other than loopback. SIGTERM or ctrl-c stops it after the requests in flight.\n\n".to_owned() + AFTER_HELP)]
+    Serve(ServeArgs),
 }
 
+/// Where the chunks live: shared by `plan` (inside [`SourceArgs`]), `embed` and `serve`.
 #[derive(Debug, Args)]
-struct SourceArgs {
+struct ChunkColumnsArgs {
     /// Table holding the chunks (`schema.table` allowed)
     #[arg(long, default_value = "knowledge_chunks")]
     table: String,
@@ -124,6 +131,23 @@ struct SourceArgs {
     /// pgvector column that receives the embedding
     #[arg(long, default_value = "embedding")]
     embedding_column: String,
+}
+
+/// The model and the vector size: shared by `plan`, `embed` and `serve`.
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// Embedding model
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Vector size; must equal the column's vector(N)
+    #[arg(long)]
+    dimensions: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+struct SourceArgs {
+    #[command(flatten)]
+    columns: ChunkColumnsArgs,
     /// Column holding the family id
     #[arg(long, default_value = "equipment_family_id")]
     family_column: String,
@@ -145,12 +169,8 @@ struct PlanArgs {
     /// At most this many chunks (for trials)
     #[arg(long)]
     limit: Option<u64>,
-    /// Embedding model
-    #[arg(long, default_value = DEFAULT_MODEL)]
-    model: String,
-    /// Vector size; must equal the column's vector(N)
-    #[arg(long)]
-    dimensions: Option<u32>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// `base64` makes output files about 4× smaller; try it on a tiny batch first
     #[arg(long, value_enum, default_value_t = EncodingFormat::Float)]
     encoding_format: EncodingFormat,
@@ -297,6 +317,34 @@ struct RunsArgs {
 }
 
 #[derive(Debug, Args)]
+struct EmbedArgs {
+    /// A chunk to embed (repeat the flag for several; they share API requests)
+    #[arg(long = "chunk-id", required = true, value_name = "ID")]
+    chunk_ids: Vec<String>,
+    #[command(flatten)]
+    columns: ChunkColumnsArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Embed even chunks that already have an embedding
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on; any address but loopback needs EMBATCH_SERVE_TOKEN
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    #[command(flatten)]
+    columns: ChunkColumnsArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Database connections in the pool shared by all requests
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    max_connections: u64,
+}
+
+#[derive(Debug, Args)]
 struct SubmitArgs {
     #[command(flatten)]
     plan: PlanArgs,
@@ -406,6 +454,31 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
             dry_run: args.dry_run,
             opts: AdvanceOptions::default(),
         }),
+        CommandArgs::Embed(args) => {
+            let mut chunk_ids: Vec<String> = Vec::with_capacity(args.chunk_ids.len());
+            for id in args.chunk_ids {
+                let id = id.trim().to_owned();
+                if id.is_empty() {
+                    return Err(usage_error("--chunk-id must not be empty"));
+                }
+                if !chunk_ids.contains(&id) {
+                    chunk_ids.push(id);
+                }
+            }
+            Command::Embed(EmbedConfig {
+                chunk_ids,
+                realtime: realtime_config(args.columns, args.model)?,
+                overwrite: args.overwrite,
+            })
+        }
+        CommandArgs::Serve(args) => Command::Serve(ServeConfig {
+            listen: args.listen,
+            token: std::env::var("EMBATCH_SERVE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+            realtime: realtime_config(args.columns, args.model)?,
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        }),
     };
     Ok(Config { global, command })
 }
@@ -432,6 +505,50 @@ fn usage_error(message: &str) -> clap::Error {
     Cli::command().error(clap::error::ErrorKind::ValueValidation, message)
 }
 
+/// The chunk table's names, checked non-empty; the family settings keep their defaults
+/// (unused by the realtime path).
+fn chunk_source(c: ChunkColumnsArgs) -> Result<SourceConfig, clap::Error> {
+    for (flag, value) in [
+        ("--table", &c.table),
+        ("--id-column", &c.id_column),
+        ("--text-column", &c.text_column),
+        ("--embedding-column", &c.embedding_column),
+    ] {
+        if value.is_empty() {
+            return Err(usage_error(&format!("{flag} must not be empty")));
+        }
+    }
+    Ok(SourceConfig {
+        table: c.table,
+        id_column: c.id_column,
+        text_column: c.text_column,
+        embedding_column: c.embedding_column,
+        ..SourceConfig::default()
+    })
+}
+
+fn check_model(m: &ModelArgs) -> Result<(), clap::Error> {
+    if m.model.trim().is_empty() {
+        return Err(usage_error("--model must not be empty"));
+    }
+    if m.dimensions == Some(0) {
+        return Err(usage_error("--dimensions must be at least 1"));
+    }
+    Ok(())
+}
+
+fn realtime_config(
+    columns: ChunkColumnsArgs,
+    model: ModelArgs,
+) -> Result<RealtimeConfig, clap::Error> {
+    check_model(&model)?;
+    Ok(RealtimeConfig {
+        source: chunk_source(columns)?,
+        model: model.model,
+        dimensions: model.dimensions,
+    })
+}
+
 fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
     if args.family_id.trim().is_empty() {
         return Err(usage_error("--family-id must not be empty"));
@@ -448,15 +565,10 @@ fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
             )));
         }
     }
-    if args.dimensions == Some(0) {
-        return Err(usage_error("--dimensions must be at least 1"));
-    }
+    check_model(&args.model)?;
     let s = args.source;
+    let chunks = chunk_source(s.columns)?;
     for (flag, value) in [
-        ("--table", &s.table),
-        ("--id-column", &s.id_column),
-        ("--text-column", &s.text_column),
-        ("--embedding-column", &s.embedding_column),
         ("--family-column", &s.family_column),
         ("--family-table", &s.family_table),
     ] {
@@ -471,17 +583,14 @@ fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
     Ok(PlanConfig {
         family_id: args.family_id,
         source: SourceConfig {
-            table: s.table,
-            id_column: s.id_column,
-            text_column: s.text_column,
-            embedding_column: s.embedding_column,
             family_column: s.family_column,
             family_table: (!s.family_table.eq_ignore_ascii_case("none")).then_some(s.family_table),
             scope_sql,
+            ..chunks
         },
         limit: args.limit,
-        model: args.model,
-        dimensions: args.dimensions,
+        model: args.model.model,
+        dimensions: args.model.dimensions,
         encoding_format: args.encoding_format,
         limits: BatchLimits {
             max_requests: args.max_requests_per_batch,
@@ -528,6 +637,56 @@ mod tests {
         };
         assert_eq!(plan.source.family_table, None);
         assert_eq!(plan.limits.max_requests, 50_000);
+    }
+
+    #[test]
+    fn embed_takes_plan_source_flags_and_dedupes_ids() {
+        let parsed = parse([
+            "embatch",
+            "embed",
+            "--chunk-id",
+            "a",
+            "--chunk-id",
+            " a ",
+            "--chunk-id",
+            "b",
+            "--table",
+            "s.parts",
+            "--dimensions",
+            "512",
+            "--model",
+            "text-embedding-3-large",
+            "--overwrite",
+        ])
+        .unwrap();
+        let Command::Embed(embed) = parsed.config.command else {
+            panic!("expected embed");
+        };
+        assert_eq!(embed.chunk_ids, ["a", "b"]);
+        assert!(embed.overwrite);
+        assert_eq!(embed.realtime.source.table, "s.parts");
+        assert_eq!(embed.realtime.dimensions, Some(512));
+        assert_eq!(embed.realtime.model, "text-embedding-3-large");
+        for bad in [
+            vec!["embatch", "embed"],
+            vec!["embatch", "embed", "--chunk-id", " "],
+            vec!["embatch", "embed", "--chunk-id", "a", "--family-id", "f"],
+            vec!["embatch", "serve", "--max-connections", "0"],
+        ] {
+            assert_eq!(parse(bad).err().unwrap().exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn serve_config_never_shows_the_token() {
+        let parsed = parse(["embatch", "serve", "--listen", "127.0.0.1:0"]).unwrap();
+        let Command::Serve(mut serve) = parsed.config.command else {
+            panic!("expected serve");
+        };
+        serve.token = Some("s3cret-token".to_owned());
+        let shown = format!("{serve:?}");
+        assert!(!shown.contains("s3cret-token"), "{shown}");
+        assert_eq!(serve.max_connections, 16);
     }
 
     #[test]

@@ -177,6 +177,50 @@ pub struct SubmitConfig {
     pub opts: AdvanceOptions,
 }
 
+/// What the realtime path (`embed`, `serve`) embeds with: the chunk table and the model.
+/// The family settings of `source` are unused there: chunks are looked up by id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RealtimeConfig {
+    pub source: SourceConfig,
+    pub model: String,
+    /// `--dimensions`: must equal the column's vector(N).
+    pub dimensions: Option<u32>,
+}
+
+/// `embed --chunk-id ID…`: embeds those chunks now through `/v1/embeddings`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedConfig {
+    /// As given, duplicates removed, in the order first given.
+    pub chunk_ids: Vec<String>,
+    pub realtime: RealtimeConfig,
+    /// Write even where an embedding exists.
+    pub overwrite: bool,
+}
+
+/// `serve --listen ADDR`: the realtime path as an HTTP service.
+#[derive(Clone, PartialEq)]
+pub struct ServeConfig {
+    pub listen: std::net::SocketAddr,
+    /// `EMBATCH_SERVE_TOKEN`: the bearer token every request but `/healthz` must carry. A
+    /// secret: never printed, never logged.
+    pub token: Option<String>,
+    pub realtime: RealtimeConfig,
+    /// Database connections in the pool.
+    pub max_connections: usize,
+}
+
+// Written by hand so that the token never reaches a log line.
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .field("realtime", &self.realtime)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Plan(PlanConfig),
@@ -188,6 +232,8 @@ pub enum Command {
     Run(RunConfig),
     Cancel(CancelConfig),
     Emulator(EmulatorCommandConfig),
+    Embed(EmbedConfig),
+    Serve(ServeConfig),
 }
 
 #[derive(Debug, Clone)]

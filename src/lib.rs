@@ -2,10 +2,11 @@
 //!
 //! # Layout
 //! `cli` turns arguments into a `config::Config`; [`run`] dispatches to one module per
-//! command (`plan`, `status`, `runs`). The pure core — `sharder`, `state`, `models`,
-//! `request`, `tokens`, `tsv` — does no I/O; `store` and `lock` own the run folder's files;
-//! `source` and `db` own the database; `printer` owns the terminal; `pgtemp` starts a throwaway
-//! Postgres for tests, the demo and the benchmark. See `ARCHITECTURE.md` for the invariants.
+//! command (`plan`, `status`, `runs`, `advance`; `embed` and `serve` for the realtime path,
+//! which never touches runs). The pure core — `sharder`, `state`, `models`, `request`,
+//! `tokens`, `tsv` — does no I/O; `store` and `lock` own the run folder's files; `source` and
+//! `db` own the database; `printer` owns the terminal; `pgtemp` starts a throwaway Postgres for
+//! tests, the demo and the benchmark. See `ARCHITECTURE.md` for the invariants.
 
 pub mod advance;
 pub mod api;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod crashpoint;
 pub mod db;
+pub mod embed;
 pub mod emulator;
 pub mod ingest;
 pub mod lock;
@@ -24,6 +26,7 @@ pub mod printer;
 pub mod request;
 pub mod runs;
 pub mod sample;
+pub mod serve;
 pub mod sharder;
 pub mod sink;
 pub mod source;
@@ -184,6 +187,14 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                 ..emulator::EmulatorConfig::default()
             };
             emulator::serve_forever(e.listen, emu_config).await?;
+            Ok(ExitStatus::Done)
+        }
+        Command::Embed(embed_cfg) => {
+            embed::embed_command(&config.global, embed_cfg, &printer).await?;
+            Ok(ExitStatus::Done)
+        }
+        Command::Serve(serve_cfg) => {
+            serve::serve_command(&config.global, serve_cfg, &printer).await?;
             Ok(ExitStatus::Done)
         }
         Command::Runs(runs_cfg) => {

@@ -178,6 +178,23 @@ struct ColumnInfo {
 impl Source {
     /// Checks that the table and columns exist with usable types.
     pub async fn inspect(client: &Client, config: &SourceConfig) -> Result<Source, SourceError> {
+        Source::inspect_columns(client, config, true).await
+    }
+
+    /// Like [`Source::inspect`] but without the family column, which the realtime path
+    /// (`embed`, `serve`) never reads: it looks chunks up by id.
+    pub async fn inspect_chunks(
+        client: &Client,
+        config: &SourceConfig,
+    ) -> Result<Source, SourceError> {
+        Source::inspect_columns(client, config, false).await
+    }
+
+    async fn inspect_columns(
+        client: &Client,
+        config: &SourceConfig,
+        needs_family_column: bool,
+    ) -> Result<Source, SourceError> {
         let table_sql = quote_qualified(&config.table);
         let row = client
             .query_one("SELECT to_regclass($1)::oid", &[&table_sql])
@@ -247,7 +264,7 @@ impl Source {
                 quote_ident(&emb_col.name)
             )));
         };
-        if config.scope_sql.is_none() {
+        if needs_family_column && config.scope_sql.is_none() {
             find(&config.family_column, "--family-column")?;
         }
         Ok(Source {

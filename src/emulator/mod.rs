@@ -127,6 +127,9 @@ pub struct Counters {
     pub downloads: u64,
     pub file_deletions: u64,
     pub embedding_calls: u64,
+    /// Realtime `/v1/embeddings` calls per input text (each text counted once per call that
+    /// carried it), so a test can check that a chunk was sent exactly once.
+    pub embedding_inputs: BTreeMap<String, u64>,
     pub lost_answers: u64,
     pub injected_errors: u64,
 }

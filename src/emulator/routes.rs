@@ -745,7 +745,25 @@ async fn create_embeddings(
     body: Bytes,
 ) -> Result<Response, RequestError> {
     let body = Value::Object(json_object(&body)?);
-    shared.lock().counters.embedding_calls += 1;
+    {
+        let mut state = shared.lock();
+        state.counters.embedding_calls += 1;
+        let texts: Vec<&str> = match body.get("input") {
+            Some(Value::String(text)) => vec![text.as_str()],
+            Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        for text in texts {
+            if seen.insert(text) {
+                *state
+                    .counters
+                    .embedding_inputs
+                    .entry(text.to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
     // Up to 2048 inputs of 8k tokens: tokenizing and hashing them is CPU work.
     let response = tokio::task::spawn_blocking(move || {
         embeddings::execute(&body).map(|response| serde_json::to_vec(&response))

@@ -271,4 +271,137 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
 /// The bytes of a file, or `None` when it does not exist.
 pub fn bytes_of(path: impl AsRef<Path>) -> Option<Vec<u8>> {
     fs_err::read(path.as_ref()).ok()
+
+// ------------------------------------------------------------------------------------------
+// The realtime path: `embatch serve` as a child process, and reading vectors back.
+
+/// A running `embatch serve` child. Killed when dropped.
+pub struct ServeProcess {
+    pub child: tokio::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base_url: String,
+    /// Everything the server wrote on stderr so far (drained in the background).
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ServeProcess {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// `POST /api/v1/embed/chunk/{id}` with an optional bearer token and query.
+    pub async fn embed(
+        &self,
+        http: &reqwest::Client,
+        chunk_id: &str,
+        token: Option<&str>,
+        query: &str,
+    ) -> (u16, serde_json::Value) {
+        let mut request = http.post(self.url(&format!("/api/v1/embed/chunk/{chunk_id}{query}")));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .expect("send the request to embatch serve");
+        let status = response.status().as_u16();
+        let body = response.json().await.expect("a JSON body");
+        (status, body)
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let pid = self.child.id().expect("the server is running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("send SIGTERM");
+    }
+
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl TestEnv {
+    /// Starts `embatch serve --listen 127.0.0.1:0 <extra…>` with `env`, and waits for its
+    /// "listening on" line. Panics with the server's stderr if it does not come up.
+    pub async fn serve(&self, extra: &[&str], env: &[(&str, &str)]) -> ServeProcess {
+        match self.try_serve(extra, env).await {
+            Ok(server) => server,
+            Err(stderr) => panic!("embatch serve did not start:\n{stderr}"),
+        }
+    }
+
+    /// Like [`TestEnv::serve`], but a server that exits before listening gives back its
+    /// stderr (and exit code, on the first line) instead of panicking.
+    pub async fn try_serve(
+        &self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<ServeProcess, String> {
+        use tokio::io::AsyncBufReadExt as _;
+
+        let mut cmd = tokio::process::Command::from(self.command());
+        cmd.args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let mut child = cmd.spawn().expect("spawn embatch serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let collected = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let base_url = loop {
+            let line = tokio::time::timeout_at(deadline, lines.next_line()).await;
+            match line {
+                Ok(Ok(Some(line))) => {
+                    collected.lock().unwrap().push_str(&format!("{line}\n"));
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        let url = rest.split_whitespace().next().unwrap_or_default();
+                        break url.to_owned();
+                    }
+                }
+                _ => {
+                    let status = child.wait().await.ok().and_then(|s| s.code());
+                    let text = collected.lock().unwrap().clone();
+                    return Err(format!("exit code {status:?}\n{text}"));
+                }
+            }
+        };
+        let sink = std::sync::Arc::clone(&collected);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(mut text) = sink.lock() {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            }
+        });
+        Ok(ServeProcess {
+            child,
+            base_url,
+            stderr: collected,
+        })
+    }
+
+    /// The stored embedding of a chunk of the default table, `None` while NULL.
+    pub async fn embedding_of(&self, id: Uuid) -> Option<Vec<f32>> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT embedding FROM knowledge_chunks WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .expect("read the embedding");
+        row.get::<_, Option<pgvector::Vector>>(0)
+            .map(|v| v.to_vec())
+    }
 }

@@ -7,5 +7,6 @@ mod harness;
 mod ingest;
 mod plan;
 mod security;
+mod serve;
 mod status;
 mod tls_front;
