@@ -97,6 +97,7 @@ fn main() -> anyhow::Result<()> {
 /// resident memory in MiB.
 fn run_child(args: &[&str]) -> anyhow::Result<(Duration, f64)> {
     let exe = std::env::current_exe()?;
+    let cpu_before = children_cpu();
     let started = Instant::now();
     let mut child = std::process::Command::new(exe)
         .arg(CHILD)
@@ -118,10 +119,26 @@ fn run_child(args: &[&str]) -> anyhow::Result<(Duration, f64)> {
             if !exit.success() {
                 bail!("embatch {} failed: {exit}", args.join(" "));
             }
+            eprintln!(
+                "  child: {:.2}s wall, {:.2}s CPU",
+                elapsed.as_secs_f64(),
+                children_cpu() - cpu_before
+            );
             return Ok((elapsed, peak_kib as f64 / 1024.0));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// CPU seconds (user + system) of the children waited for so far.
+fn children_cpu() -> f64 {
+    // SAFETY: getrusage only writes into the struct we hand it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(usage.ru_utime) + t(usage.ru_stime)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -131,9 +148,9 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// A deterministic vector for a chunk id, values in (-0.1, 0.1) like a real unit vector's.
 fn vector_for(id: &str) -> Vec<f32> {
-    let mut state = id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let mut state = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     (0..DIMENSIONS)
         .map(|_| {
             // splitmix64
@@ -338,7 +355,9 @@ async fn load_family(
 /// The seed script's way: one UPDATE per row with the vector as text, 1,000 rows per commit.
 async fn seed_style(client: &mut Client, ids: &[String]) -> anyhow::Result<Duration> {
     let statement = client
-        .prepare("UPDATE knowledge_chunks SET embedding = $1::text::vector WHERE id = $2::text::uuid")
+        .prepare(
+            "UPDATE knowledge_chunks SET embedding = $1::text::vector WHERE id = $2::text::uuid",
+        )
         .await?;
     let started = Instant::now();
     for part in ids.chunks(1_000) {
@@ -431,7 +450,9 @@ fn parse_alone(
     // Read first, so that only parsing is timed.
     let mut lines: Vec<Vec<u8>> = Vec::new();
     'files: for (dir, _) in batches {
-        let mut reader = BufReader::new(fs_err::File::open(dir.join(format!("output.{kind}.jsonl")))?);
+        let mut reader = BufReader::new(fs_err::File::open(
+            dir.join(format!("output.{kind}.jsonl")),
+        )?);
         loop {
             let mut line = Vec::new();
             if reader.read_until(b'\n', &mut line)? == 0 {
@@ -456,7 +477,11 @@ fn parse_alone(
     }
     let elapsed = started.elapsed();
     if ok != lines.len() as u64 {
-        bail!("{} of {} {kind} lines did not parse", lines.len() as u64 - ok, lines.len());
+        bail!(
+            "{} of {} {kind} lines did not parse",
+            lines.len() as u64 - ok,
+            lines.len()
+        );
     }
     Ok((ok, n_bytes, elapsed))
 }
@@ -483,7 +508,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             &[&FAMILY],
         )
         .await?;
-    let work = tempfile::Builder::new().prefix("embatch-bench-").tempdir()?;
+    let work = tempfile::Builder::new()
+        .prefix("embatch-bench-")
+        .tempdir()?;
     let runs_dir = work.path().join("runs");
     let runs = runs_dir.display().to_string();
 
@@ -500,14 +527,23 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .collect();
     let text_bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
     load_family(&client, "knowledge_chunks", FAMILY, &texts, &mut rng).await?;
-    client.batch_execute("VACUUM ANALYZE knowledge_chunks").await?;
+    client
+        .batch_execute("VACUUM ANALYZE knowledge_chunks")
+        .await?;
     eprintln!(
         "loaded {n} chunks, {:.1} MB of text, in {:.1}s",
         mb(text_bytes),
         started.elapsed().as_secs_f64()
     );
 
-    let common = ["--database-url", url.as_str(), "--runs-dir", runs.as_str(), "-q", "--no-progress"];
+    let common = [
+        "--database-url",
+        url.as_str(),
+        "--runs-dir",
+        runs.as_str(),
+        "-q",
+        "--no-progress",
+    ];
 
     // References for plan: COPY out and the tokenizer alone.
     let mut copy_out_times = Vec::new();
@@ -515,7 +551,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         copy_out_times.push(copy_out(&client).await?.as_secs_f64());
     }
     let copy_out_s = median(copy_out_times);
-    let tokenize_s = median((0..3).map(|_| tokenize_two_threads(&texts).as_secs_f64()).collect());
+    let tokenize_s = median(
+        (0..3)
+            .map(|_| tokenize_two_threads(&texts).as_secs_f64())
+            .collect(),
+    );
     drop(texts);
 
     // Plan, the real command.
@@ -527,7 +567,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .map(|found| found.dir)
         .context("the plan created no run")?;
     let run_dir_text = run_dir.display().to_string();
-    eprintln!("plan: {:.2}s, peak RSS {plan_rss:.1} MiB", plan_time.as_secs_f64());
+    eprintln!(
+        "plan: {:.2}s, peak RSS {plan_rss:.1} MiB",
+        plan_time.as_secs_f64()
+    );
 
     // The provider's output, float and base64, shuffled.
     let started = Instant::now();
@@ -539,7 +582,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     let batches = batches_of(&run_dir)?;
-    let ids: Vec<String> = batches.iter().flat_map(|(_, ids)| ids.iter().cloned()).collect();
+    let ids: Vec<String> = batches
+        .iter()
+        .flat_map(|(_, ids)| ids.iter().cloned())
+        .collect();
 
     // Parsing alone, one core.
     let parse_lines = n.min(20_000);
@@ -570,7 +616,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             if written != n as i64 {
                 bail!("{kind} ingest wrote {written} of {n} vectors");
             }
-            eprintln!("ingest {kind}: {:.2}s, peak RSS {rss:.1} MiB", time.as_secs_f64());
+            eprintln!(
+                "ingest {kind}: {:.2}s, peak RSS {rss:.1} MiB",
+                time.as_secs_f64()
+            );
             anyhow::Ok((time, rss))
         }
     };
@@ -765,7 +814,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     row(
         &format!("ingest base64, HNSW-indexed ({hnsw_rows} rows)"),
         format!("{hnsw_rows_per_s:.0} rows/s"),
-        format!("{:.3}x unindexed", hnsw_rows_per_s / ingest_base64_rows_per_s),
+        format!(
+            "{:.3}x unindexed",
+            hnsw_rows_per_s / ingest_base64_rows_per_s
+        ),
         "",
     );
     row(
