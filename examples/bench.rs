@@ -606,7 +606,6 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let ingest = |kind: &'static str| {
         let run_dir_text = run_dir_text.clone();
         let run_dir = run_dir.clone();
-        let common = common;
         let client = &client;
         async move {
             reset_embeddings(client, "knowledge_chunks").await?;

@@ -215,10 +215,14 @@ impl Stepper {
                 _ => 0,
             };
             let path = dir.join(name);
-            let mut reader = BufReader::with_capacity(1 << 20, fs_err::File::open(&path)?);
-            reader.seek(SeekFrom::Start(start))?;
+            // Parsing (most of the CPU for float output) runs on its own thread, a bounded
+            // channel ahead of this writer, so it overlaps with the database's work. Only this
+            // loop decides what is committed and which offset is saved.
+            let (sender, mut receiver) = tokio::sync::mpsc::channel(PARSED_BATCHES_IN_FLIGHT);
+            let parser =
+                tokio::task::spawn_blocking(move || parse_file(&path, start, dims, sender));
+            let mut pending = Vec::new().into_iter();
             let mut offset = start;
-            let mut line = Vec::with_capacity(64 * 1024);
             let mut at_end = false;
             // One transaction per `--update-chunk-size` rows, then a checkpoint.
             while !at_end {
@@ -229,20 +233,25 @@ impl Stepper {
                     .context("could not start a transaction")?;
                 let mut rows_in_tx = 0usize;
                 loop {
-                    line.clear();
-                    let n = reader.read_until(b'\n', &mut line)?;
-                    if n == 0 {
-                        at_end = true;
-                        break;
-                    }
-                    offset += n as u64;
-                    let text = std::str::from_utf8(&line).unwrap_or("");
-                    let text = text.trim_end_matches(['\n', '\r']);
-                    if text.trim().is_empty() {
+                    let parsed: ParsedLine = match pending.next() {
+                        Some(parsed) => parsed,
+                        None => match receiver.recv().await {
+                            Some(batch) => {
+                                pending = batch.into_iter();
+                                continue;
+                            }
+                            None => {
+                                at_end = true;
+                                break;
+                            }
+                        },
+                    };
+                    offset = parsed.end_offset;
+                    let Some(outcome) = parsed.outcome else {
                         continue;
-                    }
+                    };
                     bar.inc(1);
-                    match parse_line(text, dims) {
+                    match outcome {
                         LineOutcome::Vector { custom_id, vector } => {
                             match chunks.get_mut(&custom_id) {
                                 None => report.tally.anomalies.unknown_custom_id += 1,
@@ -283,6 +292,18 @@ impl Stepper {
                 }
                 if !group.is_empty() {
                     write_group(&db.sink, &tx, &mut group, &chunks, &mut report).await?;
+                }
+                if at_end {
+                    // The parser stopped: at the end of the file, or on a read error, which
+                    // must not pass for the end (nothing after it would be ingested).
+                    parser
+                        .await
+                        .context("the output parser stopped unexpectedly")??;
+                    tx.commit()
+                        .await
+                        .context("could not commit the ingest transaction")?;
+                    self.checkpoint(idx, &mut report, file, offset)?;
+                    break;
                 }
                 tx.commit()
                     .await
@@ -482,6 +503,60 @@ impl Stepper {
         }
         Ok(rows)
     }
+}
+
+/// Parsed lines sent at once from the parser thread to the writer, and how many such batches
+/// may wait in the channel: enough to keep both busy, a few MB at most (a float line is
+/// ~18 KB, its vector 6 KB).
+const PARSED_LINES_PER_BATCH: usize = 64;
+const PARSED_BATCHES_IN_FLIGHT: usize = 4;
+
+/// One line of an output or error file, parsed.
+struct ParsedLine {
+    /// The byte just past this line: where a resume starts once it is handled.
+    end_offset: u64,
+    /// `None` for a blank line (or one that is not UTF-8), which is passed over.
+    outcome: Option<LineOutcome>,
+}
+
+/// Reads `path` from byte `start` and sends its lines, parsed, in order. Stops early when the
+/// receiver is gone (the writer failed).
+fn parse_file(
+    path: &std::path::Path,
+    start: u64,
+    dims: usize,
+    sender: tokio::sync::mpsc::Sender<Vec<ParsedLine>>,
+) -> anyhow::Result<()> {
+    let mut reader = BufReader::with_capacity(1 << 20, fs_err::File::open(path)?);
+    reader.seek(SeekFrom::Start(start))?;
+    let mut offset = start;
+    let mut line = Vec::with_capacity(64 * 1024);
+    let mut batch = Vec::with_capacity(PARSED_LINES_PER_BATCH);
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        offset += n as u64;
+        let text = std::str::from_utf8(&line).unwrap_or("");
+        let text = text.trim_end_matches(['\n', '\r']);
+        let outcome = (!text.trim().is_empty()).then(|| parse_line(text, dims));
+        batch.push(ParsedLine {
+            end_offset: offset,
+            outcome,
+        });
+        if batch.len() >= PARSED_LINES_PER_BATCH {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(PARSED_LINES_PER_BATCH));
+            if sender.blocking_send(full).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = sender.blocking_send(batch);
+    }
+    Ok(())
 }
 
 /// Writes one group through the sink and tallies the outcome of each row.
