@@ -31,6 +31,10 @@ pub const SKIPPED_FILE: &str = "skipped.tsv";
 pub const CHUNKS_FILE: &str = "chunks.tsv";
 pub const INPUT_FILE: &str = "input.jsonl";
 
+/// Rows tokenized per round (two threads each): ~1 MB of text, far more work than starting a
+/// thread, and little memory.
+const ROWS_PER_ROUND: usize = 1024;
+
 /// Why a chunk is never sent (the `reason` of `skipped.tsv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SkipReason {
@@ -139,15 +143,24 @@ pub async fn plan(
         &partial_dir.join(SKIPPED_FILE),
     )?;
     let bar = printer.row_counter("planning");
+    // Rows go to the writer in rounds, so that each round's tokenizing runs on two threads.
+    let mut round = Vec::with_capacity(ROWS_PER_ROUND);
     let streamed = source
         .stream_pending(&mut client, &cfg.family_id, cfg.reembed, cfg.limit, |row| {
             bar.inc(1);
-            writer.add(row)
+            round.push(row);
+            if round.len() >= ROWS_PER_ROUND {
+                writer.add_many(std::mem::replace(
+                    &mut round,
+                    Vec::with_capacity(ROWS_PER_ROUND),
+                ))?;
+            }
+            Ok(())
         })
         .await;
     bar.finish_and_clear();
     let result = match streamed {
-        Ok(_) => writer.finish(),
+        Ok(_) => writer.add_many(round).and_then(|()| writer.finish()),
         Err(err) => Err(err),
     };
     let written = match result {
@@ -402,6 +415,37 @@ impl BatchFiles {
     }
 }
 
+/// The per-chunk work of a plan that needs no order: done ahead, on two threads.
+struct Prepared {
+    /// sha256 of the content as stored (even when a truncated prefix is sent: ingest compares
+    /// it with the row's current content).
+    hash: String,
+    n_tokens: usize,
+    /// The request line for the whole content.
+    line: Vec<u8>,
+}
+
+impl Prepared {
+    /// `None` for a row that is never sent whatever else holds (no content): nothing to do.
+    fn of(template: &RequestTemplate, row: &ChunkRow) -> Option<Prepared> {
+        let content = row.content.as_deref()?;
+        if content.trim().is_empty() {
+            return None;
+        }
+        Some(Prepared::of_content(template, &row.id, content))
+    }
+
+    fn of_content(template: &RequestTemplate, id: &str, content: &str) -> Prepared {
+        let mut line = Vec::with_capacity(content.len() + 160);
+        template.write_line(id, content, &mut line);
+        Prepared {
+            hash: hex::encode(Sha256::digest(content.as_bytes())),
+            n_tokens: tokens::count_tokens(content),
+            line,
+        }
+    }
+}
+
 /// Streams chunks into batch folders as the sharder decides. The decisions (sharding, token
 /// limits) belong to the sharder and tokens modules; this only applies them and writes.
 pub(crate) struct RunWriter<'a> {
@@ -465,6 +509,36 @@ impl<'a> RunWriter<'a> {
     }
 
     pub(crate) fn add(&mut self, row: ChunkRow) -> anyhow::Result<()> {
+        self.add_with(row, None)
+    }
+
+    /// Adds `rows` in order, as [`RunWriter::add`] one by one would. The costly part of each
+    /// row (tokens, hash, request line) is computed first on two threads; placing and writing
+    /// stay here, in order.
+    pub(crate) fn add_many(&mut self, rows: Vec<ChunkRow>) -> anyhow::Result<()> {
+        let template = &self.template;
+        let prepare_all = |rows: &[ChunkRow]| -> Vec<Option<Prepared>> {
+            rows.iter().map(|row| Prepared::of(template, row)).collect()
+        };
+        let (first, second) = rows.split_at(rows.len() / 2);
+        let mut prepared = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| prepare_all(second));
+            let mut prepared = prepare_all(first);
+            match worker.join() {
+                Ok(rest) => prepared.extend(rest),
+                // A panic in the tokenizer: prepare the rest here (and panic here if it must).
+                Err(_) => prepared.extend(second.iter().map(|_| None)),
+            }
+            prepared
+        })
+        .into_iter();
+        for row in rows {
+            self.add_with(row, prepared.next().flatten())?;
+        }
+        Ok(())
+    }
+
+    fn add_with(&mut self, row: ChunkRow, prepared: Option<Prepared>) -> anyhow::Result<()> {
         if !self.held.is_empty()
             && let Some(run_idx) = self.held.holder(&row.id)
         {
@@ -475,12 +549,15 @@ impl<'a> RunWriter<'a> {
         if content.trim().is_empty() {
             return self.skip(&row.id, SkipReason::Empty);
         }
-        // The hash is of the content as stored, even when a truncated prefix is sent: ingest
-        // compares it with the row's current content.
-        let hash = hex::encode(Sha256::digest(content.as_bytes()));
-        let mut n_tokens = tokens::count_tokens(&content);
-        let mut input = content.as_str();
-        let truncated;
+        let Prepared {
+            hash,
+            mut n_tokens,
+            line,
+        } = match prepared {
+            Some(prepared) => prepared,
+            None => Prepared::of_content(&self.template, &row.id, &content),
+        };
+        self.line = line;
         if n_tokens > tokens::MAX_INPUT_TOKENS {
             match self.on_too_long {
                 OnTooLong::Skip => return self.skip(&row.id, SkipReason::TooLong),
@@ -492,15 +569,14 @@ impl<'a> RunWriter<'a> {
                 OnTooLong::Truncate => {
                     let (prefix, count) =
                         tokens::truncate_to_tokens(&content, tokens::MAX_INPUT_TOKENS);
-                    truncated = prefix;
-                    input = &truncated;
                     n_tokens = count;
                     self.files.written.truncated += 1;
+                    self.line.clear();
+                    self.template.write_line(&row.id, &prefix, &mut self.line);
                 }
             }
         }
-        self.line.clear();
-        self.template.write_line(&row.id, input, &mut self.line);
+
         let item = ItemSize {
             tokens: n_tokens as u64,
             line_bytes: self.line.len() as u64,
