@@ -96,6 +96,8 @@ pub async fn plan(
     now: DateTime<Utc>,
 ) -> anyhow::Result<PlanOutcome> {
     cfg.limits.validate()?;
+    // The tokenizer's tables are built while we connect and check the catalog.
+    let warm_up = std::thread::spawn(tokens::warm_up);
     let url = global.database_url.as_deref().ok_or_else(|| {
         anyhow::anyhow!("no database given; set DATABASE_URL (in the environment or .env) or pass --database-url")
     })?;
@@ -142,6 +144,8 @@ pub async fn plan(
         Numbering::FIRST_ATTEMPT,
         &partial_dir.join(SKIPPED_FILE),
     )?;
+    // A panic there would come back at the first count; nothing to report here.
+    let _ = warm_up.join();
     let bar = printer.row_counter("planning");
     // Rows go to the writer in rounds, so that each round's tokenizing runs on two threads.
     let mut round = Vec::with_capacity(ROWS_PER_ROUND);

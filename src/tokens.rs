@@ -18,6 +18,12 @@ fn cl100k() -> &'static Tokenizer {
     bpe_openai::cl100k_base()
 }
 
+/// Builds the tokenizer's tables now (a tenth of a second or so, once per process), so that a
+/// caller can have it done on another thread while it waits for the database.
+pub fn warm_up() {
+    let _ = cl100k();
+}
+
 /// Exact cl100k_base token count of `text`, as the provider counts (and bills) it.
 ///
 /// bpe-openai knows no special tokens, so a marker such as `<|endoftext|>` in a chunk counts
