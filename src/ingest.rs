@@ -539,7 +539,7 @@ impl Stepper {
 /// may wait in the channel: enough to keep both busy, a few MB at most (a float line is
 /// ~18 KB, its vector 6 KB).
 const PARSED_LINES_PER_BATCH: usize = 64;
-const PARSED_BATCHES_IN_FLIGHT: usize = 4;
+const PARSED_BATCHES_IN_FLIGHT: usize = 2;
 
 /// One line of an output or error file, parsed.
 struct ParsedLine {
@@ -649,7 +649,7 @@ impl Writers {
         let writers = connections
             .into_iter()
             .map(|(client, sink)| {
-                let (jobs, receiver) = tokio::sync::mpsc::channel(2);
+                let (jobs, receiver) = tokio::sync::mpsc::channel(1);
                 let task = tokio::spawn(write_transactions(
                     client,
                     sink,

@@ -12,8 +12,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use pgvector::Vector;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Statement, Transaction};
 
 use crate::source::{IdType, quote_ident, quote_qualified};
@@ -204,10 +204,7 @@ impl Sink {
         }
 
         let ids: Vec<&str> = rows.iter().map(|row| row.id).collect();
-        let vectors: Vec<Vector> = rows
-            .iter()
-            .map(|row| Vector::from(row.vector.to_vec()))
-            .collect();
+        let vectors: Vec<VectorParam> = rows.iter().map(|row| VectorParam(row.vector)).collect();
         let hashes: Vec<&str> = rows.iter().map(|row| row.content_sha256).collect();
 
         let written_rows = tx
@@ -221,7 +218,7 @@ impl Sink {
             let (mut ids, mut vectors, mut hashes) = (Vec::new(), Vec::new(), Vec::new());
             for row in rows.iter().filter(|row| !written.contains(row.id)) {
                 ids.push(row.id);
-                vectors.push(Vector::from(row.vector.to_vec()));
+                vectors.push(VectorParam(row.vector));
                 hashes.push(row.content_sha256);
             }
             let result = tx
@@ -273,6 +270,35 @@ impl Sink {
             source,
         }
     }
+}
+
+/// A vector parameter sent from the caller's slice, in pgvector's binary format (the same
+/// bytes as `pgvector::Vector`'s, without copying each 6 KB vector into an owned one first).
+#[derive(Debug)]
+struct VectorParam<'a>(&'a [f32]);
+
+impl ToSql for VectorParam<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        use bytes::BufMut;
+        // dim (int16), unused (int16), then the values as big-endian float4.
+        out.put_u16(u16::try_from(self.0.len())?);
+        out.put_u16(0);
+        out.reserve(self.0.len() * 4);
+        for value in self.0 {
+            out.put_f32(*value);
+        }
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        ty.name() == "vector"
+    }
+
+    to_sql_checked!();
 }
 
 /// The `N` of the embedding column's `vector(N)`, or `None` when it is unconstrained (for
@@ -454,6 +480,7 @@ pub async fn ann_indexes(
 
 #[cfg(test)]
 mod tests {
+    use pgvector::Vector;
     use sha2::{Digest as _, Sha256};
     use tokio_postgres::NoTls;
 
@@ -1099,6 +1126,7 @@ mod tests {
 
 #[cfg(test)]
 mod plan_tests {
+    use pgvector::Vector;
     use std::time::Instant;
 
     use rand::rngs::StdRng;
