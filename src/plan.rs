@@ -460,6 +460,76 @@ pub(crate) struct RunWriter<'a> {
     files: BatchFiles,
     skipped_file: BufWriter<fs_err::File>,
     line: Vec<u8>,
+    /// Started by the first [`RunWriter::add_many`].
+    preparer: Option<Preparer>,
+}
+
+/// Rounds of rows being prepared (tokens, hash, request line) on two worker threads while
+/// this thread fetches and writes: a round in, its prepared rows out, written in order.
+struct Preparer {
+    rounds: Option<std::sync::mpsc::SyncSender<(u64, Vec<ChunkRow>)>>,
+    prepared: std::sync::mpsc::Receiver<(u64, Vec<ChunkRow>, Vec<Option<Prepared>>)>,
+    /// Rounds prepared out of order, waiting for an earlier one.
+    early: BTreeMap<u64, (Vec<ChunkRow>, Vec<Option<Prepared>>)>,
+    next_in: u64,
+    next_out: u64,
+}
+
+/// Rounds in flight at most: the workers stay busy, memory stays a few MB.
+const ROUNDS_IN_FLIGHT: u64 = 4;
+
+impl Preparer {
+    fn start(template: &RequestTemplate) -> Preparer {
+        let (rounds, inbox) = std::sync::mpsc::sync_channel::<(u64, Vec<ChunkRow>)>(2);
+        let inbox = std::sync::Arc::new(std::sync::Mutex::new(inbox));
+        let (outbox, prepared) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let inbox = std::sync::Arc::clone(&inbox);
+            let outbox = outbox.clone();
+            let template = template.clone();
+            std::thread::spawn(move || {
+                loop {
+                    // A poisoned lock means the other worker panicked: stop too.
+                    let next = match inbox.lock() {
+                        Ok(inbox) => inbox.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((seq, rows)) = next else { return };
+                    let prepared = rows
+                        .iter()
+                        .map(|row| Prepared::of(&template, row))
+                        .collect();
+                    if outbox.send((seq, rows, prepared)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Preparer {
+            rounds: Some(rounds),
+            prepared,
+            early: BTreeMap::new(),
+            next_in: 0,
+            next_out: 0,
+        }
+    }
+
+    /// The next round in order, waiting for it; `None` when every round sent came back.
+    fn next_ready(&mut self) -> anyhow::Result<Option<(Vec<ChunkRow>, Vec<Option<Prepared>>)>> {
+        if self.next_out == self.next_in {
+            return Ok(None);
+        }
+        loop {
+            if let Some(ready) = self.early.remove(&self.next_out) {
+                self.next_out += 1;
+                return Ok(Some(ready));
+            }
+            let Ok((seq, rows, prepared)) = self.prepared.recv() else {
+                bail!("internal error: the plan's tokenizer threads stopped");
+            };
+            self.early.insert(seq, (rows, prepared));
+        }
+    }
 }
 
 impl<'a> RunWriter<'a> {
@@ -503,6 +573,7 @@ impl<'a> RunWriter<'a> {
             },
             skipped_file,
             line: Vec::with_capacity(4096),
+            preparer: None,
         })
     }
 
@@ -516,30 +587,44 @@ impl<'a> RunWriter<'a> {
         self.add_with(row, None)
     }
 
-    /// Adds `rows` in order, as [`RunWriter::add`] one by one would. The costly part of each
-    /// row (tokens, hash, request line) is computed first on two threads; placing and writing
-    /// stay here, in order.
+    /// Adds `rows` in order, as [`RunWriter::add`] one by one would, after every row given
+    /// before. The costly part of each row (tokens, hash, request line) is computed on two
+    /// worker threads, a few rounds ahead; placing and writing stay on this thread, in order.
+    /// [`RunWriter::finish`] writes the rounds still in flight.
     pub(crate) fn add_many(&mut self, rows: Vec<ChunkRow>) -> anyhow::Result<()> {
         let template = &self.template;
-        let prepare_all = |rows: &[ChunkRow]| -> Vec<Option<Prepared>> {
-            rows.iter().map(|row| Prepared::of(template, row)).collect()
+        let preparer = self
+            .preparer
+            .get_or_insert_with(|| Preparer::start(template));
+        let Some(rounds) = &preparer.rounds else {
+            bail!("internal error: rows added after the plan's rounds ended");
         };
-        let (first, second) = rows.split_at(rows.len() / 2);
-        let mut prepared = std::thread::scope(|scope| {
-            let worker = scope.spawn(|| prepare_all(second));
-            let mut prepared = prepare_all(first);
-            match worker.join() {
-                Ok(rest) => prepared.extend(rest),
-                // A panic in the tokenizer: prepare the rest here (and panic here if it must).
-                Err(_) => prepared.extend(second.iter().map(|_| None)),
-            }
-            prepared
-        })
-        .into_iter();
-        for row in rows {
-            self.add_with(row, prepared.next().flatten())?;
+        if rounds.send((preparer.next_in, rows)).is_err() {
+            bail!("internal error: the plan's tokenizer threads stopped");
+        }
+        preparer.next_in += 1;
+        while self
+            .preparer
+            .as_ref()
+            .is_some_and(|p| p.next_in - p.next_out >= ROUNDS_IN_FLIGHT)
+        {
+            self.write_next_round()?;
         }
         Ok(())
+    }
+
+    /// Writes the oldest prepared round; false when none is in flight.
+    fn write_next_round(&mut self) -> anyhow::Result<bool> {
+        let Some(preparer) = self.preparer.as_mut() else {
+            return Ok(false);
+        };
+        let Some((rows, prepared)) = preparer.next_ready()? else {
+            return Ok(false);
+        };
+        for (row, prepared) in rows.into_iter().zip(prepared) {
+            self.add_with(row, prepared)?;
+        }
+        Ok(true)
     }
 
     fn add_with(&mut self, row: ChunkRow, prepared: Option<Prepared>) -> anyhow::Result<()> {
@@ -605,6 +690,11 @@ impl<'a> RunWriter<'a> {
     }
 
     pub(crate) fn finish(mut self) -> anyhow::Result<Written> {
+        while self.write_next_round()? {}
+        if let Some(preparer) = self.preparer.as_mut() {
+            // The workers end when their channel closes.
+            preparer.rounds = None;
+        }
         if let Some(tally) = self.sharder.finish() {
             self.files.seal(tally)?;
         }
