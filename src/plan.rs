@@ -468,12 +468,15 @@ pub(crate) struct RunWriter<'a> {
 /// this thread fetches and writes: a round in, its prepared rows out, written in order.
 struct Preparer {
     rounds: Option<std::sync::mpsc::SyncSender<(u64, Vec<ChunkRow>)>>,
-    prepared: std::sync::mpsc::Receiver<(u64, Vec<ChunkRow>, Vec<Option<Prepared>>)>,
+    prepared: std::sync::mpsc::Receiver<(u64, Round)>,
     /// Rounds prepared out of order, waiting for an earlier one.
-    early: BTreeMap<u64, (Vec<ChunkRow>, Vec<Option<Prepared>>)>,
+    early: BTreeMap<u64, Round>,
     next_in: u64,
     next_out: u64,
 }
+
+/// A round of rows and what was prepared for each (`None`: nothing to send).
+type Round = (Vec<ChunkRow>, Vec<Option<Prepared>>);
 
 /// Rounds in flight at most: the workers stay busy, memory stays a few MB.
 const ROUNDS_IN_FLIGHT: u64 = 4;
@@ -499,7 +502,7 @@ impl Preparer {
                         .iter()
                         .map(|row| Prepared::of(&template, row))
                         .collect();
-                    if outbox.send((seq, rows, prepared)).is_err() {
+                    if outbox.send((seq, (rows, prepared))).is_err() {
                         return;
                     }
                 }
@@ -515,7 +518,7 @@ impl Preparer {
     }
 
     /// The next round in order, waiting for it; `None` when every round sent came back.
-    fn next_ready(&mut self) -> anyhow::Result<Option<(Vec<ChunkRow>, Vec<Option<Prepared>>)>> {
+    fn next_ready(&mut self) -> anyhow::Result<Option<Round>> {
         if self.next_out == self.next_in {
             return Ok(None);
         }
@@ -524,10 +527,10 @@ impl Preparer {
                 self.next_out += 1;
                 return Ok(Some(ready));
             }
-            let Ok((seq, rows, prepared)) = self.prepared.recv() else {
+            let Ok((seq, round)) = self.prepared.recv() else {
                 bail!("internal error: the plan's tokenizer threads stopped");
             };
-            self.early.insert(seq, (rows, prepared));
+            self.early.insert(seq, round);
         }
     }
 }
