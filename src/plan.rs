@@ -96,7 +96,8 @@ pub async fn plan(
     now: DateTime<Utc>,
 ) -> anyhow::Result<PlanOutcome> {
     cfg.limits.validate()?;
-    // The tokenizer's tables are built while we connect and check the catalog.
+    // The tokenizer's tables are built while we connect and check the catalog, on a thread of
+    // its own that ends before the worker threads count (see `tokens::warm_up`).
     let warm_up = std::thread::spawn(tokens::warm_up);
     let url = global.database_url.as_deref().ok_or_else(|| {
         anyhow::anyhow!("no database given; set DATABASE_URL (in the environment or .env) or pass --database-url")
