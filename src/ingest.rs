@@ -36,6 +36,8 @@ pub const RETRY_SKIPPED_FILE: &str = "retry_skipped.tsv";
 pub(crate) struct DbContext {
     client: Client,
     sink: Sink,
+    /// A second connection, so that two transactions of an ingest do their work at once.
+    second: Option<(Client, Sink)>,
 }
 
 /// A chunk of the batch being ingested.
@@ -123,7 +125,19 @@ impl Stepper {
             }
             let overwrite = self.opts.overwrite || self.run.settings.reembed;
             let sink = Sink::prepare(&client, source, overwrite).await?;
-            self.db = Some(DbContext { client, sink });
+            // Best effort: with one connection ingest is only slower.
+            let second = match target.connect().await {
+                Ok(other) => match Sink::prepare(&other, source, overwrite).await {
+                    Ok(other_sink) => Some((other, other_sink)),
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            };
+            self.db = Some(DbContext {
+                client,
+                sink,
+                second,
+            });
         }
         self.db
             .as_mut()
@@ -136,12 +150,12 @@ impl Stepper {
             return Ok(Progress::Wait);
         };
         self.database().await?;
-        let Some(mut db) = self.db.take() else {
+        let Some(db) = self.db.take() else {
             bail!("internal error: no database connection");
         };
-        let result = self.ingest_with(&mut db, idx, &downloaded).await;
+        // On an error the connections are dropped; the next need connects again.
+        let (outcome, db) = self.ingest_with(db, idx, &downloaded).await?;
         self.db = Some(db);
-        let outcome = result?;
         let name = self.name(idx).to_owned();
         let c = outcome.counts;
         self.printer.info(&format!(
@@ -161,10 +175,10 @@ impl Stepper {
 
     async fn ingest_with(
         &mut self,
-        db: &mut DbContext,
+        db: DbContext,
         idx: usize,
         downloaded: &crate::state::Downloaded,
-    ) -> anyhow::Result<IngestOutcome> {
+    ) -> anyhow::Result<(IngestOutcome, DbContext)> {
         let dir = self.dir(idx);
         let batch = &self.run.batches[idx];
         let mut chunks = load_chunks(&dir.join(CHUNKS_FILE))?;
@@ -220,7 +234,8 @@ impl Stepper {
         }
 
         let bar = self.printer.row_bar("ingesting", batch.requests);
-        let mut group: Vec<(String, Vec<f32>)> = Vec::with_capacity(statement_rows);
+        let mut writers = Writers::start(db);
+        let mut group: Vec<WriteRow> = Vec::with_capacity(statement_rows);
         for (file, name) in files {
             let start = match resume {
                 Some(p) if p.file == file => p.offset,
@@ -228,43 +243,59 @@ impl Stepper {
                 _ => 0,
             };
             let path = dir.join(name);
-            let mut reader = BufReader::with_capacity(1 << 20, fs_err::File::open(&path)?);
-            reader.seek(SeekFrom::Start(start))?;
+            // Parsing (most of the CPU for float output) runs on its own thread, a bounded
+            // channel ahead of this loop, so it overlaps with the database's work.
+            let (sender, mut receiver) = tokio::sync::mpsc::channel(PARSED_BATCHES_IN_FLIGHT);
+            let mut parser = Some(tokio::task::spawn_blocking(move || {
+                parse_file(&path, start, dims, sender)
+            }));
+            let mut pending = Vec::new().into_iter();
             let mut offset = start;
-            let mut line = Vec::with_capacity(64 * 1024);
             let mut at_end = false;
-            // One transaction per `--update-chunk-size` rows, then a checkpoint.
+            // One transaction per `--update-chunk-size` rows, then a checkpoint. Transactions
+            // alternate between the two connections and do their work at the same time, but
+            // each commits only once the one before it is committed and checkpointed, so the
+            // saved offset never claims an uncommitted row and a crash redoes at most one
+            // transaction (the next one is still waiting for its turn and rolls back).
             while !at_end {
-                let tx = db
-                    .client
-                    .transaction()
-                    .await
-                    .context("could not start a transaction")?;
+                let seq = writers.next_seq;
+                writers.make_room(self, idx, &mut report, file).await?;
+                writers.begin().await?;
+                let mut segment = Segment::default();
                 let mut rows_in_tx = 0usize;
                 loop {
-                    line.clear();
-                    let n = reader.read_until(b'\n', &mut line)?;
-                    if n == 0 {
-                        at_end = true;
-                        break;
-                    }
-                    offset += n as u64;
-                    let text = std::str::from_utf8(&line).unwrap_or("");
-                    let text = text.trim_end_matches(['\n', '\r']);
-                    if text.trim().is_empty() {
+                    let parsed: ParsedLine = match pending.next() {
+                        Some(parsed) => parsed,
+                        None => match receiver.recv().await {
+                            Some(batch) => {
+                                pending = batch.into_iter();
+                                continue;
+                            }
+                            None => {
+                                at_end = true;
+                                break;
+                            }
+                        },
+                    };
+                    offset = parsed.end_offset;
+                    let Some(outcome) = parsed.outcome else {
                         continue;
-                    }
+                    };
                     bar.inc(1);
-                    match parse_line(text, dims) {
+                    match outcome {
                         LineOutcome::Vector { custom_id, vector } => {
                             match chunks.get_mut(&custom_id) {
-                                None => report.tally.anomalies.unknown_custom_id += 1,
+                                None => segment.anomalies.unknown_custom_id += 1,
                                 Some(entry) if entry.seen => {
-                                    report.tally.anomalies.repeated_custom_id += 1
+                                    segment.anomalies.repeated_custom_id += 1
                                 }
                                 Some(entry) => {
                                     entry.seen = true;
-                                    group.push((custom_id, vector));
+                                    group.push(WriteRow {
+                                        id: custom_id,
+                                        vector,
+                                        sha256: entry.sha256.clone(),
+                                    });
                                 }
                             }
                         }
@@ -273,36 +304,53 @@ impl Stepper {
                             reason,
                             detail: _,
                         } => match chunks.get_mut(&custom_id) {
-                            None => report.tally.anomalies.unknown_custom_id += 1,
-                            Some(entry) if entry.seen => {
-                                report.tally.anomalies.repeated_custom_id += 1
-                            }
+                            None => segment.anomalies.unknown_custom_id += 1,
+                            Some(entry) if entry.seen => segment.anomalies.repeated_custom_id += 1,
                             Some(entry) => {
                                 entry.seen = true;
-                                report.fail(&custom_id, reason)?;
+                                segment.failed.push((custom_id, reason));
                             }
                         },
                         LineOutcome::Failed {
                             custom_id: None, ..
-                        } => report.tally.anomalies.unparseable += 1,
+                        } => segment.anomalies.unparseable += 1,
                     }
                     if group.len() >= statement_rows {
                         rows_in_tx += group.len();
-                        write_group(&db.sink, &tx, &mut group, &chunks, &mut report).await?;
+                        writers
+                            .rows(std::mem::replace(
+                                &mut group,
+                                Vec::with_capacity(statement_rows),
+                            ))
+                            .await?;
                         if rows_in_tx >= rows_per_tx {
                             break;
                         }
                     }
                 }
                 if !group.is_empty() {
-                    write_group(&db.sink, &tx, &mut group, &chunks, &mut report).await?;
+                    writers
+                        .rows(std::mem::replace(
+                            &mut group,
+                            Vec::with_capacity(statement_rows),
+                        ))
+                        .await?;
                 }
-                tx.commit()
-                    .await
-                    .context("could not commit the ingest transaction")?;
-                self.checkpoint(idx, &mut report, file, offset)?;
+                if at_end && let Some(parser) = parser.take() {
+                    // The parser stopped: at the end of the file, or on a read error, which
+                    // must not pass for the end (nothing after it would be ingested).
+                    parser
+                        .await
+                        .context("the output parser stopped unexpectedly")??;
+                }
+                segment.seq = seq;
+                segment.end_offset = offset;
+                writers.commit(segment).await?;
             }
+            // Every transaction of this file committed and checkpointed before the next file.
+            writers.drain(self, idx, &mut report, file).await?;
         }
+        let db = writers.stop().await?;
         bar.finish_and_clear();
 
         // Chunks no line spoke of.
@@ -322,11 +370,14 @@ impl Stepper {
         }
         finish_failed_file(report.failed)?;
         let tally = report.tally;
-        Ok(IngestOutcome {
-            counts: tally.counts,
-            anomalies: tally.anomalies,
-            to_retry: tally.to_retry,
-        })
+        Ok((
+            IngestOutcome {
+                counts: tally.counts,
+                anomalies: tally.anomalies,
+                to_retry: tally.to_retry,
+            },
+            db,
+        ))
     }
 
     /// After a commit: make the failure report durable, then save where to resume.
@@ -497,36 +548,334 @@ impl Stepper {
     }
 }
 
-/// Writes one group through the sink and tallies the outcome of each row.
-async fn write_group(
-    sink: &Sink,
-    tx: &tokio_postgres::Transaction<'_>,
-    group: &mut Vec<(String, Vec<f32>)>,
-    chunks: &HashMap<String, ChunkEntry>,
-    report: &mut Report,
+/// Parsed lines sent at once from the parser thread to the writer, and how many such batches
+/// may wait in the channel: enough to keep both busy, a few MB at most (a float line is
+/// ~18 KB, its vector 6 KB).
+const PARSED_LINES_PER_BATCH: usize = 64;
+const PARSED_BATCHES_IN_FLIGHT: usize = 2;
+
+/// One line of an output or error file, parsed.
+struct ParsedLine {
+    /// The byte just past this line: where a resume starts once it is handled.
+    end_offset: u64,
+    /// `None` for a blank line (or one that is not UTF-8), which is passed over.
+    outcome: Option<LineOutcome>,
+}
+
+/// Reads `path` from byte `start` and sends its lines, parsed, in order. Stops early when the
+/// receiver is gone (the writer failed).
+fn parse_file(
+    path: &std::path::Path,
+    start: u64,
+    dims: usize,
+    sender: tokio::sync::mpsc::Sender<Vec<ParsedLine>>,
 ) -> anyhow::Result<()> {
-    let rows: Vec<VectorRow> = group
-        .iter()
-        .map(|(id, vector)| VectorRow {
-            id,
-            vector,
-            content_sha256: chunks.get(id).map(|c| c.sha256.as_str()).unwrap_or(""),
-        })
-        .collect();
-    let outcomes = sink.write(tx, &rows).await?;
-    for ((id, _), outcome) in group.iter().zip(outcomes) {
-        match outcome {
-            RowOutcome::Written => report.tally.counts.ingested += 1,
-            RowOutcome::AlreadyPresent => report.tally.counts.already_present += 1,
-            RowOutcome::Stale => {
-                report.tally.counts.stale += 1;
-                report.fail(id, FailReason::Stale)?;
+    let mut reader = BufReader::with_capacity(1 << 20, fs_err::File::open(path)?);
+    reader.seek(SeekFrom::Start(start))?;
+    let mut offset = start;
+    let mut line = Vec::with_capacity(64 * 1024);
+    let mut batch = Vec::with_capacity(PARSED_LINES_PER_BATCH);
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        offset += n as u64;
+        let text = std::str::from_utf8(&line).unwrap_or("");
+        let text = text.trim_end_matches(['\n', '\r']);
+        let outcome = (!text.trim().is_empty()).then(|| parse_line(text, dims));
+        batch.push(ParsedLine {
+            end_offset: offset,
+            outcome,
+        });
+        if batch.len() >= PARSED_LINES_PER_BATCH {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(PARSED_LINES_PER_BATCH));
+            if sender.blocking_send(full).is_err() {
+                return Ok(());
             }
-            RowOutcome::Deleted => report.fail(id, FailReason::Deleted)?,
         }
     }
-    group.clear();
+    if !batch.is_empty() {
+        let _ = sender.blocking_send(batch);
+    }
     Ok(())
+}
+
+/// One vector on its way to a writer, with the content hash recorded at plan time.
+struct WriteRow {
+    id: String,
+    vector: Vec<f32>,
+    sha256: String,
+}
+
+/// What a transaction's lines said besides its vectors, applied to the report only when the
+/// transaction is committed, in order, so that a checkpoint counts exactly the lines before
+/// its offset.
+#[derive(Default)]
+struct Segment {
+    seq: u64,
+    end_offset: u64,
+    failed: Vec<(String, FailReason)>,
+    anomalies: LineAnomalies,
+}
+
+enum Job {
+    Begin {
+        /// Fires when every earlier transaction is committed and checkpointed.
+        turn: tokio::sync::oneshot::Receiver<()>,
+    },
+    Rows(Vec<WriteRow>),
+    Commit {
+        seq: u64,
+    },
+}
+
+struct Done {
+    seq: u64,
+    outcomes: Vec<(String, RowOutcome)>,
+}
+
+struct Writer {
+    jobs: tokio::sync::mpsc::Sender<Job>,
+    task: tokio::task::JoinHandle<(Client, Sink)>,
+}
+
+/// The ingest's writers: one task per connection, each running the transactions given to it.
+struct Writers {
+    writers: Vec<Writer>,
+    done: tokio::sync::mpsc::Receiver<anyhow::Result<Done>>,
+    /// Transactions sent and not yet checkpointed, oldest first.
+    in_flight: std::collections::VecDeque<Segment>,
+    /// The turn of the newest transaction, when an older one is still in flight.
+    waiting_turn: Option<tokio::sync::oneshot::Sender<()>>,
+    next_seq: u64,
+    /// The writer of the transaction being filled.
+    current: usize,
+}
+
+impl Writers {
+    fn start(db: DbContext) -> Writers {
+        let (done_sender, done) = tokio::sync::mpsc::channel(4);
+        let mut connections = vec![(db.client, db.sink)];
+        connections.extend(db.second);
+        let writers = connections
+            .into_iter()
+            .map(|(client, sink)| {
+                let (jobs, receiver) = tokio::sync::mpsc::channel(1);
+                let task = tokio::spawn(write_transactions(
+                    client,
+                    sink,
+                    receiver,
+                    done_sender.clone(),
+                ));
+                Writer { jobs, task }
+            })
+            .collect();
+        Writers {
+            writers,
+            done,
+            in_flight: std::collections::VecDeque::new(),
+            waiting_turn: None,
+            next_seq: 0,
+            current: 0,
+        }
+    }
+
+    /// Waits until the writer of the next transaction is free.
+    async fn make_room(
+        &mut self,
+        stepper: &mut Stepper,
+        idx: usize,
+        report: &mut Report,
+        file: IngestFile,
+    ) -> anyhow::Result<()> {
+        while self.in_flight.len() >= self.writers.len() {
+            self.finish_oldest(stepper, idx, report, file).await?;
+        }
+        Ok(())
+    }
+
+    async fn begin(&mut self) -> anyhow::Result<()> {
+        self.current = (self.next_seq % self.writers.len() as u64) as usize;
+        let (turn_sender, turn) = tokio::sync::oneshot::channel();
+        if self.in_flight.is_empty() {
+            let _ = turn_sender.send(());
+        } else {
+            self.waiting_turn = Some(turn_sender);
+        }
+        self.send(Job::Begin { turn }).await
+    }
+
+    async fn rows(&mut self, rows: Vec<WriteRow>) -> anyhow::Result<()> {
+        self.send(Job::Rows(rows)).await
+    }
+
+    async fn commit(&mut self, segment: Segment) -> anyhow::Result<()> {
+        let seq = segment.seq;
+        self.in_flight.push_back(segment);
+        self.next_seq += 1;
+        self.send(Job::Commit { seq }).await
+    }
+
+    async fn send(&mut self, job: Job) -> anyhow::Result<()> {
+        if self.writers[self.current].jobs.send(job).await.is_err() {
+            // The writer stopped on an error: its report is in the done channel.
+            return Err(self.writer_error().await);
+        }
+        Ok(())
+    }
+
+    async fn writer_error(&mut self) -> anyhow::Error {
+        loop {
+            match self.done.recv().await {
+                Some(Err(err)) => return err,
+                Some(Ok(_)) => continue,
+                None => return anyhow::anyhow!("the database writer stopped unexpectedly"),
+            }
+        }
+    }
+
+    /// Waits for the oldest transaction's commit, applies what its lines said, checkpoints,
+    /// and gives the next transaction its turn to commit.
+    async fn finish_oldest(
+        &mut self,
+        stepper: &mut Stepper,
+        idx: usize,
+        report: &mut Report,
+        file: IngestFile,
+    ) -> anyhow::Result<()> {
+        let done = match self.done.recv().await {
+            Some(Ok(done)) => done,
+            Some(Err(err)) => return Err(err),
+            None => bail!("the database writers stopped unexpectedly"),
+        };
+        let Some(segment) = self.in_flight.pop_front() else {
+            bail!("internal error: a transaction committed that was never sent");
+        };
+        if segment.seq != done.seq {
+            bail!(
+                "internal error: transaction {} committed before transaction {}",
+                done.seq,
+                segment.seq
+            );
+        }
+        for (id, reason) in segment.failed {
+            report.fail(&id, reason)?;
+        }
+        let a = &mut report.tally.anomalies;
+        a.unknown_custom_id += segment.anomalies.unknown_custom_id;
+        a.repeated_custom_id += segment.anomalies.repeated_custom_id;
+        a.unparseable += segment.anomalies.unparseable;
+        for (id, outcome) in done.outcomes {
+            match outcome {
+                RowOutcome::Written => report.tally.counts.ingested += 1,
+                RowOutcome::AlreadyPresent => report.tally.counts.already_present += 1,
+                RowOutcome::Stale => {
+                    report.tally.counts.stale += 1;
+                    report.fail(&id, FailReason::Stale)?;
+                }
+                RowOutcome::Deleted => report.fail(&id, FailReason::Deleted)?,
+            }
+        }
+        stepper.checkpoint(idx, report, file, segment.end_offset)?;
+        if let Some(turn) = self.waiting_turn.take() {
+            let _ = turn.send(());
+        }
+        Ok(())
+    }
+
+    async fn drain(
+        &mut self,
+        stepper: &mut Stepper,
+        idx: usize,
+        report: &mut Report,
+        file: IngestFile,
+    ) -> anyhow::Result<()> {
+        while !self.in_flight.is_empty() {
+            self.finish_oldest(stepper, idx, report, file).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the writer tasks and gives back the connections.
+    async fn stop(self) -> anyhow::Result<DbContext> {
+        let mut connections = Vec::new();
+        for writer in self.writers {
+            drop(writer.jobs);
+            connections.push(writer.task.await.context("a database writer failed")?);
+        }
+        let mut connections = connections.into_iter();
+        let Some((client, sink)) = connections.next() else {
+            bail!("internal error: no database connection");
+        };
+        Ok(DbContext {
+            client,
+            sink,
+            second: connections.next(),
+        })
+    }
+}
+
+/// One writer: runs the transactions sent to it, each committed only on its turn. Stops at
+/// the first error (the transaction rolls back) or when the jobs end.
+async fn write_transactions(
+    mut client: Client,
+    sink: Sink,
+    mut jobs: tokio::sync::mpsc::Receiver<Job>,
+    done: tokio::sync::mpsc::Sender<anyhow::Result<Done>>,
+) -> (Client, Sink) {
+    while let Some(job) = jobs.recv().await {
+        let Job::Begin { turn } = job else {
+            let _ = done
+                .send(Err(anyhow::anyhow!(
+                    "internal error: a transaction's rows came before it began"
+                )))
+                .await;
+            break;
+        };
+        let result = async {
+            let tx = client
+                .transaction()
+                .await
+                .context("could not start a transaction")?;
+            let mut outcomes = Vec::new();
+            let seq = loop {
+                match jobs.recv().await {
+                    Some(Job::Rows(rows)) => {
+                        let refs: Vec<VectorRow> = rows
+                            .iter()
+                            .map(|row| VectorRow {
+                                id: &row.id,
+                                vector: &row.vector,
+                                content_sha256: &row.sha256,
+                            })
+                            .collect();
+                        let written = sink.write(&tx, &refs).await?;
+                        outcomes.extend(rows.into_iter().map(|row| row.id).zip(written));
+                    }
+                    Some(Job::Commit { seq }) => break seq,
+                    // The ingest stopped: roll back.
+                    Some(Job::Begin { .. }) | None => {
+                        bail!("the ingest stopped before this transaction was complete")
+                    }
+                }
+            };
+            turn.await.map_err(|_| {
+                anyhow::anyhow!("the ingest stopped before this transaction's turn to commit")
+            })?;
+            tx.commit()
+                .await
+                .context("could not commit the ingest transaction")?;
+            anyhow::Ok(Done { seq, outcomes })
+        }
+        .await;
+        let failed = result.is_err();
+        if done.send(result).await.is_err() || failed {
+            break;
+        }
+    }
+    (client, sink)
 }
 
 fn load_chunks(path: &std::path::Path) -> anyhow::Result<HashMap<String, ChunkEntry>> {

@@ -118,7 +118,58 @@ fn fail(custom_id: Option<String>, reason: FailReason, detail: impl Into<String>
 
 /// Parses one line (without its newline) of an output or error file, expecting vectors of
 /// `dimensions` values.
+///
+/// The embedding is most of a line (1536 floats are ~18 KB, as base64 ~8 KB), and a general
+/// JSON parser walks it several times (the line, then the body, then the numbers). So the
+/// first `"embedding":` value is decoded here in one pass, and serde sees the line with that
+/// value replaced by a short marker string: the rest of the line (status, custom_id, shape) is
+/// checked exactly as before, and the decoded vector is used only if serde finds the marker
+/// where the embedding belongs. Whatever the fast pass cannot decode goes the general way.
 pub fn parse_line(line: &str, dimensions: usize) -> LineOutcome {
+    if let Some((start, end, vector)) = fast_embedding(line, dimensions)
+        && let (Some(before), Some(after)) = (line.get(..start), line.get(end..))
+    {
+        let mut skeleton = String::with_capacity(before.len() + MARKER.len() + after.len());
+        skeleton.push_str(before);
+        skeleton.push_str(MARKER);
+        skeleton.push_str(after);
+        return parse_with(&skeleton, dimensions, Some(vector));
+    }
+    parse_with(line, dimensions, None)
+}
+
+/// Stands in for an embedding decoded by [`fast_embedding`]: a JSON string no provider sends
+/// (and that is not base64, so the fast pass never produced it from a real value).
+const MARKER: &str = r#""\u0000embatch-decoded""#;
+
+/// Finds the first `"embedding":` value of a line and decodes it when it is a plain array of
+/// JSON numbers or a base64 string without escapes. Returns the value's byte range and the
+/// vector; `None` sends the line the general way.
+fn fast_embedding(line: &str, dimensions: usize) -> Option<(usize, usize, Vec<f32>)> {
+    const KEY: &str = "\"embedding\":";
+    let bytes = line.as_bytes();
+    let mut start = line.find(KEY)? + KEY.len();
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = bytes.get(start) {
+        start += 1;
+    }
+    match bytes.get(start)? {
+        b'[' => {
+            let (vector, end) = parse_number_array(bytes, start, dimensions)?;
+            Some((start, end, vector))
+        }
+        b'"' => {
+            let len = bytes.get(start + 1..)?.iter().position(|&b| b == b'"')?;
+            let text = line.get(start + 1..start + 1 + len)?;
+            if text.contains('\\') {
+                return None;
+            }
+            Some((start, start + len + 2, decode_base64(text)?))
+        }
+        _ => None,
+    }
+}
+
+fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineOutcome {
     let parsed: Line = match serde_json::from_str(line) {
         Ok(parsed) => parsed,
         Err(err) => {
@@ -195,7 +246,9 @@ pub fn parse_line(line: &str, dimensions: usize) -> LineOutcome {
         return fail(id, FailReason::BadOutput, "response without an embedding");
     };
     let raw = item.embedding.get();
-    let vector = if raw.starts_with('"') {
+    let vector = if let Some(vector) = decoded.filter(|_| raw == MARKER) {
+        vector
+    } else if raw.starts_with('"') {
         let decoded = serde_json::from_str::<&str>(raw)
             .ok()
             .and_then(decode_base64);
@@ -232,29 +285,135 @@ pub fn parse_line(line: &str, dimensions: usize) -> LineOutcome {
     LineOutcome::Vector { custom_id, vector }
 }
 
-/// A JSON array of numbers, each read straight into the nearest f32 (std's parser is
-/// correctly rounded; going through f64 first could round twice and miss by one ulp).
+/// A JSON array of numbers (the whole of `raw`), each read into the nearest f32.
 fn parse_float_array(raw: &str) -> Option<Vec<f32>> {
-    let inner = raw.strip_prefix('[')?.strip_suffix(']')?.trim();
-    if inner.is_empty() {
-        return Some(Vec::new());
+    let bytes = raw.trim().as_bytes();
+    match parse_number_array(bytes, 0, 0)? {
+        (vector, end) if end == bytes.len() => Some(vector),
+        _ => None,
     }
-    inner
-        .split(',')
-        .map(|n| {
-            let n = n.trim();
-            // Rust accepts "inf", "NaN" and "+1", JSON does not.
-            let json_number = n
-                .bytes()
-                .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'e' | b'E' | b'+'))
-                && !n.starts_with('+');
-            if json_number {
-                n.parse::<f32>().ok()
-            } else {
-                None
+}
+
+/// Parses the JSON array of numbers that starts at `bytes[start]` (a `[`); returns the values
+/// and the index just past the closing `]`. `None` for anything else (strings, nesting,
+/// numbers JSON does not allow such as `NaN`, `inf`, `+1`, `01` or `.5`).
+fn parse_number_array(bytes: &[u8], start: usize, capacity: usize) -> Option<(Vec<f32>, usize)> {
+    if bytes.get(start) != Some(&b'[') {
+        return None;
+    }
+    let mut i = start + 1;
+    let mut values = Vec::with_capacity(capacity);
+    skip_whitespace(bytes, &mut i);
+    if bytes.get(i) == Some(&b']') {
+        return Some((values, i + 1));
+    }
+    loop {
+        skip_whitespace(bytes, &mut i);
+        let (value, next) = parse_number(bytes, i)?;
+        values.push(value);
+        i = next;
+        skip_whitespace(bytes, &mut i);
+        match bytes.get(i)? {
+            b',' => i += 1,
+            b']' => return Some((values, i + 1)),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_whitespace(bytes: &[u8], i: &mut usize) {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = bytes.get(*i) {
+        *i += 1;
+    }
+}
+
+/// Exact powers of ten as f64 (10^22 is the largest that f64 holds exactly).
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// One JSON number starting at `bytes[start]`, read into the nearest f32; returns it and the
+/// index just past it.
+///
+/// Correctly rounded, like std's parser (which it falls back to): when the decimal mantissa
+/// has at most 15 digits and the power of ten is at most 22, `mantissa ×/÷ 10^k` is one
+/// correctly rounded f64 operation (Clinger's fast path). Rounding that f64 to f32 can differ
+/// from rounding the exact value only when the f64 lands exactly halfway between two f32s
+/// (any other f32 halfway point lies strictly between the exact value and its nearest f64,
+/// which is impossible); that case, subnormals and long mantissas go to std's parser.
+fn parse_number(bytes: &[u8], start: usize) -> Option<(f32, usize)> {
+    let digit = |i: usize| bytes.get(i).copied().filter(u8::is_ascii_digit);
+    let mut i = start;
+    let negative = bytes.get(i) == Some(&b'-');
+    if negative {
+        i += 1;
+    }
+    let mut mantissa: u64 = 0;
+    let mut n_digits = 0u32;
+    let mut exponent: i64 = 0;
+    // Integer part: 0, or a non-zero digit and more digits.
+    match digit(i)? {
+        b'0' => i += 1,
+        _ => {
+            while let Some(d) = digit(i) {
+                if n_digits < 19 {
+                    mantissa = mantissa * 10 + u64::from(d - b'0');
+                    n_digits += 1;
+                } else {
+                    exponent += 1;
+                    n_digits += 1;
+                }
+                i += 1;
             }
-        })
-        .collect()
+        }
+    }
+    if bytes.get(i) == Some(&b'.') {
+        i += 1;
+        digit(i)?;
+        while let Some(d) = digit(i) {
+            if n_digits < 19 {
+                mantissa = mantissa * 10 + u64::from(d - b'0');
+                exponent -= 1;
+                if mantissa > 0 {
+                    n_digits += 1;
+                }
+            } else {
+                n_digits += 1;
+            }
+            i += 1;
+        }
+    }
+    if let Some(b'e' | b'E') = bytes.get(i) {
+        i += 1;
+        let negative_exponent = bytes.get(i) == Some(&b'-');
+        if let Some(b'+' | b'-') = bytes.get(i) {
+            i += 1;
+        }
+        digit(i)?;
+        let mut e: i64 = 0;
+        while let Some(d) = digit(i) {
+            e = (e * 10 + i64::from(d - b'0')).min(100_000);
+            i += 1;
+        }
+        exponent += if negative_exponent { -e } else { e };
+    }
+    if n_digits <= 15 && exponent.abs() <= 22 {
+        let power = POW10[exponent.unsigned_abs() as usize];
+        let magnitude = if exponent >= 0 {
+            mantissa as f64 * power
+        } else {
+            mantissa as f64 / power
+        };
+        let halfway = magnitude.to_bits() & ((1 << 29) - 1) == 1 << 28;
+        let subnormal = magnitude != 0.0 && magnitude < f64::from(f32::MIN_POSITIVE);
+        if !halfway && !subnormal {
+            let value = magnitude as f32;
+            return Some((if negative { -value } else { value }, i));
+        }
+    }
+    let text = std::str::from_utf8(bytes.get(start..i)?).ok()?;
+    Some((text.parse::<f32>().ok()?, i))
 }
 
 /// Little-endian f32s, base64-encoded (the API's `encoding_format: base64`).
@@ -362,7 +521,102 @@ mod tests {
         assert_eq!(reason("{truncated"), FailReason::BadOutput);
     }
 
+    /// The number parser's answer for a whole token, or `None` when it refuses it.
+    fn number(text: &str) -> Option<f32> {
+        match parse_number(text.as_bytes(), 0) {
+            Some((value, end)) if end == text.len() => Some(value),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn numbers_json_forbids_are_refused() {
+        for bad in [
+            "01", ".5", "1.", "+1", "-", "1e", "1e+", "NaN", "inf", "-inf", "0x1", "[1]",
+        ] {
+            assert_eq!(number(bad), None, "{bad:?}");
+            assert!(parse_float_array(&format!("[{bad}]")).is_none(), "[{bad}]");
+        }
+        // Halfway between two f32s, and just off it: ties go to even, like std.
+        for text in [
+            "16777217",
+            "16777217.0000001",
+            "-16777219",
+            "3.4028235e38",
+            "1e-45",
+        ] {
+            assert_eq!(
+                number(text).map(f32::to_bits),
+                text.parse::<f32>().ok().map(f32::to_bits)
+            );
+        }
+        assert_eq!(parse_float_array("[ 1 , -0.5e1 ]"), Some(vec![1.0, -5.0]));
+        assert_eq!(parse_float_array("[1,]"), None);
+        assert_eq!(parse_float_array("[1 2]"), None);
+    }
+
+    #[test]
+    fn the_fast_path_is_only_taken_where_the_embedding_belongs() {
+        // An "embedding" key elsewhere in the line (here inside the error object) must not be
+        // taken for the vector.
+        let line = r#"{"custom_id":"a","error":{"embedding":[1,2,3],"code":null},"response":{"status_code":200,"body":{"data":[{"embedding":[0.5,0.25,4]}]}}}"#;
+        assert_eq!(
+            parse_line(line, 3),
+            LineOutcome::Vector {
+                custom_id: "a".to_owned(),
+                vector: vec![0.5, 0.25, 4.0]
+            }
+        );
+    }
+
     proptest! {
+        /// The fast number parser agrees with std's (correctly rounded) parser bit for bit, on
+        /// the shortest forms providers print and on longer and exponent forms.
+        #[test]
+        fn numbers_parse_as_std_does(bits in any::<u32>(), precision in 0usize..14) {
+            let value = f32::from_bits(bits);
+            prop_assume!(value.is_finite());
+            for text in [
+                format!("{value}"),
+                format!("{value:e}"),
+                format!("{value:.precision$}"),
+                format!("{value:.precision$e}"),
+                format!("{}", f64::from(value) * 1.000_000_1),
+            ] {
+                let want = text.parse::<f32>().map(f32::to_bits).ok();
+                prop_assert_eq!(number(&text).map(f32::to_bits), want, "{}", text);
+            }
+        }
+
+        /// Decimals within a hair of the halfway point between two f32s, where rounding
+        /// through f64 first can go the wrong way.
+        #[test]
+        fn near_halfway_numbers_parse_as_std_does(bits in 0x0080_0000u32..0x7f00_0000, digits in 8usize..15) {
+            let low = f64::from(f32::from_bits(bits));
+            let high = f64::from(f32::from_bits(bits + 1));
+            let halfway = (low + high) / 2.0;
+            for text in [format!("{halfway:.digits$e}"), format!("{:.digits$e}", -halfway)] {
+                let want = text.parse::<f32>().map(f32::to_bits).ok();
+                prop_assert_eq!(number(&text).map(f32::to_bits), want, "{}", text);
+            }
+        }
+
+        #[test]
+        fn decimal_strings_parse_as_std_does(
+            negative in any::<bool>(),
+            int in "0|[1-9][0-9]{0,20}",
+            frac in proptest::option::of("[0-9]{1,25}"),
+            exp in proptest::option::of(-60i32..60),
+        ) {
+            let mut text = String::new();
+            if negative { text.push('-'); }
+            text.push_str(&int);
+            if let Some(frac) = frac { text.push('.'); text.push_str(&frac); }
+            if let Some(exp) = exp { text.push_str(&format!("e{exp}")); }
+            let want = text.parse::<f32>().map(f32::to_bits).ok();
+            prop_assert_eq!(number(&text).map(f32::to_bits), want, "{}", text);
+        }
+
         /// No line, however broken or huge, makes the parser panic.
         #[test]
         fn never_panics(line in ".{0,400}", dims in 0usize..8) {

@@ -31,6 +31,10 @@ pub const SKIPPED_FILE: &str = "skipped.tsv";
 pub const CHUNKS_FILE: &str = "chunks.tsv";
 pub const INPUT_FILE: &str = "input.jsonl";
 
+/// Rows tokenized per round (two threads each): ~1 MB of text, far more work than starting a
+/// thread, and little memory.
+const ROWS_PER_ROUND: usize = 1024;
+
 /// Why a chunk is never sent (the `reason` of `skipped.tsv`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SkipReason {
@@ -92,6 +96,9 @@ pub async fn plan(
     now: DateTime<Utc>,
 ) -> anyhow::Result<PlanOutcome> {
     cfg.limits.validate()?;
+    // The tokenizer's tables are built while we connect and check the catalog, on a thread of
+    // its own that ends before the worker threads count (see `tokens::warm_up`).
+    let warm_up = std::thread::spawn(tokens::warm_up);
     let url = global.database_url.as_deref().ok_or_else(|| {
         anyhow::anyhow!("no database given; set DATABASE_URL (in the environment or .env) or pass --database-url")
     })?;
@@ -138,16 +145,27 @@ pub async fn plan(
         Numbering::FIRST_ATTEMPT,
         &partial_dir.join(SKIPPED_FILE),
     )?;
+    // A panic there would come back at the first count; nothing to report here.
+    let _ = warm_up.join();
     let bar = printer.row_counter("planning");
+    // Rows go to the writer in rounds, so that each round's tokenizing runs on two threads.
+    let mut round = Vec::with_capacity(ROWS_PER_ROUND);
     let streamed = source
         .stream_pending(&mut client, &cfg.family_id, cfg.reembed, cfg.limit, |row| {
             bar.inc(1);
-            writer.add(row)
+            round.push(row);
+            if round.len() >= ROWS_PER_ROUND {
+                writer.add_many(std::mem::replace(
+                    &mut round,
+                    Vec::with_capacity(ROWS_PER_ROUND),
+                ))?;
+            }
+            Ok(())
         })
         .await;
     bar.finish_and_clear();
     let result = match streamed {
-        Ok(_) => writer.finish(),
+        Ok(_) => writer.add_many(round).and_then(|()| writer.finish()),
         Err(err) => Err(err),
     };
     let written = match result {
@@ -402,6 +420,37 @@ impl BatchFiles {
     }
 }
 
+/// The per-chunk work of a plan that needs no order: done ahead, on two threads.
+struct Prepared {
+    /// sha256 of the content as stored (even when a truncated prefix is sent: ingest compares
+    /// it with the row's current content).
+    hash: String,
+    n_tokens: usize,
+    /// The request line for the whole content.
+    line: Vec<u8>,
+}
+
+impl Prepared {
+    /// `None` for a row that is never sent whatever else holds (no content): nothing to do.
+    fn of(template: &RequestTemplate, row: &ChunkRow) -> Option<Prepared> {
+        let content = row.content.as_deref()?;
+        if content.trim().is_empty() {
+            return None;
+        }
+        Some(Prepared::of_content(template, &row.id, content))
+    }
+
+    fn of_content(template: &RequestTemplate, id: &str, content: &str) -> Prepared {
+        let mut line = Vec::with_capacity(content.len() + 160);
+        template.write_line(id, content, &mut line);
+        Prepared {
+            hash: hex::encode(Sha256::digest(content.as_bytes())),
+            n_tokens: tokens::count_tokens(content),
+            line,
+        }
+    }
+}
+
 /// Streams chunks into batch folders as the sharder decides. The decisions (sharding, token
 /// limits) belong to the sharder and tokens modules; this only applies them and writes.
 pub(crate) struct RunWriter<'a> {
@@ -412,6 +461,79 @@ pub(crate) struct RunWriter<'a> {
     files: BatchFiles,
     skipped_file: BufWriter<fs_err::File>,
     line: Vec<u8>,
+    /// Started by the first [`RunWriter::add_many`].
+    preparer: Option<Preparer>,
+}
+
+/// Rounds of rows being prepared (tokens, hash, request line) on two worker threads while
+/// this thread fetches and writes: a round in, its prepared rows out, written in order.
+struct Preparer {
+    rounds: Option<std::sync::mpsc::SyncSender<(u64, Vec<ChunkRow>)>>,
+    prepared: std::sync::mpsc::Receiver<(u64, Round)>,
+    /// Rounds prepared out of order, waiting for an earlier one.
+    early: BTreeMap<u64, Round>,
+    next_in: u64,
+    next_out: u64,
+}
+
+/// A round of rows and what was prepared for each (`None`: nothing to send).
+type Round = (Vec<ChunkRow>, Vec<Option<Prepared>>);
+
+/// Rounds in flight at most: the workers stay busy, memory stays a few MB.
+const ROUNDS_IN_FLIGHT: u64 = 4;
+
+impl Preparer {
+    fn start(template: &RequestTemplate) -> Preparer {
+        let (rounds, inbox) = std::sync::mpsc::sync_channel::<(u64, Vec<ChunkRow>)>(2);
+        let inbox = std::sync::Arc::new(std::sync::Mutex::new(inbox));
+        let (outbox, prepared) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let inbox = std::sync::Arc::clone(&inbox);
+            let outbox = outbox.clone();
+            let template = template.clone();
+            std::thread::spawn(move || {
+                loop {
+                    // A poisoned lock means the other worker panicked: stop too.
+                    let next = match inbox.lock() {
+                        Ok(inbox) => inbox.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((seq, rows)) = next else { return };
+                    let prepared = rows
+                        .iter()
+                        .map(|row| Prepared::of(&template, row))
+                        .collect();
+                    if outbox.send((seq, (rows, prepared))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Preparer {
+            rounds: Some(rounds),
+            prepared,
+            early: BTreeMap::new(),
+            next_in: 0,
+            next_out: 0,
+        }
+    }
+
+    /// The next round in order, waiting for it; `None` when every round sent came back.
+    fn next_ready(&mut self) -> anyhow::Result<Option<Round>> {
+        if self.next_out == self.next_in {
+            return Ok(None);
+        }
+        loop {
+            if let Some(ready) = self.early.remove(&self.next_out) {
+                self.next_out += 1;
+                return Ok(Some(ready));
+            }
+            let Ok((seq, round)) = self.prepared.recv() else {
+                bail!("internal error: the plan's tokenizer threads stopped");
+            };
+            self.early.insert(seq, round);
+        }
+    }
 }
 
 impl<'a> RunWriter<'a> {
@@ -455,6 +577,7 @@ impl<'a> RunWriter<'a> {
             },
             skipped_file,
             line: Vec::with_capacity(4096),
+            preparer: None,
         })
     }
 
@@ -465,6 +588,50 @@ impl<'a> RunWriter<'a> {
     }
 
     pub(crate) fn add(&mut self, row: ChunkRow) -> anyhow::Result<()> {
+        self.add_with(row, None)
+    }
+
+    /// Adds `rows` in order, as [`RunWriter::add`] one by one would, after every row given
+    /// before. The costly part of each row (tokens, hash, request line) is computed on two
+    /// worker threads, a few rounds ahead; placing and writing stay on this thread, in order.
+    /// [`RunWriter::finish`] writes the rounds still in flight.
+    pub(crate) fn add_many(&mut self, rows: Vec<ChunkRow>) -> anyhow::Result<()> {
+        let template = &self.template;
+        let preparer = self
+            .preparer
+            .get_or_insert_with(|| Preparer::start(template));
+        let Some(rounds) = &preparer.rounds else {
+            bail!("internal error: rows added after the plan's rounds ended");
+        };
+        if rounds.send((preparer.next_in, rows)).is_err() {
+            bail!("internal error: the plan's tokenizer threads stopped");
+        }
+        preparer.next_in += 1;
+        while self
+            .preparer
+            .as_ref()
+            .is_some_and(|p| p.next_in - p.next_out >= ROUNDS_IN_FLIGHT)
+        {
+            self.write_next_round()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the oldest prepared round; false when none is in flight.
+    fn write_next_round(&mut self) -> anyhow::Result<bool> {
+        let Some(preparer) = self.preparer.as_mut() else {
+            return Ok(false);
+        };
+        let Some((rows, prepared)) = preparer.next_ready()? else {
+            return Ok(false);
+        };
+        for (row, prepared) in rows.into_iter().zip(prepared) {
+            self.add_with(row, prepared)?;
+        }
+        Ok(true)
+    }
+
+    fn add_with(&mut self, row: ChunkRow, prepared: Option<Prepared>) -> anyhow::Result<()> {
         if !self.held.is_empty()
             && let Some(run_idx) = self.held.holder(&row.id)
         {
@@ -475,12 +642,15 @@ impl<'a> RunWriter<'a> {
         if content.trim().is_empty() {
             return self.skip(&row.id, SkipReason::Empty);
         }
-        // The hash is of the content as stored, even when a truncated prefix is sent: ingest
-        // compares it with the row's current content.
-        let hash = hex::encode(Sha256::digest(content.as_bytes()));
-        let mut n_tokens = tokens::count_tokens(&content);
-        let mut input = content.as_str();
-        let truncated;
+        let Prepared {
+            hash,
+            mut n_tokens,
+            line,
+        } = match prepared {
+            Some(prepared) => prepared,
+            None => Prepared::of_content(&self.template, &row.id, &content),
+        };
+        self.line = line;
         if n_tokens > tokens::MAX_INPUT_TOKENS {
             match self.on_too_long {
                 OnTooLong::Skip => return self.skip(&row.id, SkipReason::TooLong),
@@ -492,15 +662,14 @@ impl<'a> RunWriter<'a> {
                 OnTooLong::Truncate => {
                     let (prefix, count) =
                         tokens::truncate_to_tokens(&content, tokens::MAX_INPUT_TOKENS);
-                    truncated = prefix;
-                    input = &truncated;
                     n_tokens = count;
                     self.files.written.truncated += 1;
+                    self.line.clear();
+                    self.template.write_line(&row.id, &prefix, &mut self.line);
                 }
             }
         }
-        self.line.clear();
-        self.template.write_line(&row.id, input, &mut self.line);
+
         let item = ItemSize {
             tokens: n_tokens as u64,
             line_bytes: self.line.len() as u64,
@@ -525,6 +694,11 @@ impl<'a> RunWriter<'a> {
     }
 
     pub(crate) fn finish(mut self) -> anyhow::Result<Written> {
+        while self.write_next_round()? {}
+        if let Some(preparer) = self.preparer.as_mut() {
+            // The workers end when their channel closes.
+            preparer.rounds = None;
+        }
         if let Some(tally) = self.sharder.finish() {
             self.files.seal(tally)?;
         }

@@ -365,20 +365,35 @@ impl Source {
             .await
             .map_err(|err| self.query_error(err))?;
         let mut n_rows = 0u64;
+        let mut rows = tx
+            .query_portal(&portal, PAGE_ROWS)
+            .await
+            .map_err(|err| self.query_error(err))?;
         loop {
-            let rows = tx
-                .query_portal(&portal, PAGE_ROWS)
-                .await
-                .map_err(|err| self.query_error(err))?;
-            let page_len = rows.len();
+            let full_page = rows.len() == PAGE_ROWS as usize;
+            // Ask for the next page before handling this one, so that the server reads it
+            // while we tokenize: polling the request once sends it.
+            let mut next_page = std::pin::pin!(async {
+                if full_page {
+                    Some(tx.query_portal(&portal, PAGE_ROWS).await)
+                } else {
+                    None
+                }
+            });
+            let early = futures_util::poll!(next_page.as_mut());
             for row in rows {
                 let id: String = row.get(0);
                 let content: Option<String> = row.get(1);
                 n_rows += 1;
                 each(ChunkRow { id, content })?;
             }
-            if page_len < PAGE_ROWS as usize {
-                break;
+            let next = match early {
+                std::task::Poll::Ready(next) => next,
+                std::task::Poll::Pending => next_page.await,
+            };
+            match next {
+                Some(next) => rows = next.map_err(|err| self.query_error(err))?,
+                None => break,
             }
         }
         tx.commit()
