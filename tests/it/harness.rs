@@ -271,6 +271,7 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
 /// The bytes of a file, or `None` when it does not exist.
 pub fn bytes_of(path: impl AsRef<Path>) -> Option<Vec<u8>> {
     fs_err::read(path.as_ref()).ok()
+}
 
 // ------------------------------------------------------------------------------------------
 // The realtime path: `embatch serve` as a child process, and reading vectors back.
