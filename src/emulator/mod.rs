@@ -379,6 +379,13 @@ impl Emulator {
         self.shared.lock().faults = faults;
     }
 
+    /// Changes the current faults in place. Unlike [`Emulator::set_faults`] this keeps what
+    /// the emulator consumed meanwhile (the `token_limit_failures` left, the `lose_answers`
+    /// not yet fired), so a test can switch one fault without re-arming the others.
+    pub fn update_faults(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.shared.lock().faults);
+    }
+
     pub fn counters(&self) -> Counters {
         self.shared.lock().counters.clone()
     }
