@@ -1325,3 +1325,87 @@ fn fault_campaign_keeps_every_guarantee() {
         Err(err) => panic!("the campaign could not run: {err}"),
     }
 }
+// ------------------------------------------------------------------ regressions it found
+
+/// Chunks sent more often than their retryable failures justify (each batch but the first
+/// that lists a chunk must follow a retryable failure of it), with their counts.
+fn overpaid_chunks(run_dir: &Path) -> Vec<(String, u64, u64)> {
+    let mut sends: BTreeMap<String, u64> = BTreeMap::new();
+    let mut retryable: BTreeMap<String, u64> = BTreeMap::new();
+    for batch in load(run_dir).expect("run.json parses").batches {
+        let dir = run_dir.join("batches").join(&batch.name);
+        for fields in read_tsv(&dir.join("chunks.tsv")) {
+            *sends.entry(fields[0].clone()).or_default() += 1;
+        }
+        for fields in read_tsv(&dir.join("failed_chunk_ids.tsv")) {
+            if fields.get(2).map(String::as_str) == Some("true") {
+                *retryable.entry(fields[0].clone()).or_default() += 1;
+            }
+        }
+    }
+    sends
+        .into_iter()
+        .map(|(id, n)| {
+            let failures = retryable.get(&id).copied().unwrap_or(0);
+            (id, n, failures)
+        })
+        .filter(|(_, n, failures)| *n > failures + 1)
+        .collect()
+}
+
+/// A crash after the retry batch is saved but before its source batch is marked as having
+/// its retries planned must not plan the same retry again (the chunk would be paid twice).
+/// Found by the campaign as a double-planned chunk. The crash lands after every save of the
+/// first advances in turn (the window is after the 11th and the 22nd today).
+#[tokio::test]
+async fn a_crash_while_planning_retries_never_plans_them_twice() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    for nth in 1..=24u128 {
+        let family = env.add_family(nth).await;
+        let texts: Vec<String> = (0..3).map(chunk_text).collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let ids = env.add_chunks(family, &refs).await;
+        let run_dir = env.plan(family, &[]).run_dir();
+        let dir = run_dir.to_str().expect("a UTF-8 temp path");
+        // One request always fails: every batch that holds it needs a retry batch.
+        env.emu().set_faults(Faults {
+            fail_custom_ids: vec![ids[0].to_string()],
+            ..Faults::default()
+        });
+        let crash = format!("after_save:{nth}");
+        let first = env
+            .exec_env(
+                &["advance", "--run-dir", dir],
+                &[("EMBATCH_CRASH_AT", &crash)],
+            )
+            .await;
+        assert!(first.killed(), "{crash}: {first:#?}");
+        // The window: a source batch not marked, yet a later batch already retries it.
+        let run = load(&run_dir).expect("run.json parses");
+        let in_window = run.batches.iter().any(|source| {
+            matches!(&source.state, BatchState::Ingested(i) if !i.retries_planned)
+                && run
+                    .batches
+                    .iter()
+                    .any(|b| b.retry_of.contains(&source.name))
+        });
+        if !in_window {
+            continue;
+        }
+        crate::advance::advance_until_finished(&env, &run_dir, 8).await;
+        let overpaid = overpaid_chunks(&run_dir);
+        assert!(
+            overpaid.is_empty(),
+            "{crash}: (chunk, sends, retryable failures) {overpaid:?}; batches {:?}",
+            load(&run_dir).map(|r| r
+                .batches
+                .iter()
+                .map(|b| (b.name.clone(), b.retry_of.clone()))
+                .collect::<Vec<_>>())
+        );
+    }
+    env.drop_database().await;
+}
