@@ -46,7 +46,7 @@ use crate::harness::TestEnv;
 /// The CI default: a fixed seed, and enough sequences to stay within about three minutes on
 /// a two-core machine.
 const DEFAULT_SEED: u64 = 20_261_124;
-const DEFAULT_CASES: u32 = 40;
+const DEFAULT_CASES: u32 = 48;
 const SEED_ENV: &str = "EMBATCH_CAMPAIGN_SEED";
 const CASES_ENV: &str = "EMBATCH_CAMPAIGN_CASES";
 /// Set to print every sequence and what each action's commands exited with.
