@@ -239,6 +239,13 @@ impl Stepper {
 
     /// Applies one event to batch `idx` and saves the run.
     pub(crate) fn apply(&mut self, idx: usize, event: Event) -> anyhow::Result<()> {
+        self.transition(idx, event)?;
+        self.save()
+    }
+
+    /// Applies one event to batch `idx` in memory only: for changes that must reach
+    /// `run.json` in one save together with others (the caller saves).
+    pub(crate) fn transition(&mut self, idx: usize, event: Event) -> anyhow::Result<()> {
         let batch = &mut self.run.batches[idx];
         let state = std::mem::replace(&mut batch.state, BatchState::Planned(Default::default()));
         match state.apply(event) {
@@ -249,7 +256,7 @@ impl Stepper {
                 anyhow::bail!("internal error in batch {}: {message}", batch.name);
             }
         }
-        self.save()
+        Ok(())
     }
 
     pub(crate) fn name(&self, idx: usize) -> &str {

@@ -492,10 +492,13 @@ impl Stepper {
         self.run.retry_given_up += given_up;
         let n_new = written.batches.len();
         self.run.batches.extend(written.batches);
-        self.save()?;
+        // The new batches and the marks on their sources reach run.json in one save: a crash
+        // between two saves would leave a source unmarked, and the next advance would plan
+        // its retries again and pay twice for the same chunks.
         for i in sources {
-            self.apply(i, Event::RetriesPlanned)?;
+            self.transition(i, Event::RetriesPlanned)?;
         }
+        self.save()?;
         self.printer.info(&format!(
             "planned {n_new} retry batch{} (attempt {attempt}) for {} chunks{}",
             if n_new == 1 { "" } else { "es" },

@@ -56,6 +56,11 @@ pub struct Planned {
     /// upload may have happened, so the file is looked for before uploading again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_started: Option<DateTime<Utc>>,
+    /// The `embatch_submission` the next creation will carry when it is not 1: a batch whose
+    /// input file expired after queue refusals is uploaded again, and the remote batches of
+    /// its earlier submissions still exist, so the count goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submission: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -427,7 +432,7 @@ impl BatchState {
         use Event as E;
         Ok(match (self, event) {
             (
-                S::Planned(_),
+                S::Planned(p),
                 E::FileUploaded {
                     file_id,
                     at,
@@ -437,15 +442,20 @@ impl BatchState {
                 input_file_id: file_id,
                 uploaded_at: at,
                 file_expires_at,
-                submission: 1,
+                submission: p.submission.unwrap_or(1),
                 create_started: None,
             }),
-            (S::Planned(_), E::UploadStarted { at }) => S::Planned(Planned {
+            (S::Planned(p), E::UploadStarted { at }) => S::Planned(Planned {
                 upload_started: Some(at),
+                ..p
             }),
-            (S::Uploaded(_), E::FileExpired) | (S::Queued(_), E::FileExpired) => {
-                S::Planned(Planned::default())
-            }
+            // Uploaded again, the batch keeps its submission count: creating submission 1 a
+            // second time would make two remote batches with the same metadata.
+            (S::Uploaded(Uploaded { submission, .. }), E::FileExpired)
+            | (S::Queued(Queued { submission, .. }), E::FileExpired) => S::Planned(Planned {
+                upload_started: None,
+                submission: (submission > 1).then_some(submission),
+            }),
             (S::Uploaded(up), E::CreateStarted { at }) => S::Uploaded(Uploaded {
                 create_started: Some(at),
                 ..up
@@ -777,6 +787,11 @@ mod tests {
                 let before = state.clone();
                 match state.apply(event) {
                     Ok(next) => {
+                        // A (batch, submission) is created at most once: the count never
+                        // goes back, whatever happens to the input file.
+                        if let (Some(a), Some(b)) = (next_submission(&before), next_submission(&next)) {
+                            prop_assert!(b >= a, "submission went back from {} to {}", a, b);
+                        }
                         let (from, to) = (before.kind(), next.kind());
                         prop_assert!(
                             from == to || from.successors().contains(&to),
@@ -914,6 +929,47 @@ mod tests {
             .unwrap();
         assert_eq!(next.kind(), StateKind::Failed);
         assert!(next.is_done());
+    }
+
+    /// The submission the batch's next creation carries (or carried, once submitted).
+    fn next_submission(state: &BatchState) -> Option<u32> {
+        match state {
+            BatchState::Planned(p) => Some(p.submission.unwrap_or(1)),
+            BatchState::Uploaded(u) => Some(u.submission),
+            BatchState::Queued(q) => Some(q.submission),
+            BatchState::Submitted(s) => Some(s.submission),
+            _ => None,
+        }
+    }
+
+    /// Found by the fault campaign: a queued batch whose input file expired was uploaded
+    /// again as submission 1, a second remote batch with the metadata of the first.
+    #[test]
+    fn an_input_file_expired_while_queued_keeps_the_submission_count() {
+        let queued = BatchState::Queued(Queued {
+            input_file_id: "f".to_owned(),
+            file_expires_at: Some(t0()),
+            submission: 2,
+            reason: "token_limit_exceeded".to_owned(),
+            not_before: t0(),
+            refusals: 1,
+            create_started: None,
+        });
+        let uploaded = queued
+            .apply(Event::FileExpired)
+            .and_then(|s| s.apply(Event::UploadStarted { at: t0() }))
+            .and_then(|s| {
+                s.apply(Event::FileUploaded {
+                    file_id: "g".to_owned(),
+                    at: t0(),
+                    file_expires_at: None,
+                })
+            })
+            .unwrap();
+        match uploaded {
+            BatchState::Uploaded(up) => assert_eq!(up.submission, 2),
+            other => panic!("expected uploaded, got {other:?}"),
+        }
     }
 
     #[test]

@@ -87,6 +87,9 @@ pub struct Faults {
     /// Validate input files as the provider does (true by default); false lets broken lines
     /// through to become 400 lines of the error file.
     pub invalid_line_validation: bool,
+    /// Batch input files uploaded now expire after this long, whatever `expires_after` the
+    /// upload asked for (the provider dropping a file early; whole seconds, at least one).
+    pub input_file_ttl: Option<Duration>,
 }
 
 /// Not derived: validation must be on unless a test turns it off.
@@ -103,6 +106,7 @@ impl Default for Faults {
             token_limit_failures: 0,
             lose_answers: Vec::new(),
             invalid_line_validation: true,
+            input_file_ttl: None,
         }
     }
 }
@@ -380,6 +384,13 @@ impl Emulator {
     /// Replaces the current faults.
     pub fn set_faults(&self, faults: Faults) {
         self.shared.lock().faults = faults;
+    }
+
+    /// Changes the current faults in place. Unlike [`Emulator::set_faults`] this keeps what
+    /// the emulator consumed meanwhile (the `token_limit_failures` left, the `lose_answers`
+    /// not yet fired), so a test can switch one fault without re-arming the others.
+    pub fn update_faults(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.shared.lock().faults);
     }
 
     pub fn counters(&self) -> Counters {

@@ -284,6 +284,10 @@ async fn upload_file(
 
     let (file_json, lost) = {
         let mut state = shared.lock();
+        let expires_at = match state.faults.input_file_ttl {
+            Some(ttl) if purpose == "batch" => Some(now + (ttl.as_secs() as i64).max(1)),
+            _ => expires_at,
+        };
         let id = state.add_file(filename, &purpose, content, expires_at);
         state.counters.uploads += 1;
         let file_json = state.file(&id).map(super::StoredFile::to_json);

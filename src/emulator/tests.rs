@@ -689,6 +689,24 @@ async fn token_limit_failures_fail_the_next_batches_only() {
 }
 
 #[tokio::test]
+async fn an_input_file_ttl_fault_makes_uploads_expire_early() {
+    let (emulator, api) = start().await;
+    emulator.update_faults(|f| f.input_file_ttl = Some(Duration::from_secs(1)));
+    let file = api.upload(&input_file(json!({"dimensions": 4}))).await;
+    let created_at = file["created_at"].as_i64().unwrap();
+    assert_eq!(file["expires_at"].as_i64(), Some(created_at + 1));
+    // Gone once its second has passed: listed no more, and no batch can use it.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert!(emulator.files().is_empty());
+    let refused = api
+        .create_batch_result(file["id"].as_str().unwrap(), json!({}))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn lost_answers_act_then_drop_the_connection() {
     let (emulator, api) = start().await;
     emulator.set_faults(Faults {

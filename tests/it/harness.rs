@@ -406,3 +406,32 @@ impl TestEnv {
             .map(|v| v.to_vec())
     }
 }
+
+impl TestEnv {
+    /// Drops this env's database (best effort, `WITH (FORCE)`), for tests such as the fault
+    /// campaign that create many databases in one process.
+    pub async fn drop_database(self) {
+        let Ok(row) = self
+            .client
+            .query_one("SELECT current_database()", &[])
+            .await
+        else {
+            return;
+        };
+        let name: String = row.get(0);
+        drop(self.client);
+        let Ok(pg) = ThrowawayPostgres::shared() else {
+            return;
+        };
+        let Ok((admin, connection)) =
+            tokio_postgres::connect(&pg.admin_url(), tokio_postgres::NoTls).await
+        else {
+            return;
+        };
+        tokio::spawn(connection);
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"))
+            .await;
+    }
+}

@@ -2,6 +2,7 @@
 //! a real Postgres with pgvector (a database per test) and runs the real `embatch` binary.
 
 mod advance;
+mod campaign;
 mod damage;
 mod harness;
 mod ingest;
