@@ -60,19 +60,25 @@ impl Goal {
 
 /// The API client for the configured settings, or a message saying what is missing.
 pub fn client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
+    Ok(ApiClient::new(client_options(settings)?)?)
+}
+
+/// The client options of the configured settings (the batch path's retry policy), or a
+/// message saying what is missing.
+pub fn client_options(settings: &ApiSettings) -> anyhow::Result<ClientOptions> {
     let api_key = settings.api_key.clone().ok_or_else(|| {
         anyhow::anyhow!(
             "no OpenAI API key; set OPENAI_API_KEY in the environment or in .env (to try embatch without one, run `embatch emulator` and point OPENAI_BASE_URL at it)"
         )
     })?;
-    Ok(ApiClient::new(ClientOptions {
+    Ok(ClientOptions {
         base_url: settings.base_url.clone(),
         api_key,
         organization: settings.organization.clone(),
         project: settings.project.clone(),
         max_retries: settings.max_retries,
         ..ClientOptions::default()
-    })?)
+    })
 }
 
 /// `embatch advance` (and `submit`): returns `Done` when the run is finished.

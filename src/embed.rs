@@ -435,19 +435,9 @@ pub async fn fetch_vectors(
 /// connection errors, honouring `Retry-After`) with a shorter longest wait: someone is waiting
 /// for the answer.
 pub fn realtime_client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
-    let api_key = settings.api_key.clone().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no OpenAI API key; set OPENAI_API_KEY in the environment or in .env (to try embatch without one, run `embatch emulator` and point OPENAI_BASE_URL at it)"
-        )
-    })?;
     Ok(ApiClient::new(ClientOptions {
-        base_url: settings.base_url.clone(),
-        api_key,
-        organization: settings.organization.clone(),
-        project: settings.project.clone(),
-        max_retries: settings.max_retries,
         max_backoff: std::time::Duration::from_secs(10),
-        ..ClientOptions::default()
+        ..crate::advance::client_options(settings)?
     })?)
 }
 

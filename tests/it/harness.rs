@@ -236,22 +236,33 @@ pub async fn count_embedded_exactly(env: &TestEnv, family: Uuid, dims: usize) ->
         let id: Uuid = row.get(0);
         let content: String = row.get(1);
         let stored: pgvector::Vector = row.get(2);
-        let want = embatch::emulator::vectors::embedding(&content, dims);
-        let same = stored.as_slice().len() == want.len()
-            && stored
-                .as_slice()
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "chunk {id} does not hold the emulator's vector of its content"
-        );
+        assert_emulator_vector(id, stored.as_slice(), &content, dims);
     }
     rows.len()
 }
 
+/// Panics unless `stored` is, bit for bit, the emulator's vector of `content`.
+#[track_caller]
+pub fn assert_emulator_vector(
+    id: impl std::fmt::Display,
+    stored: &[f32],
+    content: &str,
+    dims: usize,
+) {
+    let want = embatch::emulator::vectors::embedding(content, dims);
+    let same = stored.len() == want.len()
+        && stored
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(
+        same,
+        "chunk {id} does not hold the emulator's vector of its content"
+    );
+}
+
 /// Every file and folder under `dir`, `dir` included.
+/// `dir` and every folder and file below it.
 pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![dir.to_path_buf()];
     for entry in fs_err::read_dir(dir)

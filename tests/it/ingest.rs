@@ -9,7 +9,7 @@ use embatch::store::{self, RunFile};
 use uuid::Uuid;
 
 use crate::advance::advance_until_finished;
-use crate::harness::{Run, TestEnv, read};
+use crate::harness::{Run, TestEnv, assert_emulator_vector, read};
 
 async fn advance(env: &TestEnv, run_dir: &Path, extra: &[&str]) -> Run {
     let mut args = vec!["advance", "--run-dir", run_dir.to_str().unwrap()];
@@ -36,17 +36,7 @@ async fn assert_embedded_exactly(env: &TestEnv, family: Uuid, dims: usize) -> us
         let content: String = row.get(1);
         let stored: Option<pgvector::Vector> = row.get(2);
         let stored = stored.unwrap_or_else(|| panic!("chunk {id} has no embedding"));
-        let want = vectors::embedding(&content, dims);
-        let same = stored.as_slice().len() == want.len()
-            && stored
-                .as_slice()
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(
-            same,
-            "chunk {id} does not hold the emulator's vector of its content"
-        );
+        assert_emulator_vector(id, stored.as_slice(), &content, dims);
     }
     rows.len()
 }

@@ -9,7 +9,7 @@ use embatch::store;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::harness::{TestEnv, read, snapshot_settings};
+use crate::harness::{TestEnv, read, snapshot_settings, walk};
 
 fn jsonl(path: &Path) -> Vec<Value> {
     read(path)
@@ -140,19 +140,6 @@ async fn plan_writes_the_run_folder_and_skips_what_cannot_be_sent() {
     }
     // Nothing partial left behind.
     assert_eq!(env.run_folders(), [run_dir]);
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![dir.to_path_buf()];
-    for entry in fs_err::read_dir(dir).unwrap().filter_map(Result::ok) {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 #[tokio::test]
