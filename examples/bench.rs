@@ -106,29 +106,17 @@ fn run_child(args: &[&str]) -> anyhow::Result<(Duration, f64)> {
         .args(args)
         .stdout(std::process::Stdio::null())
         .spawn()?;
-    let status_path = format!("/proc/{}/status", child.id());
-    let mut peak_kib = 0u64;
-    loop {
-        if let Ok(status) = fs_err::read_to_string(&status_path)
-            && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:"))
-            && let Some(kib) = line.split_whitespace().nth(1).and_then(|v| v.parse().ok())
-        {
-            peak_kib = peak_kib.max(kib);
-        }
-        if let Some(exit) = child.try_wait()? {
-            let elapsed = started.elapsed();
-            if !exit.success() {
-                bail!("embatch {} failed: {exit}", args.join(" "));
-            }
-            eprintln!(
-                "  child: {:.2}s wall, {:.2}s CPU",
-                elapsed.as_secs_f64(),
-                children_cpu() - cpu_before
-            );
-            return Ok((elapsed, peak_kib as f64 / 1024.0));
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let (exit, peak_kib) = embatch::measure::wait_with_peak_rss(&mut child)?;
+    let elapsed = started.elapsed();
+    if !exit.success() {
+        bail!("embatch {} failed: {exit}", args.join(" "));
     }
+    eprintln!(
+        "  child: {:.2}s wall, {:.2}s CPU",
+        elapsed.as_secs_f64(),
+        children_cpu() - cpu_before
+    );
+    Ok((elapsed, peak_kib as f64 / 1024.0))
 }
 
 /// CPU seconds (user + system) of the children waited for so far.
@@ -497,12 +485,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     eprintln!("bench: {n} chunks; load average {}", uptime.trim());
 
     let pg = ThrowawayPostgres::start().context("could not start the throwaway Postgres")?;
-    let url = pg.create_database().await?;
-    let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    client
-        .batch_execute(embatch::source::DEFAULT_SCHEMA_SQL)
-        .await?;
+    let (url, mut client) = pg.create_default_database().await?;
     client
         .execute(
             "INSERT INTO equipment_families VALUES ($1::text::uuid, 'bench')",

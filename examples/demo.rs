@@ -33,12 +33,7 @@ async fn main() -> anyhow::Result<()> {
         ..EmulatorConfig::default()
     })
     .await?;
-    let url = pg.create_database().await?;
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    client
-        .batch_execute(embatch::source::DEFAULT_SCHEMA_SQL)
-        .await?;
+    let (url, client) = pg.create_default_database().await?;
 
     let family_ids: Vec<Uuid> = (0..embatch::sample::FAMILIES.len())
         .map(|i| Uuid::from_u128(0xfa00_0000_0000_0000_0000_0000_0000_0000 + i as u128))

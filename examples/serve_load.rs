@@ -79,12 +79,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("load average before: {}", load_average());
     let pg = ThrowawayPostgres::start().context("could not start the throwaway Postgres")?;
     let emulator = Emulator::start(EmulatorConfig::default()).await?;
-    let url = pg.create_database().await?;
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    client
-        .batch_execute(embatch::source::DEFAULT_SCHEMA_SQL)
-        .await?;
+    let (url, client) = pg.create_default_database().await?;
     let family = Uuid::from_u128(0xfa00 << 64);
     client
         .execute(

@@ -18,6 +18,7 @@ pub mod embed;
 pub mod emulator;
 pub mod ingest;
 pub mod lock;
+pub mod measure;
 pub mod models;
 pub mod output;
 pub mod pgtemp;

@@ -288,6 +288,26 @@ impl ThrowawayPostgres {
         Ok(url)
     }
 
+    /// A new database (as [`ThrowawayPostgres::create_database`]) holding embatch's default
+    /// schema ([`crate::source::DEFAULT_SCHEMA_SQL`]), and a connection to it.
+    ///
+    /// # Errors
+    /// As `create_database`, or when the connection or the schema fails.
+    pub async fn create_default_database(
+        &self,
+    ) -> Result<(String, tokio_postgres::Client), PgTempError> {
+        let url = self.create_database().await?;
+        let client = connect(&url).await.map_err(sql_error(format!(
+            "could not connect to the new database in {}",
+            self.describe()
+        )))?;
+        client
+            .batch_execute(crate::source::DEFAULT_SCHEMA_SQL)
+            .await
+            .map_err(sql_error("could not create the default schema"))?;
+        Ok((url, client))
+    }
+
     /// Drops a database made by `create_database`, given its connection string or its name.
     /// Open connections to it are terminated. Refuses any other database, so a mistake cannot
     /// drop real data on a borrowed server.

@@ -639,6 +639,11 @@ async fn plan_memory_stays_flat_on_a_large_family() {
             "{batch:?}"
         );
     }
+    // A real process holds a few MiB: 0 would mean the sampling measured nothing.
+    assert!(
+        max_rss_kib > 1024,
+        "no peak RSS measured ({max_rss_kib} KiB)"
+    );
     assert!(max_rss_kib < 64 * 1024, "peak RSS {max_rss_kib} KiB");
     eprintln!(
         "plan of 200,000 chunks: peak RSS {} KiB, {} batches",
@@ -647,26 +652,11 @@ async fn plan_memory_stays_flat_on_a_large_family() {
     );
 }
 
-/// Runs `cmd` and returns its exit code and its peak resident memory in KiB.
-///
-/// Sampled from `VmHWM` in `/proc/<pid>/status` every few milliseconds (a high-water mark,
-/// so the last sample holds the peak up to then). Not `wait4`'s `ru_maxrss`: Linux carries
-/// the forking process's high-water mark across `exec`, so a child of this test process —
-/// which holds the in-process emulator's files — would report the test's memory, not its own.
+/// Runs `cmd` and returns its exit code and its peak resident memory in KiB
+/// (see [`embatch::measure::wait_with_peak_rss`]).
 pub fn run_with_peak_rss(mut cmd: std::process::Command) -> (i32, u64) {
-    let mut child = cmd.spawn().unwrap();
-    let status_path = format!("/proc/{}/status", child.id());
-    let mut peak_kib = 0u64;
-    loop {
-        if let Ok(status) = fs_err::read_to_string(&status_path)
-            && let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:"))
-            && let Some(kib) = line.split_whitespace().nth(1).and_then(|v| v.parse().ok())
-        {
-            peak_kib = peak_kib.max(kib);
-        }
-        if let Some(exit) = child.try_wait().unwrap() {
-            return (exit.code().unwrap_or(-1), peak_kib);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let mut child = cmd.spawn().expect("start embatch");
+    let (exit, peak_kib) =
+        embatch::measure::wait_with_peak_rss(&mut child).expect("wait for embatch");
+    (exit.code().unwrap_or(-1), peak_kib)
 }
