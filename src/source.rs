@@ -2,9 +2,10 @@
 //! pending chunks read from it (DESIGN.md §1).
 //!
 //! Owns the SQL that reads chunks; every identifier from a flag is quoted here, never pasted.
-//! Rows are read through a portal in pages inside one READ ONLY transaction, so the family is
-//! never held in memory whole and `--scope-sql` cannot change data. It does not tokenize,
-//! shard or write files (the plan does).
+//! Rows are streamed from one query inside one READ ONLY transaction (tokio-postgres stops
+//! reading the socket while rows wait to be handled), so the family is never held in memory
+//! whole and `--scope-sql` cannot change data. It does not tokenize, shard or write files (the
+//! plan does).
 
 use std::error::Error as _;
 
@@ -26,9 +27,6 @@ CREATE TABLE knowledge_chunks (
 );
 CREATE INDEX knowledge_chunks_family ON knowledge_chunks (equipment_family_id);
 ";
-
-/// Rows fetched per round trip from the portal: enough to hide latency, small in memory.
-const PAGE_ROWS: i32 = 2000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -340,7 +338,7 @@ impl Source {
         family_id: &str,
         reembed: bool,
         limit: Option<u64>,
-        mut each: impl FnMut(ChunkRow) -> anyhow::Result<()>,
+        mut each: impl FnMut(PendingRow) -> anyhow::Result<()>,
     ) -> anyhow::Result<u64> {
         let tx = client
             .build_transaction()
@@ -360,41 +358,19 @@ impl Source {
         } else {
             vec![&family]
         };
-        let portal = tx
-            .bind(&statement, &params)
+        // One unlimited Execute, read as a stream: tokio-postgres stops reading the socket
+        // while a batch of rows waits to be handled, so memory stays bounded, and unlike a
+        // portal fetched in pages the server may sort with parallel workers.
+        let rows = tx
+            .query_raw(&statement, params)
             .await
             .map_err(|err| self.query_error(err))?;
+        let mut rows = std::pin::pin!(rows);
         let mut n_rows = 0u64;
-        let mut rows = tx
-            .query_portal(&portal, PAGE_ROWS)
-            .await
-            .map_err(|err| self.query_error(err))?;
-        loop {
-            let full_page = rows.len() == PAGE_ROWS as usize;
-            // Ask for the next page before handling this one, so that the server reads it
-            // while we tokenize: polling the request once sends it.
-            let mut next_page = std::pin::pin!(async {
-                if full_page {
-                    Some(tx.query_portal(&portal, PAGE_ROWS).await)
-                } else {
-                    None
-                }
-            });
-            let early = futures_util::poll!(next_page.as_mut());
-            for row in rows {
-                let id: String = row.get(0);
-                let content: Option<String> = row.get(1);
-                n_rows += 1;
-                each(ChunkRow { id, content })?;
-            }
-            let next = match early {
-                std::task::Poll::Ready(next) => next,
-                std::task::Poll::Pending => next_page.await,
-            };
-            match next {
-                Some(next) => rows = next.map_err(|err| self.query_error(err))?,
-                None => break,
-            }
+        while let Some(row) = futures_util::StreamExt::next(&mut rows).await {
+            let row = row.map_err(|err| self.query_error(err))?;
+            n_rows += 1;
+            each(PendingRow(row))?;
         }
         tx.commit()
             .await
@@ -441,7 +417,27 @@ fn bind_family(
     })
 }
 
-/// One pending chunk as read from the database.
+/// A row of [`Source::stream_pending`], as the server sent it: its text is read in place
+/// (no copy) by whichever thread prepares it.
+pub struct PendingRow(tokio_postgres::Row);
+
+impl PendingRow {
+    /// The id as text: the request's `custom_id`.
+    pub fn id(&self) -> anyhow::Result<&str> {
+        self.0
+            .try_get(0)
+            .map_err(|err| anyhow::anyhow!("reading a chunk's id failed: {err}"))
+    }
+
+    /// The content; `None` for SQL NULL.
+    pub fn content(&self) -> anyhow::Result<Option<&str>> {
+        self.0
+            .try_get(1)
+            .map_err(|err| anyhow::anyhow!("reading a chunk's text failed: {err}"))
+    }
+}
+
+/// One chunk as read from the database, copied out of its row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRow {
     /// The id as text: the request's `custom_id`.

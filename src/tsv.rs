@@ -45,14 +45,19 @@ pub fn unescape(field: &str) -> String {
 /// Writes one TSV record (fields escaped, tab-separated, newline-terminated).
 pub fn write_record<W: Write>(writer: &mut W, fields: &[&str]) -> io::Result<()> {
     let mut line = Vec::with_capacity(64);
+    push_record(&mut line, fields);
+    writer.write_all(&line)
+}
+
+/// Appends one TSV record to `out`, as [`write_record`] writes it.
+pub fn push_record(out: &mut Vec<u8>, fields: &[&str]) {
     for (idx, field) in fields.iter().enumerate() {
         if idx > 0 {
-            line.push(b'\t');
+            out.push(b'\t');
         }
-        escape_into(field, &mut line);
+        escape_into(field, out);
     }
-    line.push(b'\n');
-    writer.write_all(&line)
+    out.push(b'\n');
 }
 
 /// Reads the records of a TSV file with a header line, calling `each` with the unescaped
