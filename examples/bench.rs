@@ -1,7 +1,8 @@
 //! The benchmark: plan and ingest side by side with what Postgres itself can do on this machine
 //! (issue 7).
 //!
-//! `cargo run --release --example bench -- --chunks 100000 [--json PATH]`
+//! `cargo run --release --example bench -- --chunks 100000 [--json PATH] [--runs 3]
+//! [--plan-only]`
 //!
 //! Starts a throwaway Postgres with pgvector, loads one family of N chunks of ~800 bytes of
 //! manual-like text, and measures in the same run:
@@ -18,10 +19,12 @@
 //! - ingest into a column with an HNSW index, on a smaller table.
 //!
 //! Phases that write the table start from a table whose embeddings were all reset to NULL and
-//! vacuumed. Short phases (COPY out, parsing) are the median of three repetitions, the
-//! tokenizer alone the median of five (it swings most with other load on the machine);
-//! the seed-style reference runs on at most `--seed-rows` rows (its rate does not depend on N).
-//! Nothing here asserts a time. Big temp files are deleted at the end.
+//! vacuumed. Plan, both ingests and the binary COPY reference are the median of `--runs` runs
+//! (default 3); COPY out and parsing the median of three; the tokenizer alone the median of
+//! five (it swings most with other load on the machine); the seed-style reference runs once,
+//! on at most `--seed-rows` rows (its rate does not depend on N). `--plan-only` stops after
+//! plan and prints its ratios (for working on plan). Nothing here asserts a time. Big temp
+//! files are deleted at the end.
 
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -50,6 +53,8 @@ struct Args {
     json: Option<PathBuf>,
     seed_rows: usize,
     hnsw_rows: usize,
+    runs: usize,
+    plan_only: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -58,6 +63,8 @@ fn parse_args() -> anyhow::Result<Args> {
         json: None,
         seed_rows: 20_000,
         hnsw_rows: 1_000,
+        runs: 3,
+        plan_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -67,13 +74,15 @@ fn parse_args() -> anyhow::Result<Args> {
             "--json" => args.json = Some(PathBuf::from(value()?)),
             "--seed-rows" => args.seed_rows = value()?.parse().context("--seed-rows N")?,
             "--hnsw-rows" => args.hnsw_rows = value()?.parse().context("--hnsw-rows N")?,
+            "--runs" => args.runs = value()?.parse().context("--runs N")?,
+            "--plan-only" => args.plan_only = true,
             other => bail!(
-                "unknown argument {other}; usage: bench [--chunks N] [--json PATH] [--seed-rows N] [--hnsw-rows N]"
+                "unknown argument {other}; usage: bench [--chunks N] [--json PATH] [--seed-rows N] [--hnsw-rows N] [--runs N] [--plan-only]"
             ),
         }
     }
-    if args.chunks == 0 {
-        bail!("--chunks must be at least 1");
+    if args.chunks == 0 || args.runs == 0 {
+        bail!("--chunks and --runs must be at least 1");
     }
     Ok(args)
 }
@@ -545,19 +554,42 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let tokenize_s = median(tokenize_runs);
     drop(texts);
 
-    // Plan, the real command.
+    // Plan, the real command: the median of `--runs` runs, each into an empty runs
+    // folder (the run of the one before is removed, so that it holds no chunk).
     let mut plan_args = common.to_vec();
     plan_args.extend(["plan", "--family-id", FAMILY]);
-    let (plan_time, plan_rss) = run_child(&plan_args)?;
-    let run_dir = embatch::runs::find_runs(&runs_dir, Some(FAMILY))?
-        .pop()
-        .map(|found| found.dir)
-        .context("the plan created no run")?;
+    let (mut plan_times, mut plan_rss) = (Vec::new(), 0.0f64);
+    let mut run_dir = PathBuf::new();
+    for i in 0..args.runs {
+        if i > 0 {
+            fs_err::remove_dir_all(&run_dir)?;
+        }
+        let (time, rss) = run_child(&plan_args)?;
+        plan_times.push(time.as_secs_f64());
+        plan_rss = plan_rss.max(rss);
+        run_dir = embatch::runs::find_runs(&runs_dir, Some(FAMILY))?
+            .pop()
+            .map(|found| found.dir)
+            .context("the plan created no run")?;
+    }
+    let plan_time = Duration::from_secs_f64(median(plan_times.clone()));
     let run_dir_text = run_dir.display().to_string();
     eprintln!(
-        "plan: {:.2}s, peak RSS {plan_rss:.1} MiB",
+        "plan: median {:.2}s of {plan_times:.2?}, peak RSS {plan_rss:.1} MiB",
         plan_time.as_secs_f64()
     );
+    if args.plan_only {
+        let plan_mb_per_s = mb(text_bytes) / plan_time.as_secs_f64();
+        let tokenize_mb_per_s = mb(text_bytes) / tokenize_s;
+        println!(
+            "plan {plan_mb_per_s:.1} MB/s; tokenizer alone {tokenize_mb_per_s:.1} MB/s; ratio {:.3}; COPY out {:.1} MB/s",
+            plan_mb_per_s / tokenize_mb_per_s,
+            mb(text_bytes) / copy_out_s
+        );
+        drop(client);
+        pg.drop_database(&url).await?;
+        return Ok(());
+    }
 
     // The provider's output, float and base64, shuffled.
     let started = Instant::now();
@@ -589,24 +621,32 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let (parse_float_lps, parse_float_mbps) = parse("float")?;
     let (parse_base64_lps, parse_base64_mbps) = parse("base64")?;
 
-    // Ingest, the real command, float then base64.
+    // Ingest, the real command, float then base64: the median of `--runs` runs, each from a
+    // table whose embeddings were reset and vacuumed.
     let ingest = |kind: &'static str| {
         let run_dir_text = run_dir_text.clone();
         let run_dir = run_dir.clone();
         let client = &client;
         async move {
-            reset_embeddings(client, "knowledge_chunks").await?;
-            make_downloaded(&run_dir, kind)?;
-            let (time, rss) = run_child(&ingest_args(&common, &run_dir_text))?;
-            let written = count_where(client, "knowledge_chunks", "embedding IS NOT NULL").await?;
-            if written != n as i64 {
-                bail!("{kind} ingest wrote {written} of {n} vectors");
+            let (mut times, mut peak) = (Vec::new(), 0.0f64);
+            for _ in 0..args.runs {
+                reset_embeddings(client, "knowledge_chunks").await?;
+                make_downloaded(&run_dir, kind)?;
+                let (time, rss) = run_child(&ingest_args(&common, &run_dir_text))?;
+                let written =
+                    count_where(client, "knowledge_chunks", "embedding IS NOT NULL").await?;
+                if written != n as i64 {
+                    bail!("{kind} ingest wrote {written} of {n} vectors");
+                }
+                times.push(time.as_secs_f64());
+                peak = peak.max(rss);
             }
+            let time = Duration::from_secs_f64(median(times.clone()));
             eprintln!(
-                "ingest {kind}: {:.2}s, peak RSS {rss:.1} MiB",
+                "ingest {kind}: median {:.2}s of {times:.2?}, peak RSS {peak:.1} MiB",
                 time.as_secs_f64()
             );
-            anyhow::Ok((time, rss))
+            anyhow::Ok((time, peak))
         }
     };
     let (ingest_float_time, ingest_float_rss) = ingest("float").await?;
@@ -616,7 +656,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     reset_embeddings(&client, "knowledge_chunks").await?;
     let seed_ids = &ids[..ids.len().min(args.seed_rows)];
     let seed_time = seed_style(&mut client, seed_ids).await?;
-    let copy_time = copy_reference(&client, &ids).await?;
+    let mut copy_times = Vec::new();
+    for _ in 0..args.runs {
+        copy_times.push(copy_reference(&client, &ids).await?.as_secs_f64());
+    }
+    let copy_time = Duration::from_secs_f64(median(copy_times.clone()));
+    eprintln!("binary COPY reference: median {:.2}s of {copy_times:.2?}", copy_time.as_secs_f64());
     client.batch_execute("DROP TABLE copy_reference").await?;
 
     // Output files are big (400k float lines are ~7 GB): gone before the HNSW phase.
