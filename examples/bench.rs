@@ -661,7 +661,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         copy_times.push(copy_reference(&client, &ids).await?.as_secs_f64());
     }
     let copy_time = Duration::from_secs_f64(median(copy_times.clone()));
-    eprintln!("binary COPY reference: median {:.2}s of {copy_times:.2?}", copy_time.as_secs_f64());
+    eprintln!(
+        "binary COPY reference: median {:.2}s of {copy_times:.2?}",
+        copy_time.as_secs_f64()
+    );
     client.batch_execute("DROP TABLE copy_reference").await?;
 
     // Output files are big (400k float lines are ~7 GB): gone before the HNSW phase.
