@@ -90,13 +90,12 @@ fn parse_args() -> anyhow::Result<Args> {
 fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some(CHILD) {
-        // A phase measured on its own: the real command, in a fresh process.
-        let runtime = tokio::runtime::Runtime::new()?;
-        return runtime.block_on(async {
-            let parsed = embatch::cli::parse(argv[2..].iter().cloned())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            embatch::run(parsed.config).await.map(|_| ())
-        });
+        // A phase measured on its own: the real command, in a fresh process, on the runtime
+        // `main` would give it.
+        let parsed =
+            embatch::cli::parse(argv[2..].iter().cloned()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let runtime = embatch::runtime(&parsed.config.command)?;
+        return runtime.block_on(async { embatch::run(parsed.config).await.map(|_| ()) });
     }
     let args = parse_args()?;
     let runtime = tokio::runtime::Runtime::new()?;

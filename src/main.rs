@@ -21,10 +21,7 @@ fn main() -> ExitCode {
             "warning: --api-key on the command line shows in the process list; set OPENAI_API_KEY in the environment or .env instead"
         );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match embatch::runtime(&parsed.config.command) {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: could not start the async runtime: {err}");
