@@ -513,20 +513,50 @@ impl PreparedRound {
                         content: content.to_owned(),
                     }
                 } else {
-                    let line_start = self.lines.len();
-                    template.write_line(id, content, &mut self.lines);
-                    let record_start = self.records.len();
-                    tsv::push_record(&mut self.records, &[id, hash, &n_tokens.to_string()]);
-                    Prep::Ready {
-                        n_tokens,
-                        line: line_start..self.lines.len(),
-                        record: record_start..self.records.len(),
-                    }
+                    self.ready(template, id, content, hash, n_tokens)
                 }
             }
             _ => Prep::Empty,
         };
         self.rows.push(PreparedRow { id: id_range, prep });
+    }
+
+    /// Writes the request line of `input` and the record of a sendable row.
+    fn ready(
+        &mut self,
+        template: &RequestTemplate,
+        id: &str,
+        input: &str,
+        hash: &str,
+        n_tokens: usize,
+    ) -> Prep {
+        let line_start = self.lines.len();
+        template.write_line(id, input, &mut self.lines);
+        let record_start = self.records.len();
+        tsv::push_record(&mut self.records, &[id, hash, &n_tokens.to_string()]);
+        Prep::Ready {
+            n_tokens,
+            line: line_start..self.lines.len(),
+            record: record_start..self.records.len(),
+        }
+    }
+
+    /// A round of one row ready to send, with `input` as its request's text.
+    fn single_ready(
+        template: &RequestTemplate,
+        id: &str,
+        input: &str,
+        hash: &str,
+        n_tokens: usize,
+    ) -> PreparedRound {
+        let mut round = PreparedRound::with_capacity(1);
+        round.ids.push_str(id);
+        let prep = round.ready(template, id, input, hash, n_tokens);
+        round.rows.push(PreparedRow {
+            id: 0..id.len(),
+            prep,
+        });
+        round
     }
 }
 
@@ -620,19 +650,11 @@ impl Preparer {
     }
 }
 
-/// Rows of a round going, one after the other, to the open batch: written with one call each
-/// for their lines and their records.
-#[derive(Default)]
+/// Rows of a round placed in the open batch one after the other, not yet written: where their
+/// lines and records are in the round, written with one call each.
 struct Run {
-    lines: Option<Range<usize>>,
-    records: Option<Range<usize>>,
-}
-
-fn extend(run: &mut Option<Range<usize>>, next: &Range<usize>) {
-    match run {
-        Some(range) if range.end == next.start => range.end = next.end,
-        _ => *run = Some(next.clone()),
-    }
+    lines: Range<usize>,
+    records: Range<usize>,
 }
 
 impl<'a> RunWriter<'a> {
@@ -733,7 +755,7 @@ impl<'a> RunWriter<'a> {
 
     /// Places each row of a prepared round, in order, and writes it to its batch.
     fn write_round(&mut self, round: &PreparedRound) -> anyhow::Result<()> {
-        let mut run = Run::default();
+        let mut run = None;
         for row in &round.rows {
             let id = &round.ids[row.id.clone()];
             if !self.held.is_empty()
@@ -754,8 +776,7 @@ impl<'a> RunWriter<'a> {
                         line_bytes: line.len() as u64,
                     };
                     if self.place(id, item, round, &mut run)? {
-                        extend(&mut run.lines, line);
-                        extend(&mut run.records, record);
+                        self.gather(round, &mut run, line, record)?;
                         self.count(*n_tokens);
                     }
                 }
@@ -763,11 +784,38 @@ impl<'a> RunWriter<'a> {
                     n_tokens,
                     hash,
                     content,
-                } => self.add_too_long(id, *n_tokens, hash, content, round, &mut run)?,
+                } => {
+                    // The rows gathered so far go first, to keep the order.
+                    self.write_run(round, &mut run)?;
+                    self.add_too_long(id, *n_tokens, hash, content)?;
+                }
             }
-            // A run that stopped being contiguous was written by `place` or `add_too_long`.
         }
         self.write_run(round, &mut run)
+    }
+
+    /// Adds a placed row to the run of rows to write, after writing the run when the row does
+    /// not follow it in the round (a row between them was left out).
+    fn gather(
+        &mut self,
+        round: &PreparedRound,
+        run: &mut Option<Run>,
+        line: &Range<usize>,
+        record: &Range<usize>,
+    ) -> anyhow::Result<()> {
+        if let Some(gathered) = run.as_mut() {
+            if gathered.lines.end == line.start && gathered.records.end == record.start {
+                gathered.lines.end = line.end;
+                gathered.records.end = record.end;
+                return Ok(());
+            }
+            self.write_run(round, run)?;
+        }
+        *run = Some(Run {
+            lines: line.clone(),
+            records: record.clone(),
+        });
+        Ok(())
     }
 
     fn count(&mut self, n_tokens: usize) {
@@ -782,7 +830,7 @@ impl<'a> RunWriter<'a> {
         id: &str,
         item: ItemSize,
         round: &PreparedRound,
-        run: &mut Run,
+        run: &mut Option<Run>,
     ) -> anyhow::Result<bool> {
         match self.sharder.place(item) {
             Placement::TooLarge(_) => {
@@ -801,8 +849,8 @@ impl<'a> RunWriter<'a> {
     }
 
     /// Writes the gathered rows of `round` to the open batch.
-    fn write_run(&mut self, round: &PreparedRound, run: &mut Run) -> anyhow::Result<()> {
-        let (Some(lines), Some(records)) = (run.lines.take(), run.records.take()) else {
+    fn write_run(&mut self, round: &PreparedRound, run: &mut Option<Run>) -> anyhow::Result<()> {
+        let Some(Run { lines, records }) = run.take() else {
             return Ok(());
         };
         let Some(open) = self.files.open.as_mut() else {
@@ -819,15 +867,13 @@ impl<'a> RunWriter<'a> {
     }
 
     /// A row over the model's input limit, as `--on-too-long` says: skipped, an error, or
-    /// truncated (its line and record made here, written on their own).
+    /// truncated (placed and written as a round of its own).
     fn add_too_long(
         &mut self,
         id: &str,
         n_tokens: usize,
         hash: &str,
         content: &str,
-        round: &PreparedRound,
-        run: &mut Run,
     ) -> anyhow::Result<()> {
         match self.on_too_long {
             OnTooLong::Skip => self.skip(id, SkipReason::TooLong),
@@ -838,25 +884,8 @@ impl<'a> RunWriter<'a> {
             OnTooLong::Truncate => {
                 let (prefix, count) = tokens::truncate_to_tokens(content, tokens::MAX_INPUT_TOKENS);
                 self.files.written.truncated += 1;
-                let mut line = Vec::with_capacity(prefix.len() + 160);
-                self.template.write_line(id, &prefix, &mut line);
-                let mut record = Vec::with_capacity(120);
-                tsv::push_record(&mut record, &[id, hash, &count.to_string()]);
-                let item = ItemSize {
-                    tokens: count as u64,
-                    line_bytes: line.len() as u64,
-                };
-                // The rows gathered so far go first, to keep the order.
-                self.write_run(round, run)?;
-                if self.place(id, item, round, run)? {
-                    let Some(open) = self.files.open.as_mut() else {
-                        bail!("internal error: no open batch after placement");
-                    };
-                    open.input.write_all(&line)?;
-                    open.chunks.write_all(&record)?;
-                    self.count(count);
-                }
-                Ok(())
+                let single = PreparedRound::single_ready(&self.template, id, &prefix, hash, count);
+                self.write_round(&single)
             }
         }
     }

@@ -416,6 +416,75 @@ async fn sharding_obeys_every_limit_in_id_order() {
     assert_eq!(seen, want, "every chunk exactly once, in id order");
 }
 
+/// Every chunk of a batch file, in file order: (ids of `chunks.tsv`, custom ids of
+/// `input.jsonl`), both checked to agree.
+fn planned_ids(run_dir: &Path) -> Vec<String> {
+    let saved = store::load(run_dir).unwrap();
+    let mut ids = Vec::new();
+    for batch in &saved.batches {
+        let dir = run_dir.join("batches").join(&batch.name);
+        let from_tsv: Vec<String> = tsv_rows(&dir.join("chunks.tsv"))
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect();
+        let from_jsonl: Vec<String> = jsonl(&dir.join("input.jsonl"))
+            .iter()
+            .map(|l| l["custom_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(from_tsv, from_jsonl, "{}", batch.name);
+        ids.extend(from_tsv);
+    }
+    ids
+}
+
+/// A chunk left out in the middle of the family (held by another run, or too large for any
+/// batch) must not take the chunks after it along: the writer gathers consecutive rows of a
+/// round and writes them at once, and a row left out breaks that run.
+#[tokio::test]
+async fn chunks_left_out_in_the_middle_keep_every_other_chunk() {
+    let env = TestEnv::new().await;
+    let family = env.add_family(1).await;
+    let mut texts: Vec<String> = (0..12).map(|i| format!("valve note {i}")).collect();
+    texts[8] = "a very long chunk ".repeat(200);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let ids: Vec<String> = env
+        .add_chunks(family, &refs)
+        .await
+        .iter()
+        .map(Uuid::to_string)
+        .collect();
+
+    // An unfinished run holds chunk 4 only.
+    let scope = format!(
+        "SELECT id FROM knowledge_chunks WHERE equipment_family_id = $1 AND id = '{}'::uuid",
+        ids[4]
+    );
+    let holder = env.plan(family, &["--scope-sql", &scope]);
+    assert_eq!(planned_ids(&holder.run_dir()), [ids[4].clone()]);
+
+    // Chunk 8 is larger than a batch may be; chunk 4 is held: every other one is planned,
+    // in id order.
+    let run = env.plan(family, &["--max-bytes-per-batch", "2000"]);
+    assert!(
+        run.stderr
+            .contains("left out 1 chunks held by the unfinished run"),
+        "{run:#?}"
+    );
+    let run_dir = run.run_dir();
+    let want: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 4 && *i != 8)
+        .map(|(_, id)| id.clone())
+        .collect();
+    assert_eq!(planned_ids(&run_dir), want);
+    let skipped = tsv_rows(&run_dir.join("skipped.tsv"));
+    assert_eq!(
+        skipped,
+        [vec![ids[8].clone(), "too_large_for_batch".to_owned()]]
+    );
+}
+
 #[tokio::test]
 async fn on_too_long_truncate_and_fail() {
     let env = TestEnv::new().await;
