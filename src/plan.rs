@@ -449,7 +449,6 @@ impl BatchFiles {
 /// sendable one its token count, request line and `chunks.tsv` record, the lines and records
 /// of the round packed one after the other so that a run of rows going to the same batch is
 /// written with one call.
-#[derive(Default)]
 struct PreparedRound {
     ids: String,
     lines: Vec<u8>,
