@@ -258,10 +258,7 @@ fn ascii_piece(text: &[u8], whole: bool) -> Option<usize> {
         // Whitespace: up to its last line end, else to the end of the text, else all but
         // its last character (which goes with what follows), else the single character.
         let stop = run(0, SPACE);
-        let end = match text[..stop]
-            .iter()
-            .rposition(|&b| CLASS[usize::from(b & 0x7f)] & LINE_END != 0)
-        {
+        let end = match (0..stop).rev().find(|&i| class(i) & LINE_END != 0) {
             Some(last) => last + 1,
             None if stop == len || stop == 1 => stop,
             None => stop - 1,
