@@ -521,6 +521,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     // The family: N chunks of ~800 bytes of manual-like text.
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(7);
+    let corpus = if args.templates { "templates" } else { "prose" };
     let vocabulary = embatch::sample::Vocabulary::new(1_000_000);
     let texts: Vec<String> = (0..n)
         .map(|i| {
@@ -759,7 +760,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 
     let json = serde_json::json!({
         "n": n,
-        "corpus": if args.templates { "templates" } else { "prose" },
+        "corpus": corpus,
         "plan_rows_per_s": plan_rows_per_s,
         "plan_mb_per_s": plan_mb_per_s,
         "copy_out_mb_per_s": copy_out_mb_per_s,
@@ -799,9 +800,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("{what:<44} {figure:>22} {ratio:>22} {target:>10}");
     };
     println!(
-        "embatch bench: {n} chunks ({:.1} MB of {} text), {DIMENSIONS} dimensions; load average before {} / after {}",
+        "embatch bench: {n} chunks ({:.1} MB of text, corpus {corpus}), {DIMENSIONS} dimensions; load average before {} / after {}",
         mb(text_bytes),
-        if args.templates { "template" } else { "prose" },
         uptime.trim(),
         load_after.trim()
     );
