@@ -6,6 +6,17 @@
 //! (`upload_started`, `create_started`); when such a mark is found — after a crash, or after a
 //! call whose answer was lost — the object is looked for and adopted before anything is created
 //! again. This module decides nothing about legality: `state::BatchState::apply` does.
+//!
+//! Clocks: the provider's timestamps (a file's or a batch's `created_at` and `expires_at`) are
+//! compared with the provider's time — this machine's time plus the skew its last `Date`
+//! header showed — never with this machine's clock alone, so a clock a month off on either
+//! side neither expires fresh uploads nor hides a batch from adoption. An upload that comes
+//! back unusable anyway is tried at most [`MAX_UPLOADS_PER_BATCH`] times per call.
+//!
+//! Database faults: a lost connection (a terminated backend, a restart, a network cut) is
+//! transient: the connections are dropped and the steps run again from the last saved state
+//! — which, mid-ingest, is the last checkpoint, exactly where a new `advance` would resume —
+//! at most [`MAX_DB_RECONNECTS`] times in a row, then the call exits 75.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +30,7 @@ use crate::api::{self, ApiClient, ApiError, ClientOptions};
 pub use crate::config::AdvanceOptions;
 use crate::config::{ApiSettings, Global};
 use crate::crashpoint::crashpoint;
+use crate::db::{DbFault, DbTarget};
 use crate::lock::RunLock;
 use crate::plan::{INPUT_FILE, batch_dir};
 use crate::printer::Printer;
@@ -29,6 +41,20 @@ use crate::store::{self, RunFile};
 pub const INPUT_FILE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Batches are looked for back to this long before the run was created (clock skew).
 const ADOPTION_SLACK: chrono::Duration = chrono::Duration::hours(1);
+/// How many times one call uploads the same batch. Two: an input file that expired while
+/// waiting in `queued`, or that the provider lost, is uploaded again once; an upload that
+/// comes back unusable a second time (an `expires_at` already past, a file the provider
+/// does not know) will not be fixed by a third, and uploading in a loop is what must never
+/// happen. The call then stops with exit 1, saying what is wrong: waiting does not help until
+/// someone fixes a clock, a proxy or `OPENAI_BASE_URL`, and exit 75 would have a cron loop
+/// upload the file again every few minutes.
+pub const MAX_UPLOADS_PER_BATCH: u32 = 2;
+/// A clock difference below this is noise (whole-second headers, network time), not a skew
+/// worth naming.
+const NOTABLE_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+/// How many times in a row one call reconnects to the database after a transient fault
+/// (1 s, 2 s, 4 s apart) before it exits 75.
+pub const MAX_DB_RECONNECTS: u32 = 3;
 
 pub const OUTPUT_FILE: &str = "output.jsonl";
 pub const ERRORS_FILE: &str = "errors.jsonl";
@@ -92,9 +118,10 @@ pub async fn advance(
 ) -> anyhow::Result<ExitStatus> {
     let (_lock, mut stepper) = Stepper::open(global, run_dir, command, opts, printer)?;
     let started = std::time::Instant::now();
+    let mut db_faults_in_a_row = 0u32;
     loop {
         match stepper.step_all(goal).await {
-            Ok(()) => {}
+            Ok(()) => db_faults_in_a_row = 0,
             // The provider is unreachable or overloaded: nothing is lost, try again later.
             Err(err) if is_transient(&err) && !opts.wait => {
                 stepper.report();
@@ -109,10 +136,39 @@ pub async fn advance(
                     opts.poll.as_secs()
                 ));
             }
-            Err(err) => {
-                stepper.report();
-                return Err(err);
-            }
+            Err(err) => match db_fault(&err) {
+                Some(DbFault::Transient(what)) => {
+                    // The connections are no use now; the next step that needs the database
+                    // connects again, and resumes from what is saved (mid-ingest: the last
+                    // checkpoint, whose rows are committed), as a new advance would.
+                    stepper.db = None;
+                    db_faults_in_a_row += 1;
+                    if db_faults_in_a_row > MAX_DB_RECONNECTS {
+                        stepper.report();
+                        printer.warn(&format!(
+                            "database connection lost ({what}) and {MAX_DB_RECONNECTS} reconnects in a row did not get through; the run is saved, run advance again later"
+                        ));
+                        return Ok(ExitStatus::NotYet);
+                    }
+                    let delay = Duration::from_secs(1 << (db_faults_in_a_row - 1));
+                    printer.verbose(&format!(
+                        "database connection lost ({what}); reconnecting in {}s ({db_faults_in_a_row} of {MAX_DB_RECONNECTS}) and resuming from the last saved step",
+                        delay.as_secs()
+                    ));
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+                Some(DbFault::StatementTimeout) => {
+                    stepper.report();
+                    return Err(
+                        err.context(statement_timeout_advice(stepper.database_url.as_deref()))
+                    );
+                }
+                None => {
+                    stepper.report();
+                    return Err(err);
+                }
+            },
         }
         let done = match goal {
             Goal::Done | Goal::IngestOnly => stepper.is_finished(goal),
@@ -181,6 +237,22 @@ pub async fn cancel(
     })
 }
 
+/// The database fault behind an error, if a database error is in its chain.
+fn db_fault(err: &anyhow::Error) -> Option<DbFault> {
+    err.chain().find_map(DbFault::of)
+}
+
+/// What to do about a statement cancelled by `statement_timeout`.
+fn statement_timeout_advice(database_url: Option<&str>) -> String {
+    let user = database_url
+        .and_then(|url| DbTarget::parse(url).ok())
+        .and_then(|target| target.user().map(crate::source::quote_ident))
+        .unwrap_or_else(|| "<user>".to_owned());
+    format!(
+        "a database statement ran longer than the server's statement_timeout and was cancelled; raise statement_timeout for the role embatch connects as (`ALTER ROLE {user} SET statement_timeout = '10min'`), or add `options=-c%20statement_timeout%3D0` to the query string of DATABASE_URL (a smaller --update-chunk-size also shortens each statement), then run advance again: the run is saved"
+    )
+}
+
 fn is_transient(err: &anyhow::Error) -> bool {
     err.downcast_ref::<ApiError>()
         .is_some_and(|e| e.is_retryable() || e.is_unknown_outcome())
@@ -196,6 +268,8 @@ pub(crate) struct Stepper {
     pub(crate) database_url: Option<String>,
     /// Connected on first need: polling and downloading need no database.
     pub(crate) db: Option<crate::ingest::DbContext>,
+    /// Uploads made by this call, per batch index (bounded by [`MAX_UPLOADS_PER_BATCH`]).
+    uploads: BTreeMap<usize, u32>,
 }
 
 /// What one step did.
@@ -231,6 +305,7 @@ impl Stepper {
             opts: opts.clone(),
             database_url: global.database_url.clone(),
             db: None,
+            uploads: BTreeMap::new(),
         };
         Ok((lock, stepper))
     }
@@ -346,13 +421,17 @@ impl Stepper {
     /// One transition of batch `idx`, if one is possible now.
     async fn step(&mut self, idx: usize, goal: Goal) -> anyhow::Result<Progress> {
         let now = Utc::now();
+        // The provider's expiry times are on its clock.
+        let provider_now = self.provider_now();
         let cancelled = self.run.cancelled;
         let creating = goal.creates() && !cancelled;
         match &self.run.batches[idx].state {
             BatchState::Planned(_) if creating => self.upload(idx).await,
             BatchState::Uploaded(up) if creating => {
-                if up.file_expires_at.is_some_and(|t| t <= now) && up.create_started.is_none() {
-                    self.apply(idx, Event::FileExpired)?;
+                if up.file_expires_at.is_some_and(|t| t <= provider_now)
+                    && up.create_started.is_none()
+                {
+                    self.expire_input(idx).await?;
                     return Ok(Progress::Moved);
                 }
                 if up.create_started.is_none() && !self.fits_in_flight(idx) {
@@ -369,8 +448,10 @@ impl Stepper {
                 if q.create_started.is_none() && q.not_before > now && !nothing_in_flight {
                     return Ok(Progress::Wait);
                 }
-                if q.file_expires_at.is_some_and(|t| t <= now) && q.create_started.is_none() {
-                    self.apply(idx, Event::FileExpired)?;
+                if q.file_expires_at.is_some_and(|t| t <= provider_now)
+                    && q.create_started.is_none()
+                {
+                    self.expire_input(idx).await?;
                     return Ok(Progress::Moved);
                 }
                 self.create(idx).await
@@ -388,6 +469,94 @@ impl Stepper {
             }
             _ => Ok(Progress::Wait),
         }
+    }
+
+    /// The provider's time now: this machine's, plus the skew the last `Date` header showed.
+    fn provider_now(&self) -> DateTime<Utc> {
+        Utc::now() + self.clock_skew()
+    }
+
+    /// How far the provider's clock is ahead of this machine's (zero when unknown).
+    fn clock_skew(&self) -> chrono::Duration {
+        self.api
+            .clock_reading()
+            .map_or(chrono::Duration::zero(), |r| r.skew())
+    }
+
+    /// Uploaded/Queued whose input file expired → Planned, to be uploaded again. The old file
+    /// is deleted first (best effort): when only this side's reckoning expired it, the
+    /// provider would otherwise keep the text until its own expiry.
+    async fn expire_input(&mut self, idx: usize) -> anyhow::Result<()> {
+        if let Some(id) = self.run.batches[idx]
+            .state
+            .input_file_id()
+            .map(str::to_owned)
+            && let Err(err) = self.api.delete_file(&id).await
+        {
+            self.printer.verbose(&format!(
+                "{}: could not delete the expired input file {id} ({err}); it expires by itself",
+                self.name(idx)
+            ));
+        }
+        self.apply(idx, Event::FileExpired)
+    }
+
+    /// Why an upload's answer is unusable: its `expires_at` is already past. Names the clock
+    /// that disagrees, when one does.
+    fn unusable_upload_message(
+        &self,
+        idx: usize,
+        file: &api::FileObject,
+        expires_at: DateTime<Utc>,
+    ) -> String {
+        let name = self.name(idx);
+        let created_at = from_unix(file.created_at);
+        let mut why = Vec::new();
+        match self.api.clock_reading() {
+            Some(reading) => {
+                let skew = reading.skew();
+                if skew.abs() >= NOTABLE_SKEW {
+                    why.push(format!(
+                        "the provider's clock (Date: {}) is {} {} this machine's",
+                        reading.date_header,
+                        human_duration(skew),
+                        if skew > chrono::Duration::zero() { "ahead of" } else { "behind" }
+                    ));
+                } else {
+                    why.push(format!(
+                        "this machine's clock agrees with the provider's (Date: {})",
+                        reading.date_header
+                    ));
+                }
+                let inner = created_at - reading.provider_time;
+                if inner.abs() >= NOTABLE_SKEW {
+                    why.push(format!(
+                        "but the answer's created_at ({}) is {} {} its own Date header, so the server (or a proxy in front of it) runs a clock that is off — fix that clock (timedatectl / NTP on that host)",
+                        created_at.to_rfc3339(),
+                        human_duration(inner),
+                        if inner > chrono::Duration::zero() { "ahead of" } else { "behind" }
+                    ));
+                } else if skew.abs() >= NOTABLE_SKEW {
+                    why.push("fix the clock that is wrong (timedatectl / NTP)".to_owned());
+                }
+            }
+            None => why.push(
+                "the provider sends no Date header, so embatch cannot tell whose clock is off: check this machine's clock (timedatectl / NTP)"
+                    .to_owned(),
+            ),
+        }
+        if expires_at <= created_at {
+            why.push(format!(
+                "and the answer's expires_at is not even after its created_at ({}): the server OPENAI_BASE_URL points at does not answer as the OpenAI API does (a mock or a proxy rewriting answers?)",
+                created_at.to_rfc3339()
+            ));
+        }
+        format!(
+            "the provider answered the upload of {name} (file {}) with expires_at {}, already past by the provider's own clock; {}",
+            file.id,
+            expires_at.to_rfc3339(),
+            why.join("; "),
+        )
     }
 
     /// Whether creating batch `idx` keeps the tokens in flight under `--max-enqueued-tokens`
@@ -459,8 +628,16 @@ impl Stepper {
                 self.run_dir.display()
             );
         }
+        let n_uploads = self.uploads.get(&idx).copied().unwrap_or(0);
+        if n_uploads >= MAX_UPLOADS_PER_BATCH {
+            anyhow::bail!(
+                "{} was uploaded {n_uploads} times in this advance and the provider never took an upload of it for a batch (the file was gone or expired each time); embatch stops rather than upload it again: run advance again later, and if this repeats, check the server OPENAI_BASE_URL points at and the clocks (timedatectl / NTP)",
+                self.name(idx)
+            );
+        }
         let filename = self.upload_filename(idx);
         self.apply(idx, Event::UploadStarted { at: Utc::now() })?;
+        *self.uploads.entry(idx).or_insert(0) += 1;
         crashpoint("before_upload");
         let bar = self.printer.byte_bar(
             format!("uploading {}", self.name(idx)),
@@ -483,6 +660,22 @@ impl Stepper {
                 self.apply(idx, uploaded_event(&file))?;
                 self.printer
                     .verbose(&format!("{}: uploaded as {}", self.name(idx), file.id));
+                if let Some(expires_at) = file.expires_at.map(from_unix)
+                    && expires_at <= self.provider_now()
+                {
+                    let message = self.unusable_upload_message(idx, &file, expires_at);
+                    let n_uploads = self.uploads.get(&idx).copied().unwrap_or(0);
+                    if n_uploads >= MAX_UPLOADS_PER_BATCH {
+                        // Saved as uploaded: the next advance finds it expired and uploads
+                        // again, so the run resumes once the cause is fixed.
+                        anyhow::bail!(
+                            "{message}; {} was uploaded {n_uploads} times in this advance and came back unusable each time, so embatch stops rather than upload it again: fix that, then run advance again (the run is saved)",
+                            self.name(idx)
+                        );
+                    }
+                    self.printer
+                        .warn(&format!("{message}; uploading it once more"));
+                }
                 Ok(Progress::Moved)
             }
             Err(err) if err.is_unknown_outcome() => {
@@ -548,7 +741,7 @@ impl Stepper {
     /// Looks for a remote batch with exactly this batch's metadata and adopts it.
     async fn adopt_batch(&mut self, idx: usize, submission: u32) -> anyhow::Result<bool> {
         let wanted = self.metadata(idx, submission);
-        let not_before = self.run.created_at - ADOPTION_SLACK;
+        let not_before = self.adoption_cutoff().await? - ADOPTION_SLACK;
         let found = self
             .api
             .find_batches(not_before, |b| {
@@ -568,6 +761,30 @@ impl Stepper {
         ));
         self.record_created(idx, &batch)?;
         Ok(true)
+    }
+
+    /// The earliest time, on the provider's clock, at which this run can have created a
+    /// batch: its creation time shifted by the measured skew — or not shifted, whichever is
+    /// earlier, in case this machine's clock was set right (or wrong) since the run was
+    /// planned — and no later than the earliest upload the provider timed for this run.
+    /// Erring early only lists more; erring late would miss a batch and pay for it twice.
+    async fn adoption_cutoff(&self) -> anyhow::Result<DateTime<Utc>> {
+        if self.api.clock_reading().is_none() {
+            // Adoption may be this call's first request: one cheap read shows the provider's
+            // clock. A server without a Date header leaves the skew unknown (zero).
+            self.api
+                .list_batches(None, 1)
+                .await
+                .context("could not list batches to look for one created earlier")?;
+        }
+        let created = self.run.created_at;
+        let mut cutoff = created.min(created + self.clock_skew());
+        for batch in &self.run.batches {
+            if let BatchState::Uploaded(up) = &batch.state {
+                cutoff = cutoff.min(up.uploaded_at);
+            }
+        }
+        Ok(cutoff)
     }
 
     /// A remote batch exists for batch `idx` (created now or adopted): save what we know.
@@ -700,7 +917,7 @@ impl Stepper {
         let before = self.run.batches[idx].state.clone();
         let remote = snapshot(&batch);
         let stuck = matches!(remote.status.as_str(), "validating" | "finalizing")
-            && remote.expires_at.is_some_and(|t| t < Utc::now());
+            && remote.expires_at.is_some_and(|t| t < self.provider_now());
         self.apply(idx, Event::Polled(remote))?;
         if stuck {
             self.printer.warn(&format!(
@@ -808,6 +1025,19 @@ fn uploaded_event(file: &api::FileObject) -> Event {
         at: from_unix(file.created_at),
         file_expires_at: file.expires_at.map(from_unix),
     }
+}
+
+/// "31 days", "5 hours", "12 minutes": the size of a clock difference, for messages.
+fn human_duration(d: chrono::Duration) -> String {
+    let d = d.abs();
+    let (n, unit) = if d >= chrono::Duration::days(2) {
+        (d.num_days(), "days")
+    } else if d >= chrono::Duration::hours(2) {
+        (d.num_hours(), "hours")
+    } else {
+        (d.num_minutes(), "minutes")
+    };
+    format!("{n} {unit}")
 }
 
 fn from_unix(seconds: i64) -> DateTime<Utc> {

@@ -11,6 +11,10 @@
 //! and [`ApiClient::create_batch`], are sent once: a lost answer comes back as
 //! [`ApiError::UnknownOutcome`] so that the caller looks for the object before creating it again
 //! (DESIGN.md §5). The API key never appears in an error, in `Debug` output or in a log line.
+//!
+//! Every answer's `Date` header is remembered ([`ApiClient::clock_reading`]): the provider's
+//! timestamps (`created_at`, `expires_at`) are on its clock, and a caller compares them with
+//! the provider's time, not with this machine's, whose clock may be far off.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -542,6 +546,37 @@ pub struct ApiClient {
     max_backoff: Duration,
     timeouts: Timeouts,
     retries: Arc<AtomicUsize>,
+    /// The last `Date` header seen, with this machine's time when it arrived.
+    clock: Arc<Mutex<Option<ClockReading>>>,
+}
+
+/// The provider's clock as one answer's `Date` header showed it, against this machine's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClockReading {
+    /// The header as sent, for messages.
+    pub date_header: String,
+    pub provider_time: DateTime<Utc>,
+    pub local_time: DateTime<Utc>,
+}
+
+impl ClockReading {
+    /// A reading of header `date` received at `local_time`; `None` when it is not an HTTP
+    /// date.
+    pub fn parse(date: &str, local_time: DateTime<Utc>) -> Option<ClockReading> {
+        let provider_time: DateTime<Utc> = httpdate::parse_http_date(date).ok()?.into();
+        Some(ClockReading {
+            date_header: date.to_owned(),
+            provider_time,
+            local_time,
+        })
+    }
+
+    /// How far the provider's clock is ahead of this machine's (negative: behind). The
+    /// header has whole seconds and the answer took some time to arrive, so a few seconds
+    /// of it mean nothing.
+    pub fn skew(&self) -> chrono::Duration {
+        self.provider_time - self.local_time
+    }
 }
 
 // Written by hand so that the key never reaches a log line.
@@ -627,7 +662,24 @@ impl ApiClient {
             max_backoff: opts.max_backoff.max(opts.min_backoff),
             timeouts,
             retries: Arc::new(AtomicUsize::new(0)),
+            clock: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The provider's clock as the last answer's `Date` header showed it; `None` before any
+    /// answer, or when the server sends no (or no readable) `Date`.
+    pub fn clock_reading(&self) -> Option<ClockReading> {
+        self.clock.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Remembers the `Date` header of an answer.
+    fn note_date(&self, headers: &HeaderMap) {
+        let Some(reading) =
+            header_str(headers, "date").and_then(|date| ClockReading::parse(date, Utc::now()))
+        else {
+            return;
+        };
+        *self.clock.lock().unwrap_or_else(|e| e.into_inner()) = Some(reading);
     }
 
     /// How many retries this client (and its clones) made so far.
@@ -933,7 +985,8 @@ impl ApiClient {
     }
 
     /// Finds batches newest-first, following pagination, stopping at batches created before
-    /// `not_before`; returns those for which `keep` is true. Used to adopt a batch after a
+    /// `not_before` (a time on the provider's clock: see [`ApiClient::clock_reading`]);
+    /// returns those for which `keep` is true. Used to adopt a batch after a
     /// lost answer (the API cannot filter by metadata).
     pub async fn find_batches(
         &self,
@@ -1124,6 +1177,7 @@ impl ApiClient {
         &self,
         response: reqwest::Response,
     ) -> Result<reqwest::Response, ApiError> {
+        self.note_date(response.headers());
         let status = response.status();
         if status.is_success() {
             return Ok(response);

@@ -203,6 +203,63 @@ impl DbError {
     }
 }
 
+/// What a database error means to a command that can be run again from its saved state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbFault {
+    /// Gone by itself if tried again on a new connection: the connection was lost or closed
+    /// (a terminated backend, a restart, a network cut), the server is starting or shutting
+    /// down, or a transaction lost a serialization conflict or a deadlock. Says what happened.
+    Transient(String),
+    /// `statement_timeout` cancelled a statement: it will again, until someone raises it.
+    StatementTimeout,
+}
+
+impl DbFault {
+    /// The fault one error of a chain stands for: a `tokio_postgres::Error` or a [`DbError`].
+    /// `None` for any other error, and for permanent database errors (permission denied, no
+    /// such column, bad data…).
+    pub fn of(error: &(dyn StdError + 'static)) -> Option<DbFault> {
+        if let Some(error) = error.downcast_ref::<tokio_postgres::Error>() {
+            return DbFault::of_postgres(error);
+        }
+        if let Some(error) = error.downcast_ref::<DbError>() {
+            return error
+                .is_retryable()
+                .then(|| DbFault::Transient(error.to_string()));
+        }
+        None
+    }
+
+    fn of_postgres(error: &tokio_postgres::Error) -> Option<DbFault> {
+        let Some(db_error) = error.as_db_error() else {
+            // No answer from the server: the connection is gone, or an I/O error cut it. An
+            // error without either is ours (a value that cannot be encoded): permanent.
+            let io = error
+                .source()
+                .is_some_and(|cause| cause.is::<std::io::Error>());
+            return (error.is_closed() || io).then(|| {
+                DbFault::Transient(if error.is_closed() {
+                    "the connection was closed".to_owned()
+                } else {
+                    error_chain(error)
+                })
+            });
+        };
+        let code = db_error.code();
+        if *code == SqlState::QUERY_CANCELED && db_error.message().contains("statement timeout") {
+            return Some(DbFault::StatementTimeout);
+        }
+        let transient = *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+            || code.code().starts_with("08");
+        transient.then(|| DbFault::Transient(format!("{} ({})", db_error.message(), code.code())))
+    }
+}
+
 /// A parsed `DATABASE_URL`: the tokio-postgres configuration without the TLS parameters, plus
 /// what libpq would do about TLS.
 #[derive(Debug, Clone)]
@@ -505,6 +562,11 @@ impl DbTarget {
     }
 
     /// The `sslmode` asked for (`prefer` when the string and `PGSSLMODE` say nothing).
+    /// The user the connection logs in as, when the string names one.
+    pub fn user(&self) -> Option<&str> {
+        self.config.get_user()
+    }
+
     pub fn ssl_mode(&self) -> SslMode {
         self.ssl_mode
     }

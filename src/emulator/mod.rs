@@ -90,6 +90,16 @@ pub struct Faults {
     /// Batch input files uploaded now expire after this long, whatever `expires_after` the
     /// upload asked for (the provider dropping a file early; whole seconds, at least one).
     pub input_file_ttl: Option<Duration>,
+    /// The emulator's clock runs this many seconds ahead of the real one (negative: behind),
+    /// as a provider's far-off clock would: every timestamp it answers (`created_at`,
+    /// `expires_at`, …), its own expiry decisions, and its `Date` header.
+    pub clock_offset_secs: i64,
+    /// The `Date` header's offset from the real clock, when it differs from
+    /// `clock_offset_secs`: a proxy with its own clock in front of a server with another.
+    pub date_offset_secs: Option<i64>,
+    /// Every upload answer claims this `expires_at`, whatever the file's real expiry (a mock
+    /// replaying a fixed example answer). The file itself is kept as usual.
+    pub upload_answer_expires_at: Option<i64>,
 }
 
 /// Not derived: validation must be on unless a test turns it off.
@@ -107,6 +117,9 @@ impl Default for Faults {
             lose_answers: Vec::new(),
             invalid_line_validation: true,
             input_file_ttl: None,
+            clock_offset_secs: 0,
+            date_offset_secs: None,
+            upload_answer_expires_at: None,
         }
     }
 }
@@ -186,8 +199,24 @@ impl State {
         self.rng.random::<f64>()
     }
 
-    /// Forgets files whose `expires_at` has passed, as the provider deletes them.
-    pub(crate) fn purge_expired_files(&mut self, now_unix: i64) {
+    /// The emulator's time (Unix seconds): the real clock plus the `clock_offset_secs` fault.
+    pub(crate) fn now(&self) -> i64 {
+        unix_now() + self.faults.clock_offset_secs
+    }
+
+    /// The `Date` header's time (Unix seconds).
+    pub(crate) fn date_header_now(&self) -> i64 {
+        unix_now()
+            + self
+                .faults
+                .date_offset_secs
+                .unwrap_or(self.faults.clock_offset_secs)
+    }
+
+    /// Forgets files whose `expires_at` has passed (by the emulator's clock), as the provider
+    /// deletes them.
+    pub(crate) fn purge_expired_files(&mut self) {
+        let now_unix = self.now();
         self.files
             .retain(|file| file.expires_at.is_none_or(|at| at > now_unix));
     }
@@ -226,7 +255,7 @@ impl State {
             filename,
             purpose: purpose.to_owned(),
             content,
-            created_at: unix_now(),
+            created_at: self.now(),
             expires_at,
         });
         id
@@ -292,6 +321,7 @@ impl Shared {
     /// batch moved on meanwhile (a `force_status`), in which case nothing is stored.
     fn install(&self, job: &Job, mut generated: Generated) {
         let mut state = self.lock();
+        let now_unix = state.now();
         let Some(record) = state.batch_mut(&job.batch_id) else {
             return;
         };
@@ -299,7 +329,7 @@ impl Shared {
             record.generating = false;
             return;
         }
-        let expires_at = record.output_expires_after.map(|secs| unix_now() + secs);
+        let expires_at = record.output_expires_after.map(|secs| now_unix + secs);
         let batch_id = job.batch_id.clone();
         // The file contents move into the store; `generated` keeps the counts.
         let output = std::mem::take(&mut generated.output);
@@ -412,7 +442,7 @@ impl Emulator {
     /// oldest first.
     pub fn files(&self) -> Vec<Value> {
         let mut state = self.shared.lock();
-        state.purge_expired_files(unix_now());
+        state.purge_expired_files();
         state.files.iter().map(StoredFile::to_json).collect()
     }
 

@@ -23,7 +23,7 @@ use sha2::Digest as _;
 
 use super::batches::{self, BatchFaults, BatchRecord, Status};
 use super::embeddings::{self, RequestError};
-use super::{ConnectionKill, LostAnswer, Shared, unix_now};
+use super::{ConnectionKill, LostAnswer, Shared};
 
 /// The provider's cap on any uploaded file.
 const MAX_UPLOAD_BYTES: usize = 512 * 1024 * 1024;
@@ -57,6 +57,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), guard))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            date_header,
+        ))
         .with_state(shared)
 }
 
@@ -143,6 +147,20 @@ async fn guard(State(shared): SharedState, request: Request, next: Next) -> Resp
         .into_response(),
         None => next.run(request).await,
     }
+}
+
+/// The `Date` header on every answer, by the emulator's clock (hyper would add one by the real
+/// clock): a provider's far-off clock shows there too.
+async fn date_header(State(shared): SharedState, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let now = shared.lock().date_header_now();
+    let at = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_secs(now.max(0).unsigned_abs()))
+        .unwrap_or(std::time::UNIX_EPOCH);
+    if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(at)) {
+        response.headers_mut().insert(header::DATE, value);
+    }
+    response
 }
 
 async fn unknown_route(request: Request) -> Response {
@@ -254,7 +272,7 @@ async fn upload_file(
             ));
         }
     }
-    let now = unix_now();
+    let now = shared.lock().now();
     let expires_at = match (anchor, seconds) {
         (None, None) => (purpose == "batch").then_some(now + DEFAULT_BATCH_FILE_TTL_SECS),
         (Some(anchor), Some(seconds)) => {
@@ -290,7 +308,12 @@ async fn upload_file(
         };
         let id = state.add_file(filename, &purpose, content, expires_at);
         state.counters.uploads += 1;
-        let file_json = state.file(&id).map(super::StoredFile::to_json);
+        let mut file_json = state.file(&id).map(super::StoredFile::to_json);
+        if let (Some(json), Some(claimed)) =
+            (file_json.as_mut(), state.faults.upload_answer_expires_at)
+        {
+            json["expires_at"] = json!(claimed);
+        }
         (file_json, state.take_lost_answer(LostAnswer::Upload))
     };
     if lost {
@@ -374,7 +397,7 @@ async fn list_files(
         }
     };
     let mut state = shared.lock();
-    state.purge_expired_files(unix_now());
+    state.purge_expired_files();
     let mut files: Vec<&super::StoredFile> = state
         .files
         .iter()
@@ -397,7 +420,7 @@ async fn get_file(
     Path(file_id): Path<String>,
 ) -> Result<Response, RequestError> {
     let mut state = shared.lock();
-    state.purge_expired_files(unix_now());
+    state.purge_expired_files();
     match state.file(&file_id) {
         Some(file) => Ok(axum::Json(file.to_json()).into_response()),
         None => Err(no_such_file(&file_id)),
@@ -413,7 +436,7 @@ async fn delete_file(
     Path(file_id): Path<String>,
 ) -> Result<Response, RequestError> {
     let mut state = shared.lock();
-    state.purge_expired_files(unix_now());
+    state.purge_expired_files();
     let Some(index) = state.files.iter().position(|file| file.id == file_id) else {
         return Err(no_such_file(&file_id));
     };
@@ -428,7 +451,7 @@ async fn file_content(
 ) -> Result<Response, RequestError> {
     let content = {
         let mut state = shared.lock();
-        state.purge_expired_files(unix_now());
+        state.purge_expired_files();
         let Some(file) = state.file(&file_id) else {
             return Err(no_such_file(&file_id));
         };
@@ -565,7 +588,7 @@ async fn create_batch(
 
     let (input, strict) = {
         let mut state = shared.lock();
-        state.purge_expired_files(unix_now());
+        state.purge_expired_files();
         let Some(file) = state.file(&input_file_id) else {
             return Err(RequestError::invalid(
                 format!("Invalid 'input_file_id': '{input_file_id}'. No such file."),
@@ -624,7 +647,7 @@ async fn create_batch(
             input_file_id,
             completion_window,
             output_expires_after,
-            created_at: unix_now(),
+            created_at: state.now(),
             created_instant: now,
             status: Status::Validating,
             in_progress_at: None,

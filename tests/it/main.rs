@@ -7,6 +7,7 @@ mod damage;
 mod harness;
 mod ingest;
 mod plan;
+mod resilience;
 mod security;
 mod serve;
 mod status;
