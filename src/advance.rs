@@ -1076,3 +1076,15 @@ pub fn snapshot(batch: &api::Batch) -> RemoteSnapshot {
             .unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::human_duration;
+
+    #[test]
+    fn clock_differences_read_in_a_fitting_unit() {
+        assert_eq!(human_duration(chrono::Duration::days(-31)), "31 days");
+        assert_eq!(human_duration(chrono::Duration::hours(30)), "30 hours");
+        assert_eq!(human_duration(chrono::Duration::minutes(-7)), "7 minutes");
+    }
+}

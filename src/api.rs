@@ -1555,6 +1555,24 @@ mod tests {
     }
 
     #[test]
+    fn a_date_header_gives_the_provider_clock_skew() {
+        let local = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap();
+        let ahead = httpdate::fmt_http_date(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + 31 * 24 * 3600),
+        );
+        let reading = ClockReading::parse(&ahead, local).unwrap();
+        assert_eq!(reading.skew(), chrono::Duration::days(31));
+        assert_eq!(reading.date_header, ahead);
+        let behind =
+            httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1_799_999_000));
+        assert_eq!(
+            ClockReading::parse(&behind, local).unwrap().skew(),
+            chrono::Duration::seconds(-1000)
+        );
+        assert_eq!(ClockReading::parse("yesterday", local), None);
+    }
+
+    #[test]
     fn retry_after_forms() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(

@@ -707,6 +707,43 @@ async fn an_input_file_ttl_fault_makes_uploads_expire_early() {
 }
 
 #[tokio::test]
+async fn a_clock_offset_shows_in_timestamps_and_the_date_header() {
+    let (emulator, api) = start().await;
+    let month = 31 * 24 * 3600;
+    emulator.update_faults(|f| f.clock_offset_secs = -month);
+    let response = api
+        .upload_result("input.jsonl", &input_file(json!({"dimensions": 4})))
+        .await
+        .unwrap();
+    let date = response.headers()["date"].to_str().unwrap().to_owned();
+    let file: Value = response.json().await.unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let date = chrono::DateTime::<chrono::Utc>::from(httpdate::parse_http_date(&date).unwrap());
+    assert!((date.timestamp() - (now - month)).abs() <= 2, "{date}");
+    let created_at = file["created_at"].as_i64().unwrap();
+    assert!((created_at - (now - month)).abs() <= 2, "{file}");
+    // By its own clock the file is fresh: a batch can use it.
+    let batch = api.create_batch(file["id"].as_str().unwrap()).await;
+    assert!((batch["created_at"].as_i64().unwrap() - (now - month)).abs() <= 2);
+
+    // A proxy's Date apart from the server's clock, and a mock's fixed expires_at.
+    emulator.update_faults(|f| {
+        f.date_offset_secs = Some(0);
+        f.upload_answer_expires_at = Some(1_680_202_602);
+    });
+    let response = api
+        .upload_result("input.jsonl", &input_file(json!({"dimensions": 4})))
+        .await
+        .unwrap();
+    let date = response.headers()["date"].to_str().unwrap().to_owned();
+    let date = chrono::DateTime::<chrono::Utc>::from(httpdate::parse_http_date(&date).unwrap());
+    assert!((date.timestamp() - now).abs() <= 2, "{date}");
+    let file: Value = response.json().await.unwrap();
+    assert_eq!(file["expires_at"], 1_680_202_602);
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn lost_answers_act_then_drop_the_connection() {
     let (emulator, api) = start().await;
     emulator.set_faults(Faults {
