@@ -136,7 +136,13 @@ pub async fn advance(
                     opts.poll.as_secs()
                 ));
             }
-            Err(err) => match db_fault(&err) {
+            Err(err) => match db_fault(&err).and_then(|fault| match fault {
+                // A database this call has not reached yet may be a wrong DATABASE_URL:
+                // that is for a person to fix (exit 1), not for a cron loop to wait out.
+                DbFault::Unreachable(_) if !stepper.db_reached => None,
+                DbFault::Unreachable(what) => Some(DbFault::Transient(what)),
+                other => Some(other),
+            }) {
                 Some(DbFault::Transient(what)) => {
                     // The connections are no use now; the next step that needs the database
                     // connects again, and resumes from what is saved (mid-ingest: the last
@@ -164,7 +170,7 @@ pub async fn advance(
                         err.context(statement_timeout_advice(stepper.database_url.as_deref()))
                     );
                 }
-                None => {
+                Some(DbFault::Unreachable(_)) | None => {
                     stepper.report();
                     return Err(err);
                 }
@@ -270,6 +276,9 @@ pub(crate) struct Stepper {
     pub(crate) db: Option<crate::ingest::DbContext>,
     /// Uploads made by this call, per batch index (bounded by [`MAX_UPLOADS_PER_BATCH`]).
     uploads: BTreeMap<usize, u32>,
+    /// This call connected to the database at least once: failing to reach it later is a
+    /// lost connection, not a wrong `DATABASE_URL`.
+    pub(crate) db_reached: bool,
 }
 
 /// What one step did.
@@ -306,6 +315,7 @@ impl Stepper {
             database_url: global.database_url.clone(),
             db: None,
             uploads: BTreeMap::new(),
+            db_reached: false,
         };
         Ok((lock, stepper))
     }

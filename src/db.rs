@@ -210,6 +210,9 @@ pub enum DbFault {
     /// (a terminated backend, a restart, a network cut), the server is starting or shutting
     /// down, or a transaction lost a serialization conflict or a deadlock. Says what happened.
     Transient(String),
+    /// The server could not be reached at all. Transient only for a caller that reached it
+    /// before: a wrong `DATABASE_URL` looks exactly like this.
+    Unreachable(String),
     /// `statement_timeout` cancelled a statement: it will again, until someone raises it.
     StatementTimeout,
 }
@@ -223,9 +226,12 @@ impl DbFault {
             return DbFault::of_postgres(error);
         }
         if let Some(error) = error.downcast_ref::<DbError>() {
-            return error
-                .is_retryable()
-                .then(|| DbFault::Transient(error.to_string()));
+            return match error {
+                DbError::Connect { .. } => Some(DbFault::Unreachable(error.to_string())),
+                _ => error
+                    .is_retryable()
+                    .then(|| DbFault::Transient(error.to_string())),
+            };
         }
         None
     }

@@ -96,6 +96,7 @@ impl Stepper {
             })?;
             let target = DbTarget::parse(url)?;
             let client = target.connect().await?;
+            self.db_reached = true;
             let identity = source::database_identity(&client).await?;
             let planned = &self.run.database;
             let same_system = match (&planned.system_identifier, &identity.system_identifier) {
