@@ -468,7 +468,7 @@ fn value_source(matches: &ArgMatches, id: &str) -> Option<ValueSource> {
 /// Whether a Postgres connection string (URL or `key=value`) carries a password: in the URL's
 /// user part, as a `password` query parameter, or as a `password` key. Only for the warning:
 /// the string is not otherwise parsed here.
-pub fn connection_string_has_password(conn: &str) -> bool {
+fn connection_string_has_password(conn: &str) -> bool {
     let conn = conn.trim();
     if let Some(rest) = conn
         .strip_prefix("postgresql://")

@@ -826,9 +826,9 @@ async fn serve_closes_connections_that_stall_or_idle() {
     use tokio::io::AsyncWriteExt as _;
     let env = env_with_emulator().await;
     let server = env.serve(&["--header-timeout", "1s"], &[]).await;
-    // 30 connections that never finish their headers, and one that sends nothing.
+    // 300 connections that never finish their headers, and one that sends nothing.
     let mut stalled = Vec::new();
-    for _ in 0..30 {
+    for _ in 0..300 {
         let mut stream = connect(&server).await;
         stream
             .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
