@@ -100,7 +100,7 @@ impl Default for ClientOptions {
 impl fmt::Debug for ClientOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientOptions")
-            .field("base_url", &self.base_url)
+            .field("base_url", &redact_url(&self.base_url))
             .field("api_key", &"[redacted]")
             .field("organization", &self.organization)
             .field("project", &self.project)
@@ -1246,10 +1246,33 @@ impl ApiClient {
     }
 }
 
+/// `raw` (a URL, or something meant to be one) fit to print: user and password replaced by
+/// `***`, the query and fragment cut (`?…`), since any of them may carry a secret.
+pub fn redact_url(raw: &str) -> String {
+    let raw = raw.trim();
+    let (scheme, rest) = match raw.find("://") {
+        Some(i) => raw.split_at(i + 3),
+        None => ("", raw),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host = match authority.rfind('@') {
+        Some(i) => format!("***@{}", &authority[i + 1..]),
+        None => authority.to_owned(),
+    };
+    let path = match path.find(['?', '#']) {
+        Some(i) => format!("{}?…", &path[..i]),
+        None => path.to_owned(),
+    };
+    format!("{scheme}{host}{path}")
+}
+
 fn parse_base_url(base_url: &str) -> Result<Url, ApiError> {
+    // Printed redacted: a URL with credentials is refused, and must not be echoed.
+    let shown = redact_url(base_url);
     let invalid = |why: &str| ApiError::Config {
         message: format!(
-            "the API base URL {base_url:?} is not usable ({why}): expected something like {DEFAULT_BASE_URL}"
+            "the API base URL {shown:?} is not usable ({why}): expected something like {DEFAULT_BASE_URL}"
         ),
     };
     let url = Url::parse(base_url.trim()).map_err(|e| invalid(&e.to_string()))?;

@@ -2,9 +2,10 @@
 //!
 //! Arguments are parsed, checked and turned into a [`Config`] before any work starts; the
 //! command modules never see clap. A flag beats the environment, which beats `.env` (loaded by
-//! `main` before parsing, without overriding the environment).
+//! `main` before parsing through [`load_dotenv`], from the working folder only, without
+//! overriding the environment).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -109,7 +110,7 @@ enum CommandArgs {
     #[command(after_help = "Example:\n  embatch submit --family-id 3f8e… --dry-run\n\n".to_owned() + AFTER_HELP)]
     Submit(SubmitArgs),
     /// Embed the given chunks now through the realtime /v1/embeddings endpoint
-    #[command(after_help = "Examples:\n  embatch embed --chunk-id 5b1d…                 # one chunk\n  embatch embed --chunk-id 5b1d… --chunk-id 9c2e… --overwrite\n\nstdout: one line per chunk: id, outcome, tokens (tab-separated).\n\n".to_owned() + AFTER_HELP)]
+    #[command(after_help = "Examples:\n  embatch embed --chunk-id 5b1d…                 # one chunk\n  embatch embed --chunk-id 5b1d… --chunk-id 9c2e… --overwrite\n\nstdout: one line per --chunk-id given, in order (repeats too): id, outcome, tokens (tab-separated).\n\n".to_owned() + AFTER_HELP)]
     Embed(EmbedArgs),
     /// Serve the realtime path over HTTP: POST /api/v1/embed/chunk/{chunk_id}, GET /healthz
     #[command(after_help = "Example:\n  EMBATCH_SERVE_TOKEN=… embatch serve --listen 127.0.0.1:8080\n  curl -X POST -H \"Authorization: Bearer $EMBATCH_SERVE_TOKEN\" http://127.0.0.1:8080/api/v1/embed/chunk/5b1d…\n\nEMBATCH_SERVE_TOKEN is required on any address other than loopback. SIGTERM or ctrl-c stops it after the requests in flight.\n\n".to_owned() + AFTER_HELP)]
@@ -342,6 +343,20 @@ struct ServeArgs {
     /// Database connections in the pool shared by all requests
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
     max_connections: u64,
+    /// Client connections open at once; more wait to be accepted until one closes
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_http_connections: u32,
+    /// Time a client has to send a request's headers and body, and that a kept-alive connection may sit idle (e.g. 30s)
+    #[arg(long, default_value = "30s", value_parser = parse_header_timeout)]
+    header_timeout: std::time::Duration,
+}
+
+fn parse_header_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() || duration > std::time::Duration::from_secs(3600) {
+        return Err("must be more than 0 and at most 1h".to_owned());
+    }
+    Ok(duration)
 }
 
 #[derive(Debug, Args)]
@@ -353,11 +368,66 @@ struct SubmitArgs {
     dry_run: bool,
 }
 
+/// Loads `folder/.env` into the environment, never overriding a variable already set (clap
+/// then reads the environment, and a flag beats both). Only that one file: never a `.env` of a
+/// parent folder, which someone else may control and which could point `OPENAI_BASE_URL` at a
+/// host that collects the key. No file is fine. A file that cannot be read or parsed is an
+/// error naming it, and nothing of it is loaded; the message never quotes its lines, which may
+/// hold secrets.
+pub fn load_dotenv(folder: &Path) -> Result<(), String> {
+    let path = folder.join(".env");
+    let bytes = match fs_err::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(format!("{err}; fix its permissions or remove it")),
+    };
+    // dotenvy strips a byte order mark only when loading; strip it before checking too.
+    let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let malformed = |why: String| {
+        Err(format!(
+            "{} is not a valid .env file ({why}); write one KEY=VALUE per line, quoting values with spaces, or remove the file",
+            path.display()
+        ))
+    };
+    for item in dotenvy::from_read_iter(text) {
+        match item {
+            Ok(_) => {}
+            Err(dotenvy::Error::LineParse(line, _)) => {
+                return malformed(match dotenv_key(&line) {
+                    Some(key) => format!("the line that sets {key} cannot be parsed"),
+                    None => "a line cannot be parsed".to_owned(),
+                });
+            }
+            Err(dotenvy::Error::Io(err)) if err.kind() == std::io::ErrorKind::InvalidData => {
+                return malformed("it is not UTF-8 text".to_owned());
+            }
+            Err(err) => return malformed(err.to_string()),
+        }
+    }
+    dotenvy::from_read(text).or_else(|err| malformed(err.to_string()))
+}
+
+/// The variable name a malformed `.env` line sets, when it plainly has one: safe to print,
+/// unlike the rest of the line.
+fn dotenv_key(line: &str) -> Option<&str> {
+    let line = line.trim_start();
+    let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+    let key = line.split('=').next()?.trim();
+    let plain = !key.is_empty()
+        && key.len() <= 64
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    plain.then_some(key)
+}
+
 /// What parsing the command line produced, besides the config.
 pub struct Parsed {
     pub config: Config,
     /// The API key came from `--api-key`: warn that it shows in the process list.
     pub api_key_on_command_line: bool,
+    /// `--database-url` on the command line holds a password: warn likewise.
+    pub database_password_on_command_line: bool,
 }
 
 /// Parses `args` (the program name first). Usage errors come back as clap errors, which the
@@ -368,19 +438,60 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let matches = Cli::command().try_get_matches_from(args)?;
-    let api_key_on_command_line = api_key_source(&matches) == Some(ValueSource::CommandLine);
+    let on_command_line = |id: &str| value_source(&matches, id) == Some(ValueSource::CommandLine);
+    let api_key_on_command_line = on_command_line("api_key");
+    let database_url_on_command_line = on_command_line("database_url");
     let cli = Cli::from_arg_matches(&matches)?;
+    let config = into_config(cli)?;
+    let database_password_on_command_line = database_url_on_command_line
+        && config
+            .global
+            .database_url
+            .as_deref()
+            .is_some_and(connection_string_has_password);
     Ok(Parsed {
-        config: into_config(cli)?,
+        config,
         api_key_on_command_line,
+        database_password_on_command_line,
     })
 }
 
-fn api_key_source(matches: &ArgMatches) -> Option<ValueSource> {
-    matches.value_source("api_key").or_else(|| {
+/// Where a global argument's value came from (given before or after the subcommand).
+fn value_source(matches: &ArgMatches, id: &str) -> Option<ValueSource> {
+    matches.value_source(id).or_else(|| {
         matches
             .subcommand()
-            .and_then(|(_, sub)| sub.value_source("api_key"))
+            .and_then(|(_, sub)| sub.value_source(id))
+    })
+}
+
+/// Whether a Postgres connection string (URL or `key=value`) carries a password: in the URL's
+/// user part, as a `password` query parameter, or as a `password` key. Only for the warning:
+/// the string is not otherwise parsed here.
+fn connection_string_has_password(conn: &str) -> bool {
+    let conn = conn.trim();
+    if let Some(rest) = conn
+        .strip_prefix("postgresql://")
+        .or_else(|| conn.strip_prefix("postgres://"))
+    {
+        let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+        let in_user_part = authority
+            .rfind('@')
+            .is_some_and(|at| authority[..at].contains(':'));
+        let in_query = rest.split_once('?').is_some_and(|(_, query)| {
+            query
+                .split('&')
+                .any(|pair| pair.split('=').next() == Some("password"))
+        });
+        return in_user_part || in_query;
+    }
+    // key=value: a `password` key at the start or after whitespace, spaces allowed before `=`.
+    conn.match_indices("password").any(|(at, key)| {
+        let starts_a_key = conn[..at]
+            .chars()
+            .next_back()
+            .is_none_or(char::is_whitespace);
+        starts_a_key && conn[at + key.len()..].trim_start().starts_with('=')
     })
 }
 
@@ -455,15 +566,15 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
             opts: AdvanceOptions::default(),
         }),
         CommandArgs::Embed(args) => {
+            // Repeats are kept: `embed` prints one line per id given (a repeat is embedded
+            // once and counted once).
             let mut chunk_ids: Vec<String> = Vec::with_capacity(args.chunk_ids.len());
             for id in args.chunk_ids {
                 let id = id.trim().to_owned();
                 if id.is_empty() {
                     return Err(usage_error("--chunk-id must not be empty"));
                 }
-                if !chunk_ids.contains(&id) {
-                    chunk_ids.push(id);
-                }
+                chunk_ids.push(id);
             }
             Command::Embed(EmbedConfig {
                 chunk_ids,
@@ -478,6 +589,8 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
                 .filter(|t| !t.is_empty()),
             realtime: realtime_config(args.columns, args.model)?,
             max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            max_http_connections: usize::try_from(args.max_http_connections).unwrap_or(usize::MAX),
+            header_timeout: args.header_timeout,
         }),
     };
     Ok(Config { global, command })
@@ -640,7 +753,7 @@ mod tests {
     }
 
     #[test]
-    fn embed_takes_plan_source_flags_and_dedupes_ids() {
+    fn embed_takes_plan_source_flags_and_keeps_ids_as_given() {
         let parsed = parse([
             "embatch",
             "embed",
@@ -662,7 +775,7 @@ mod tests {
         let Command::Embed(embed) = parsed.config.command else {
             panic!("expected embed");
         };
-        assert_eq!(embed.chunk_ids, ["a", "b"]);
+        assert_eq!(embed.chunk_ids, ["a", "a", "b"]);
         assert!(embed.overwrite);
         assert_eq!(embed.realtime.source.table, "s.parts");
         assert_eq!(embed.realtime.dimensions, Some(512));
@@ -687,6 +800,60 @@ mod tests {
         let shown = format!("{serve:?}");
         assert!(!shown.contains("s3cret-token"), "{shown}");
         assert_eq!(serve.max_connections, 16);
+        assert_eq!(serve.max_http_connections, 512);
+        assert_eq!(serve.header_timeout, std::time::Duration::from_secs(30));
+        for bad in ["0s", "2h", "soon"] {
+            let err = parse(["embatch", "serve", "--header-timeout", bad]).err();
+            assert_eq!(err.map(|e| e.exit_code()), Some(2), "{bad}");
+        }
+    }
+
+    #[test]
+    fn passwords_in_connection_strings_are_seen() {
+        for with in [
+            "postgres://u:pw@h/db",
+            "postgresql://u:p%40w@h1:5432,h2/db?sslmode=require",
+            "postgres://u@h/db?sslmode=require&password=pw",
+            "host=h password=pw dbname=d",
+            "password = 'p w' host=h",
+            "host=h\tpassword=pw",
+        ] {
+            assert!(connection_string_has_password(with), "{with}");
+        }
+        for without in [
+            "postgres://u@h/db",
+            "postgres://h/db?sslmode=require",
+            "host=h user=u dbname=password",
+            "host=h passwordfile=x",
+            "host=/tmp dbname=d",
+        ] {
+            assert!(!connection_string_has_password(without), "{without}");
+        }
+        let parsed = parse(["embatch", "runs", "--database-url", "postgres://u:pw@h/db"]).unwrap();
+        assert!(parsed.database_password_on_command_line);
+        assert!(!parsed.api_key_on_command_line);
+        let parsed = parse(["embatch", "--database-url", "postgres://u@h/db", "runs"]).unwrap();
+        assert!(!parsed.database_password_on_command_line);
+    }
+
+    #[test]
+    fn dotenv_errors_name_the_file_and_never_quote_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load_dotenv(dir.path()), Ok(()), "no .env is fine");
+        let secret = "pw-in-a-broken-line";
+        fs_err::write(
+            dir.path().join(".env"),
+            format!("DATABASE_URL=\"postgres://u:{secret}@h/db\n"),
+        )
+        .unwrap();
+        let err = load_dotenv(dir.path()).unwrap_err();
+        assert!(err.contains(".env is not a valid .env file"), "{err}");
+        assert!(!err.contains(secret), "{err}");
+        fs_err::write(dir.path().join(".env"), b"KEY=\xff\xfe\n").unwrap();
+        let err = load_dotenv(dir.path()).unwrap_err();
+        assert!(err.contains("not UTF-8"), "{err}");
+        assert_eq!(dotenv_key("export A_B.c = 'x"), Some("A_B.c"));
+        assert_eq!(dotenv_key("'quoted=x"), None);
     }
 
     #[test]

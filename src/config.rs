@@ -190,7 +190,7 @@ pub struct RealtimeConfig {
 /// `embed --chunk-id ID…`: embeds those chunks now through `/v1/embeddings`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbedConfig {
-    /// As given, duplicates removed, in the order first given.
+    /// As given (trimmed), in order, repeats included: one stdout line each.
     pub chunk_ids: Vec<String>,
     pub realtime: RealtimeConfig,
     /// Write even where an embedding exists.
@@ -207,6 +207,11 @@ pub struct ServeConfig {
     pub realtime: RealtimeConfig,
     /// Database connections in the pool.
     pub max_connections: usize,
+    /// Client connections open at once; more wait (unaccepted) for one to close.
+    pub max_http_connections: usize,
+    /// How long a client may take to send a request's headers (and its body), and how long a
+    /// kept-alive connection may sit idle, before it is closed.
+    pub header_timeout: std::time::Duration,
 }
 
 // Written by hand so that the token never reaches a log line.
@@ -217,6 +222,8 @@ impl std::fmt::Debug for ServeConfig {
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
             .field("realtime", &self.realtime)
             .field("max_connections", &self.max_connections)
+            .field("max_http_connections", &self.max_http_connections)
+            .field("header_timeout", &self.header_timeout)
             .finish()
     }
 }

@@ -464,8 +464,9 @@ async fn embed_group(
     conn.store(target, overwrite, ready, &vectors).await
 }
 
-/// `embatch embed --chunk-id ID…`: one line per chunk on stdout (`id`, outcome, tokens,
-/// tab-separated, in the order given), the reasons on stderr. An error (exit 1) unless every
+/// `embatch embed --chunk-id ID…`: one line per `--chunk-id` on stdout (`id`, outcome,
+/// tokens, tab-separated, in the order given, a repeated id on each of its lines; the summary
+/// counts chunks), the reasons on stderr. An error (exit 1) unless every
 /// chunk holds an embedding afterwards.
 pub async fn embed_command(
     global: &Global,
@@ -484,18 +485,20 @@ pub async fn embed_command(
     }
     let mut conn = Conn::new(client);
 
-    // Normalize, then look up every valid id in one query.
-    let mut outcomes: Vec<(String, Option<Outcome>)> = Vec::with_capacity(cfg.chunk_ids.len());
+    // Normalize, then look up every valid id in one query. `lines` keeps one entry per id
+    // given, repeats included, in order; each chunk is looked up, sent and counted once.
+    let mut lines: Vec<(String, Option<Outcome>)> = Vec::with_capacity(cfg.chunk_ids.len());
     let mut lookup_ids: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     for raw in &cfg.chunk_ids {
         match normalize_id(target.source.id_type, raw) {
             Ok(id) => {
-                if !lookup_ids.contains(&id) {
+                if seen.insert(id.clone()) {
                     lookup_ids.push(id.clone());
                 }
-                outcomes.push((id, None));
+                lines.push((id, None));
             }
-            Err(why) => outcomes.push((raw.clone(), Some(Outcome::NotFound { why }))),
+            Err(why) => lines.push((raw.clone(), Some(Outcome::NotFound { why }))),
         }
     }
     let loaded = conn.load(&target, &lookup_ids).await?;
@@ -561,7 +564,9 @@ pub async fn embed_command(
     let mut problems: Vec<String> = Vec::new();
     let mut n_failed = 0usize;
     let (mut n_embedded, mut n_tokens) = (0usize, 0usize);
-    for (id, outcome) in outcomes {
+    // The summary counts chunks, not lines: a repeated id is printed again, counted once.
+    let mut counted: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for (id, outcome) in lines {
         let outcome = match outcome.or_else(|| decided.get(&id).cloned()) {
             Some(outcome) => outcome,
             None => Outcome::Failed {
@@ -570,15 +575,17 @@ pub async fn embed_command(
             },
         };
         let tokens = match &outcome {
-            Outcome::Embedded { tokens } => {
-                n_embedded += 1;
-                n_tokens += tokens;
-                tokens.to_string()
-            }
-            Outcome::TooLong { tokens } => tokens.to_string(),
+            Outcome::Embedded { tokens } | Outcome::TooLong { tokens } => tokens.to_string(),
             _ => String::new(),
         };
         printer.data(&format!("{id}\t{}\t{tokens}", outcome.label()));
+        if !counted.insert(id.clone()) {
+            continue;
+        }
+        if let Outcome::Embedded { tokens } = &outcome {
+            n_embedded += 1;
+            n_tokens += tokens;
+        }
         if outcome.is_ok() {
             printer.verbose(&outcome.message(&id));
         } else if !matches!(outcome, Outcome::Failed { .. }) {
@@ -596,9 +603,9 @@ pub async fn embed_command(
             ),
         );
     }
+    let n_chunks = counted.len();
     printer.info(&format!(
-        "embedded {n_embedded} of {} chunks ({n_tokens} tokens) with {}",
-        cfg.chunk_ids.len(),
+        "embedded {n_embedded} of {n_chunks} chunks ({n_tokens} tokens) with {}",
         target.model
     ));
     if problems.is_empty() {
@@ -608,8 +615,7 @@ pub async fn embed_command(
     const SHOWN: usize = 20;
     let n_problems = problems.len() + n_failed - usize::from(failure.is_some());
     let mut message = format!(
-        "{n_problems} of {} chunks were not embedded: {}",
-        cfg.chunk_ids.len(),
+        "{n_problems} of {n_chunks} chunks were not embedded: {}",
         problems[..problems.len().min(SHOWN)].join("; ")
     );
     if problems.len() > SHOWN {

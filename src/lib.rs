@@ -194,17 +194,16 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         }
         Command::Cancel(c) => advance::cancel(&config.global, &c.run_dir, &printer).await,
         Command::Emulator(e) => {
+            // A key of the user's own may be a real one: the emulator accepts it but never
+            // prints it; only the built-in `sk-emulator` is shown.
+            let user_key = config.global.api.api_key.clone();
+            let show_key = user_key.is_none();
             let emu_config = emulator::EmulatorConfig {
-                api_key: config
-                    .global
-                    .api
-                    .api_key
-                    .clone()
-                    .unwrap_or_else(|| emulator::EmulatorConfig::default().api_key),
+                api_key: user_key.unwrap_or_else(|| emulator::EmulatorConfig::default().api_key),
                 stage_duration: std::time::Duration::from_secs(e.stage_seconds),
                 ..emulator::EmulatorConfig::default()
             };
-            emulator::serve_forever(e.listen, emu_config).await?;
+            emulator::serve_forever(e.listen, emu_config, show_key).await?;
             Ok(ExitStatus::Done)
         }
         Command::Embed(embed_cfg) => {

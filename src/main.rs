@@ -9,8 +9,12 @@ use embatch::lock::LockError;
 fn main() -> ExitCode {
     // Run folders hold private text: whatever we create is the owner's only.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    // `.env` never overrides the environment, and flags beat both (clap reads the env).
-    let _ = dotenvy::dotenv();
+    // `.env` of the working folder only; it never overrides the environment, and flags beat
+    // both (clap reads the env). A broken one is a configuration error: exit 2.
+    if let Err(message) = embatch::cli::load_dotenv(std::path::Path::new(".")) {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     let parsed = match embatch::cli::parse(std::env::args_os()) {
         Ok(parsed) => parsed,
         // Help and version exit 0; usage errors exit 2.
@@ -19,6 +23,11 @@ fn main() -> ExitCode {
     if parsed.api_key_on_command_line && !parsed.config.global.output.quiet {
         eprintln!(
             "warning: --api-key on the command line shows in the process list; set OPENAI_API_KEY in the environment or .env instead"
+        );
+    }
+    if parsed.database_password_on_command_line && !parsed.config.global.output.quiet {
+        eprintln!(
+            "warning: --database-url with a password on the command line shows in the process list; set DATABASE_URL in the environment or .env instead"
         );
     }
     let runtime = match embatch::runtime(&parsed.config.command) {

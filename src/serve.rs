@@ -4,7 +4,15 @@
 //! `200 {"chunk_id","model","dimensions","tokens"}`, or a JSON error: `404` unknown chunk,
 //! `409` already embedded, `422` empty or over-long content, `502` the embeddings API failed
 //! after its retries, `503` the database is unavailable, `401` without the bearer token.
-//! `GET /healthz` checks the database.
+//! Every error, down to a 405 or a 413 that no handler wrote, has the shape
+//! `{"error":{"code","message"}}`. `GET /healthz` checks the database and answers only
+//! `ok`/`unavailable`, except to a caller holding the bearer token, who also gets the details
+//! (which database, the pool, the reason it is down).
+//!
+//! Hostile clients are bounded: a connection that does not finish its headers (or sits idle
+//! between requests) within `--header-timeout` is closed, at most `--max-http-connections`
+//! are open at once (the next ones wait to be accepted), and a body over
+//! [`MAX_BODY_BYTES`] is refused with 413 — no route takes a body.
 //!
 //! This module owns the HTTP side only: the routes, the bearer check (constant time), the
 //! single-flight table that makes a burst of requests for one chunk call the API once, the
@@ -21,17 +29,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
-use futures_util::FutureExt as _;
 use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt as _, StreamExt as _};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 
 use crate::api::ApiClient;
 use crate::config::{Global, ServeConfig};
@@ -45,6 +60,9 @@ const POOL_WAIT: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 /// Attempts at one chunk whose content keeps changing under the call.
 const STALE_ATTEMPTS: usize = 3;
+/// The largest request body taken. No route reads a body, so anything bigger is a mistake or
+/// an attack: 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // The pool
@@ -273,6 +291,8 @@ pub struct AppState {
     token_sha256: Option<[u8; 32]>,
     pub flights: Arc<Flights>,
     verbose: bool,
+    /// The time a request's body has to arrive (the header timeout).
+    header_timeout: Duration,
 }
 
 #[derive(Deserialize)]
@@ -297,6 +317,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
+            limit_body,
+        ))
+        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
             log_request,
         ))
         .with_state(state)
@@ -319,40 +344,48 @@ async fn log_request(State(state): State<Arc<AppState>>, request: Request, next:
     response
 }
 
-/// `Authorization: Bearer <EMBATCH_SERVE_TOKEN>`, when a token is set. Both sides are hashed
-/// first, so the comparison takes the same time whatever the length or content presented.
+/// Whether `headers` carry `Authorization: Bearer <token>` whose sha256 is `expected`. Both
+/// sides are hashed first, so the comparison takes the same time whatever the length or
+/// content presented.
+fn bearer_matches(expected: &[u8; 32], headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .map(|token| Sha256::digest(token.as_bytes()))
+        .is_some_and(|p| bool::from(p.as_slice().ct_eq(expected.as_slice())))
+}
+
+/// `Authorization: Bearer <EMBATCH_SERVE_TOKEN>`, when a token is set.
 async fn bearer(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    if let Some(expected) = &state.token_sha256 {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| {
-                // The scheme is case-insensitive (RFC 9110 §11.1).
-                let (scheme, token) = value.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-            })
-            .map(|token| Sha256::digest(token.as_bytes()));
-        let ok = presented.is_some_and(|p| bool::from(p.as_slice().ct_eq(expected.as_slice())));
-        if !ok {
-            let mut response = error_reply(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong bearer token: send `Authorization: Bearer <EMBATCH_SERVE_TOKEN>`"
-                    .to_owned(),
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return response;
-        }
+    if let Some(expected) = &state.token_sha256
+        && !bearer_matches(expected, request.headers())
+    {
+        let mut response = error_reply(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token: send `Authorization: Bearer <EMBATCH_SERVE_TOKEN>`"
+                .to_owned(),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return response;
     }
     next.run(request).await
 }
 
-async fn healthz(State(state): State<Arc<AppState>>) -> Reply {
+/// `GET /healthz`: `ok` (200) or `unavailable` (503), nothing more — it needs no token, and a
+/// probe must not learn the database's name, host or user, or the server's error text. A
+/// caller with the bearer token (when one is set) also gets `details`; without a token, `-v`
+/// logs why the database is unavailable.
+async fn healthz(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Reply {
     let checked = async {
         let conn = state.pool.get().await.map_err(|e| format!("{e}"))?;
         conn.client
@@ -362,13 +395,156 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Reply {
         Ok::<(), String>(())
     }
     .await;
-    match checked {
-        Ok(()) => Reply {
-            status: StatusCode::OK,
-            body: Arc::new(serde_json::json!({"status": "ok", "database": "ok"})),
-        },
-        Err(detail) => db_unavailable(&detail),
+    let authorized = state
+        .token_sha256
+        .as_ref()
+        .is_some_and(|expected| bearer_matches(expected, &headers));
+    let (status, mut body) = match &checked {
+        Ok(()) => (
+            StatusCode::OK,
+            serde_json::json!({"status": "ok", "database": "ok"}),
+        ),
+        Err(detail) => {
+            if state.verbose {
+                eprintln!("healthz: the database is unavailable: {detail}");
+            }
+            let message = if authorized {
+                format!("the database is unavailable ({detail}); try again shortly")
+            } else {
+                "the database is unavailable; try again shortly (GET /healthz with the bearer token, or serve -v, says why)".to_owned()
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "unavailable", "database": "unavailable",
+                                   "error": {"code": "database_unavailable", "message": message}}),
+            )
+        }
+    };
+    if authorized {
+        let pool = state.pool.status();
+        body["details"] = serde_json::json!({
+            "database": state.pool.manager().target.display_safe(),
+            "table": state.target.settings.table,
+            "model": state.target.model,
+            "dimensions": state.target.dims.dimensions,
+            "pool": {"max_size": pool.max_size, "size": pool.size, "available": pool.available,
+                     "waiting": pool.waiting},
+            "flights": state.flights.len(),
+        });
     }
+    Reply {
+        status,
+        body: Arc::new(body),
+    }
+}
+
+/// Reads the request body whole before any handler runs, refusing one over
+/// [`MAX_BODY_BYTES`] (413, at once when `Content-Length` says so) or one that does not
+/// arrive within the header timeout (408): a client cannot hold a connection open by trickling
+/// a body.
+async fn limit_body(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let too_large = || {
+        error_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!(
+                "the request body is over {} KiB; no route takes a body: send none",
+                MAX_BODY_BYTES / 1024
+            ),
+        )
+        .into_response()
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let mut stream = body.into_data_stream();
+    let read = async {
+        let mut taken: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| ())?;
+            if taken.len() + chunk.len() > MAX_BODY_BYTES {
+                return Ok(None);
+            }
+            taken.extend_from_slice(&chunk);
+        }
+        Ok(Some(taken))
+    };
+    match tokio::time::timeout(state.header_timeout, read).await {
+        Ok(Ok(Some(taken))) => {
+            next.run(Request::from_parts(parts, Body::from(taken)))
+                .await
+        }
+        Ok(Ok(None)) => too_large(),
+        Ok(Err(())) => error_reply(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "the request body could not be read; send none".to_owned(),
+        )
+        .into_response(),
+        Err(_) => error_reply(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s; send none",
+                state.header_timeout.as_secs_f64()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// Gives every error response that no handler of ours wrote (axum's 405 for a wrong method,
+/// a 400 for a path it cannot decode, …) the documented JSON shape, keeping its status and
+/// headers (`Allow` for a 405).
+async fn json_errors(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            format!(
+                "{method} is not allowed here: use POST /api/v1/embed/chunk/{{chunk_id}} or GET /healthz"
+            ),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "body_too_large",
+            "the request body is too large; no route takes a body: send none".to_owned(),
+        ),
+        StatusCode::BAD_REQUEST => (
+            "bad_request",
+            "the request is not understood (a path that is not valid percent-encoded UTF-8?)"
+                .to_owned(),
+        ),
+        _ => (
+            "http_error",
+            format!(
+                "the request failed: {}",
+                status.canonical_reason().unwrap_or("error")
+            ),
+        ),
+    };
+    let (mut parts, _) = response.into_parts();
+    let (json_parts, body) = error_reply(status, code, message)
+        .into_response()
+        .into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.extend(json_parts.headers);
+    Response::from_parts(parts, body)
 }
 
 async fn embed_chunk(
@@ -509,7 +685,94 @@ pub async fn app_state(global: &Global, cfg: &ServeConfig) -> anyhow::Result<Arc
             .map(|t| Sha256::digest(t.as_bytes()).into()),
         flights: Arc::new(Flights::default()),
         verbose: global.output.verbose,
+        header_timeout: cfg.header_timeout,
     }))
+}
+
+/// What one client may hold: see [`accept_loop`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Time to send a request's headers, and to stay idle between two requests.
+    pub header_timeout: Duration,
+}
+
+/// Accepts connections until `stop`, at most `limits.max_connections` open at once: at the
+/// bound it stops accepting, so the next clients wait in the kernel's queue (served in turn as
+/// connections close) rather than being refused. Each connection is HTTP/1.1 with
+/// `header_read_timeout` — which hyper also applies while a kept-alive connection waits for its
+/// next request — so a client that sends nothing, or half a header, holds its place for at
+/// most `limits.header_timeout`. On `stop` it closes the listener, asks every connection to
+/// finish its request in flight and close, and returns when all have.
+pub async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    stop: CancellationToken,
+) {
+    let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let slots = Arc::new(Semaphore::new(max));
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            () = stop.cancelled() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => break,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                tokio::spawn(serve_connection(
+                    stream,
+                    router.clone(),
+                    limits.header_timeout,
+                    stop.clone(),
+                    permit,
+                ));
+            }
+            // Out of file descriptors and the like: pause rather than spin, keep serving.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    drop(listener);
+    // Every connection gives its permit back when it is closed.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+}
+
+/// Serves one connection until it closes, times out, or the server stops (then the request
+/// in flight finishes first). The permit is given back when it returns.
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        router.clone().oneshot(request)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    // A client that hangs up or times out is its own business: nothing to report.
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.as_mut().await;
+        }
+    }
 }
 
 /// Resolves on SIGTERM or ctrl-c.
@@ -562,28 +825,28 @@ pub async fn serve_command(
         "embatch serve listening on http://{addr} (model {}, vector({}), table {})",
         state.target.model, state.target.dims.dimensions, state.target.settings.table
     );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router(Arc::clone(&state)))
-        .with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-        })
-        .into_future();
-    let mut server = tokio::spawn(server);
+    let stop = CancellationToken::new();
+    let limits = ConnectionLimits {
+        max_connections: cfg.max_http_connections,
+        header_timeout: cfg.header_timeout,
+    };
+    let mut server = tokio::spawn(accept_loop(
+        listener,
+        router(Arc::clone(&state)),
+        limits,
+        stop.clone(),
+    ));
     tokio::select! {
         result = &mut server => {
-            result.context("the server task failed")?.context("the server failed")?;
+            result.context("the server task failed")?;
             return Ok(());
         }
         () = shutdown_signal() => {}
     }
     printer.info("shutting down: finishing the requests in flight");
-    let _ = stop_tx.send(());
+    stop.cancel();
     match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-        Ok(result) => {
-            result
-                .context("the server task failed")?
-                .context("the server failed")?;
-        }
+        Ok(result) => result.context("the server task failed")?,
         Err(_) => {
             server.abort();
             anyhow::bail!(

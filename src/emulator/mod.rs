@@ -550,15 +550,24 @@ impl Drop for Emulator {
     }
 }
 
-/// Serves until ctrl-c (`embatch emulator --listen ADDR`), printing the base URL and key on
-/// stderr.
-pub async fn serve_forever(addr: SocketAddr, config: EmulatorConfig) -> anyhow::Result<()> {
+/// Serves until ctrl-c (`embatch emulator --listen ADDR`), printing the base URL on stderr,
+/// and the key too when it is the built-in one (`show_key`). A key the user gave (from
+/// `OPENAI_API_KEY`, `.env` or `--api-key`) may be a real one: it is never printed.
+pub async fn serve_forever(
+    addr: SocketAddr,
+    config: EmulatorConfig,
+    show_key: bool,
+) -> anyhow::Result<()> {
     let emulator = Emulator::bind(addr, config)
         .await
         .with_context(|| format!("cannot listen on {addr}; choose another --listen address"))?;
     eprintln!("OpenAI-compatible emulator listening (ctrl-c stops it)");
     eprintln!("  OPENAI_BASE_URL={}", emulator.base_url());
-    eprintln!("  OPENAI_API_KEY={}", emulator.api_key());
+    if show_key {
+        eprintln!("  OPENAI_API_KEY={}", emulator.api_key());
+    } else {
+        eprintln!("  it accepts the key given in OPENAI_API_KEY (or --api-key), not shown here");
+    }
     tokio::signal::ctrl_c()
         .await
         .context("cannot wait for ctrl-c")?;

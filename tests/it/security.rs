@@ -708,3 +708,213 @@ async fn an_output_line_for_a_chunk_outside_the_batch_is_refused_and_counted() {
         fs_err::read_to_string(run_dir.join("batches/batch_001/failed_chunk_ids.tsv")).unwrap();
     assert!(failed.contains(&format!("{}\t", ids[0])), "{failed}");
 }
+
+/// The binary in `folder`, with only PATH and `vars` in its environment.
+fn command_in(folder: &Path, vars: &[(&str, &str)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_embatch"));
+    cmd.current_dir(folder)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for (key, value) in vars {
+        cmd.env(key, value);
+    }
+    cmd
+}
+
+async fn run_in(folder: &Path, args: &[&str], vars: &[(&str, &str)]) -> Run {
+    let out = command_in(folder, vars)
+        .args(args)
+        .output()
+        .await
+        .expect("run embatch");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn dotenv_is_read_from_the_working_folder_only() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, ids) = family_of(&env, 1, 1).await;
+    let family = family.to_string();
+    let runs_dir = env.runs_dir.to_str().unwrap().to_owned();
+    // A `.env` planted one folder above the working folder, naming a real database and an API
+    // that would collect the key: neither may be used.
+    let work = env.dir.path().join("work");
+    fs_err::create_dir(&work).unwrap();
+    fs_err::write(
+        env.dir.path().join(".env"),
+        format!(
+            "DATABASE_URL='{}'\nOPENAI_BASE_URL={}\n",
+            env.db_url,
+            env.emu().base_url()
+        ),
+    )
+    .unwrap();
+    let vars = [("EMBATCH_RUNS_DIR", runs_dir.as_str())];
+    let run = run_in(&work, &["plan", "--family-id", &family], &vars).await;
+    run.assert_error("no database given");
+    assert!(env.run_folders().is_empty(), "{run:#?}");
+
+    // With the database and key from the environment, the API is the default one, not the
+    // planted emulator (which receives nothing).
+    let chunk = ids[0].to_string();
+    let vars = [
+        ("DATABASE_URL", env.db_url.as_str()),
+        ("OPENAI_API_KEY", env.emu().api_key()),
+        ("EMBATCH_API_RETRIES", "0"),
+    ];
+    let run = run_in(&work, &["embed", "--chunk-id", &chunk], &vars).await;
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert_eq!(env.emu().counters().embedding_calls, 0, "{run:#?}");
+    assert_eq!(env.embedding_of(ids[0]).await, None);
+
+    // The working folder's own `.env` is read, and the environment still beats it.
+    fs_err::write(
+        work.join(".env"),
+        format!(
+            "DATABASE_URL=\"{}\"\nOPENAI_BASE_URL={}\nOPENAI_API_KEY=sk-wrong\n",
+            env.db_url,
+            env.emu().base_url()
+        ),
+    )
+    .unwrap();
+    let vars = [("OPENAI_API_KEY", env.emu().api_key())];
+    let run = run_in(&work, &["embed", "--chunk-id", &chunk], &vars).await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert_eq!(env.emu().counters().embedding_calls, 1);
+
+    // A broken one is an error that names it (exit 2) and never quotes its lines.
+    let password = secret("pw-dotenv-");
+    fs_err::write(
+        work.join(".env"),
+        format!("DATABASE_URL=\"postgres://u:{password}@h/db\nOPENAI_API_KEY=x\n"),
+    )
+    .unwrap();
+    let run = run_in(&work, &["runs"], &[]).await;
+    assert_eq!(run.code, 2, "{run:#?}");
+    assert!(
+        run.stderr.contains("./.env is not a valid .env file")
+            && run.stderr.contains("DATABASE_URL"),
+        "{run:#?}"
+    );
+    assert!(!run.stderr.contains(&password), "{run:#?}");
+}
+
+#[tokio::test]
+async fn secrets_in_urls_and_the_emulators_key_are_never_echoed() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, ids) = family_of(&env, 1, 1).await;
+    let family = family.to_string();
+    let chunk = ids[0].to_string();
+    let password = secret("pw-proxy-");
+    let base_url = format!("https://user:{password}@proxy.example/v1?key={password}");
+    let plain_base_url = format!("https://user:{password}@proxy.example/v1");
+    let mut captured = Captured::default();
+
+    // A base URL with credentials is refused, and shown masked, wherever it is used.
+    let run_dir = env.plan(family.parse().unwrap(), &[]).run_dir();
+    let dir = run_dir.to_str().unwrap().to_owned();
+    for args in [
+        vec!["advance", "--run-dir", &dir, "-v"],
+        vec!["embed", "--chunk-id", &chunk, "-v"],
+        vec!["submit", "--family-id", &family, "--force", "-v"],
+        vec![
+            "advance",
+            "--run-dir",
+            &dir,
+            "--base-url",
+            &plain_base_url,
+            "-v",
+        ],
+    ] {
+        let run = env.exec_env(&args, &[("OPENAI_BASE_URL", &base_url)]).await;
+        let run = captured.keep(&args.join(" "), run);
+        assert_eq!(run.code, 1, "{run:#?}");
+        assert!(
+            run.stderr
+                .contains("\"https://***@proxy.example/v1?…\" is not usable (not a base URL)")
+                || run.stderr.contains(
+                    "\"https://***@proxy.example/v1\" is not usable (credentials do not belong"
+                ),
+            "{run:#?}"
+        );
+    }
+    let served = env
+        .try_serve(&["-v"], &[("OPENAI_BASE_URL", &base_url)])
+        .await
+        .err()
+        .expect("serve refuses it");
+    assert!(served.contains("https://***@proxy.example"), "{served}");
+    assert!(!served.contains(&password), "{served}");
+
+    // A password in --database-url on the command line is warned about, never printed.
+    let db_password = secret("pw-db-");
+    let db_url = format!("postgres://someone:{db_password}@127.0.0.1:1/x");
+    let run = env.exec(&["runs", "--database-url", &db_url]).await;
+    let run = captured.keep("runs --database-url", run);
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(
+        run.stderr.contains(
+            "warning: --database-url with a password on the command line shows in the process list; set DATABASE_URL in the environment or .env instead"
+        ),
+        "{run:#?}"
+    );
+    let run = env
+        .exec(&["plan", "--family-id", &family, "--database-url", &db_url])
+        .await;
+    let run = captured.keep("plan --database-url", run);
+    run.assert_error("could not connect");
+    let run = env.exec_env(&["runs"], &[("DATABASE_URL", &db_url)]).await;
+    let run = captured.keep("runs with DATABASE_URL", run);
+    assert!(!run.stderr.contains("warning"), "{run:#?}");
+
+    // The emulator accepts a key from OPENAI_API_KEY but never prints it.
+    let api_key = secret("sk-real-looking-");
+    let mut cmd = tokio::process::Command::from(env.command());
+    cmd.env("OPENAI_API_KEY", &api_key)
+        .args(["emulator", "--listen", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let mut printed = String::new();
+    let base = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut base = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            printed.push_str(&line);
+            printed.push('\n');
+            if let Some(url) = line.trim().strip_prefix("OPENAI_BASE_URL=") {
+                base = Some(url.to_owned());
+            } else if base.is_some() {
+                break;
+            }
+        }
+        base
+    })
+    .await
+    .expect("the emulator starts")
+    .expect("it prints its base URL");
+    assert!(!printed.contains(&api_key), "{printed}");
+    assert!(printed.contains("OPENAI_API_KEY"), "{printed}");
+    let http = reqwest::Client::new();
+    let with_key = http
+        .get(format!("{base}/batches"))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_key.status().as_u16(), 200, "it accepts the key");
+    child.kill().await.unwrap();
+
+    captured.assert_nowhere(env.dir.path(), &[&password, &db_password, &api_key]);
+}

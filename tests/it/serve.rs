@@ -635,6 +635,11 @@ async fn a_lost_database_is_503_and_the_pool_recovers() {
     assert_eq!(health.status().as_u16(), 503);
     let body: serde_json::Value = health.json().await.unwrap();
     assert_eq!(body["error"]["code"], "database_unavailable");
+    // Without a token nobody is authenticated: no name, host, user or server text.
+    assert_eq!(body["status"], "unavailable");
+    for detail in [database.as_str(), "accepting", "postgres@", "port"] {
+        assert!(!body.to_string().contains(detail), "{detail}: {body}");
+    }
     let (status, body) = server.embed(&http, &ids[1].to_string(), None, "").await;
     assert_eq!(status, 503, "{body}");
     assert!(!body.to_string().contains("password"), "{body}");
@@ -706,4 +711,381 @@ async fn embed_and_serve_say_what_is_missing() {
         .expect("refused");
     assert!(err.contains("check --table"), "{err}");
     assert!(err.starts_with("exit code Some(1)"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn embed_prints_one_line_per_id_given_and_counts_chunks() {
+    let env = env_with_emulator().await;
+    let family = env.add_family(1).await;
+    let ids = env
+        .add_chunks(family, &["Check the oil level.", "Clean the air filter."])
+        .await;
+    let (a, b) = (ids[0].to_string(), ids[1].to_string());
+    let upper_a = a.to_uppercase();
+    let run = env
+        .exec(&[
+            "embed",
+            "--chunk-id",
+            &a,
+            "--chunk-id",
+            &b,
+            "--chunk-id",
+            &upper_a,
+        ])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    let (ta, tb) = (
+        count_tokens("Check the oil level."),
+        count_tokens("Clean the air filter."),
+    );
+    assert_eq!(
+        run.stdout,
+        format!("{a}\tembedded\t{ta}\n{b}\tembedded\t{tb}\n{a}\tembedded\t{ta}\n")
+    );
+    assert!(
+        run.stderr
+            .contains(&format!("embedded 2 of 2 chunks ({} tokens)", ta + tb)),
+        "{run:#?}"
+    );
+    // Each chunk was sent once.
+    let counters = env.emu().counters();
+    assert_eq!(counters.embedding_calls, 1);
+    assert_eq!(
+        counters.embedding_inputs.get("Check the oil level."),
+        Some(&1)
+    );
+
+    // Problems are counted per chunk too.
+    let unknown = Uuid::from_u128(7).to_string();
+    let run = env
+        .exec(&[
+            "embed",
+            "--chunk-id",
+            &unknown,
+            "--chunk-id",
+            &a,
+            "--chunk-id",
+            &unknown,
+            "--chunk-id",
+            "nope",
+            "--chunk-id",
+            "nope",
+        ])
+        .await;
+    assert_eq!(run.code, 1, "{run:#?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("{unknown}\tnot_found\t"),
+            format!("{a}\talready_embedded\t"),
+            format!("{unknown}\tnot_found\t"),
+            "nope\tnot_found\t".to_owned(),
+            "nope\tnot_found\t".to_owned(),
+        ]
+    );
+    assert!(run.stderr.contains("embedded 0 of 3 chunks"), "{run:#?}");
+    assert!(
+        run.stderr.contains("2 of 3 chunks were not embedded"),
+        "{run:#?}"
+    );
+}
+
+/// Reads from `stream` until the peer closes it, or `limit` passes (then `None`).
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut received = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(String::from_utf8_lossy(&received).into_owned())
+}
+
+async fn connect(server: &crate::harness::ServeProcess) -> tokio::net::TcpStream {
+    let addr = server.base_url.trim_start_matches("http://").to_owned();
+    tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to embatch serve")
+}
+
+/// The JSON body of a raw HTTP/1.1 response.
+fn json_body(response: &str) -> serde_json::Value {
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|_| panic!("not a JSON body: {response}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_closes_connections_that_stall_or_idle() {
+    use tokio::io::AsyncWriteExt as _;
+    let env = env_with_emulator().await;
+    let server = env.serve(&["--header-timeout", "1s"], &[]).await;
+    // 300 connections that never finish their headers, and one that sends nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        let mut stream = connect(&server).await;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        stalled.push(stream);
+    }
+    stalled.push(connect(&server).await);
+    let started = std::time::Instant::now();
+    for stream in &mut stalled {
+        let closed = read_until_closed(stream, Duration::from_secs(5)).await;
+        assert!(closed.is_some(), "a stalled connection stayed open");
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // A kept-alive connection is answered, then closed once idle for the timeout.
+    let mut stream = connect(&server).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .expect("an idle kept-alive connection is closed");
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+
+    // The server still answers.
+    let health = http().get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_beyond_the_bound_wait_but_not_forever() {
+    let env = env_with_emulator().await;
+    let server = env
+        .serve(
+            &["--header-timeout", "2s", "--max-http-connections", "4"],
+            &[],
+        )
+        .await;
+    // Eight idle connections: four take every slot, four wait in the kernel's queue.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(connect(&server).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    let health = client
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("answered once the idle connections time out");
+    let waited = started.elapsed();
+    assert_eq!(health.status().as_u16(), 200);
+    // It waited for a slot (the bound holds) and got one once the idle ones were closed.
+    assert!(waited >= Duration::from_millis(1000), "{waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_is_json_and_bodies_are_bounded() {
+    use tokio::io::AsyncWriteExt as _;
+    let env = env_with_emulator().await;
+    let server = env.serve(&["--header-timeout", "2s"], &[]).await;
+    let http = http();
+
+    // 405, with its Allow header, as JSON.
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/v1/embed/chunk/x"),
+        (reqwest::Method::POST, "/healthz"),
+        (reqwest::Method::DELETE, "/healthz"),
+    ] {
+        let response = http
+            .request(method.clone(), server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 405, "{method} {path}");
+        assert!(response.headers().contains_key("allow"));
+        let body: serde_json::Value = response.json().await.expect("a JSON 405");
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("use POST")
+        );
+    }
+    // A path that is not valid UTF-8 once decoded: 400, as JSON.
+    let response = http
+        .post(server.url("/api/v1/embed/chunk/%FF"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let body: serde_json::Value = response.json().await.expect("a JSON 400");
+    assert_eq!(body["error"]["code"], "bad_request");
+
+    // A body over 64 KiB, announced by Content-Length: 413 at once.
+    let mut stream = connect(&server).await;
+    stream
+        .write_all(
+            b"POST /api/v1/embed/chunk/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let response = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert_eq!(json_body(&response)["error"]["code"], "body_too_large");
+
+    // …and sent chunked, without a length.
+    let mut stream = connect(&server).await;
+    let mut request =
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let size = 64 * 1024 + 1;
+    request.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+    request.extend(std::iter::repeat_n(b'a', size));
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    stream.write_all(&request).await.unwrap();
+    let response = read_until_closed(&mut stream, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert_eq!(json_body(&response)["error"]["code"], "body_too_large");
+
+    // A small body is taken (and ignored); a trickled one times out with 408.
+    let response = http
+        .get(server.url("/healthz"))
+        .body("x".repeat(1000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut stream = connect(&server).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+        .await
+        .unwrap();
+    let response = read_until_closed(&mut stream, Duration::from_secs(6))
+        .await
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert_eq!(json_body(&response)["error"]["code"], "request_timeout");
+}
+
+/// Makes the env's database refuse connections and drops the ones open; returns its name.
+async fn take_the_database_away(env: &TestEnv) -> (String, tokio_postgres::Client) {
+    let database: String = env
+        .client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let admin_url = embatch::pgtemp::ThrowawayPostgres::shared()
+        .unwrap()
+        .admin_url();
+    let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{database}' AND pid <> pg_backend_pid();"
+        ))
+        .await
+        .unwrap();
+    (database, admin)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_details_are_for_the_token_holder_only() {
+    let env = env_with_emulator().await;
+    let user: String = env
+        .client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let server = env
+        .serve(
+            &["--header-timeout", "5s"],
+            &[("EMBATCH_SERVE_TOKEN", TOKEN)],
+        )
+        .await;
+    let http = http();
+    let health = |token: Option<&'static str>| {
+        let mut request = http.get(server.url("/healthz"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    for token in [None, Some("wrong")] {
+        let (status, body) = health(token).await;
+        assert_eq!(status, 200);
+        assert_eq!(body, serde_json::json!({"status": "ok", "database": "ok"}));
+    }
+    let (status, body) = health(Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["details"]["model"], "text-embedding-3-small");
+    let database: String = env
+        .client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        body["details"]["database"]
+            .as_str()
+            .unwrap()
+            .contains(&database),
+        "{body}"
+    );
+
+    let (database, admin) = take_the_database_away(&env).await;
+    let (status, body) = health(None).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["error"]["code"], "database_unavailable");
+    let shown = body.to_string();
+    for secret in [
+        database.as_str(),
+        user.as_str(),
+        "accepting",
+        "/tmp",
+        "127.0.0.1",
+        "embatch-",
+    ] {
+        assert!(!shown.contains(secret), "{secret}: {shown}");
+    }
+    assert!(body.get("details").is_none(), "{body}");
+    let (status, body) = health(Some(TOKEN)).await;
+    assert_eq!(status, 503);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&database),
+        "{body}"
+    );
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .unwrap();
 }
