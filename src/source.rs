@@ -201,14 +201,17 @@ impl Source {
         let table_sql = quote_qualified(&config.table);
         let row = client
             .query_opt(
-                "SELECT c.oid, format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c \
                  JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
                 &[&table_sql],
             )
             .await
             .map_err(db(format!("could not look up table {}", config.table)))?;
         let oid: Option<u32> = row.as_ref().map(|r| r.get(0));
-        let table_identity: String = row.as_ref().map(|r| r.get(1)).unwrap_or_default();
+        let table_identity = row
+            .as_ref()
+            .map(|r| format!("{}.{}", quote_ident(r.get(1)), quote_ident(r.get(2))))
+            .unwrap_or_default();
         let Some(oid) = oid else {
             return Err(invalid(format!(
                 "table {table_sql} does not exist in this database; check --table (and the schema in DATABASE_URL's search_path)"
