@@ -75,7 +75,7 @@ pub fn spelling_key(id: &str) -> String {
 
 /// Postgres's `uuid_in`: optional braces around 32 hex digits, with an optional hyphen after
 /// any group of four digits but the last.
-fn parse_pg_uuid(text: &str) -> Option<uuid::Uuid> {
+pub fn parse_pg_uuid(text: &str) -> Option<uuid::Uuid> {
     let inner = match text.strip_prefix('{') {
         Some(rest) => rest.strip_suffix('}')?,
         None => text,
@@ -100,7 +100,7 @@ fn parse_pg_uuid(text: &str) -> Option<uuid::Uuid> {
 
 /// A decimal integer as Postgres's integer input reads it (white space around, a sign,
 /// digits), in canonical form.
-fn parse_decimal_int(text: &str) -> Option<String> {
+pub fn parse_decimal_int(text: &str) -> Option<String> {
     let trimmed =
         text.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c'));
     let (negative, digits) = match trimmed.as_bytes().first()? {
@@ -172,7 +172,7 @@ pub fn find_runs(runs_dir: &Path, family_id: Option<&str>) -> std::io::Result<Ve
 pub fn find_runs_in(family_dirs: &[PathBuf]) -> std::io::Result<Vec<FoundRun>> {
     let mut found = Vec::new();
     for dir in family_dirs {
-        let entries = match fs_err::read_dir(&dir) {
+        let entries = match fs_err::read_dir(dir) {
             Ok(entries) => entries,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => return Err(err),

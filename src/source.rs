@@ -338,10 +338,14 @@ impl Source {
                 format!("the family column {}", quote_ident(&c.family_column)),
             ));
         }
-        let statement = client
-            .prepare(&self.select_sql(false, None))
+        // Prepared (never run) in a read-only transaction, as the scope always runs.
+        client
+            .batch_execute("BEGIN READ ONLY")
             .await
-            .map_err(|err| self.query_error(err))?;
+            .map_err(db("could not start a read-only transaction"))?;
+        let prepared = client.prepare(&self.select_sql(false, None)).await;
+        let _ = client.batch_execute("ROLLBACK").await;
+        let statement = prepared.map_err(|err| self.query_error(err))?;
         if let Some(ty) = statement.params().first() {
             let row = client
                 .query_one("SELECT format_type($1::oid, NULL)", &[&ty.oid()])
@@ -500,7 +504,12 @@ impl FamilyIdType {
     pub fn is_surely_canonical(&self, id: &str) -> bool {
         match self.sql_type.as_deref() {
             None => true,
-            Some("uuid" | "bigint" | "integer" | "smallint") => crate::runs::spelling_key(id) == id,
+            // Only the exact canonical forms: Postgres 16 also reads `0x1A` or `1_000` as
+            // integers, and those are asked about.
+            Some("uuid") => crate::runs::parse_pg_uuid(id).is_some_and(|u| u.to_string() == id),
+            Some("bigint" | "integer" | "smallint") => {
+                crate::runs::parse_decimal_int(id).as_deref() == Some(id)
+            }
             Some(_) => false,
         }
     }

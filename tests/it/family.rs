@@ -63,7 +63,7 @@ async fn spellings_of_one_family_share_one_folder_one_run_and_its_held_chunks() 
             "{again:#?}"
         );
     }
-    assert_eq!(env.run_folders(), [run_dir.clone()]);
+    assert_eq!(env.run_folders(), std::slice::from_ref(&run_dir));
 
     // `runs --family-id` finds it under any spelling.
     for spelling in [shouting(family), braced(family), canonical.clone()] {
