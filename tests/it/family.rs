@@ -113,6 +113,22 @@ async fn integer_families_are_known_by_their_canonical_number() {
     assert_eq!(planned_ids(&run_dir), ["1", "2"]);
     plan(" +7").assert_error("planned but not submitted yet");
     plan("99999999999999999999").assert_error("is not a valid bigint");
+
+    // With --scope-sql, the id is read as the type Postgres infers for its $1.
+    let scoped = env.run(&[
+        "plan",
+        "--family-id",
+        "0008",
+        "--table",
+        "parts",
+        "--family-table",
+        "none",
+        "--scope-sql",
+        "SELECT id FROM parts WHERE fam = $1",
+    ]);
+    let scoped_dir = scoped.run_dir();
+    assert_eq!(scoped_dir.parent().unwrap(), env.runs_dir.join("8"));
+    assert_eq!(planned_ids(&scoped_dir), ["3"]);
 }
 
 /// Runs planned before plans used the database's spelling live in a folder named after the
@@ -308,6 +324,29 @@ async fn after_a_dry_run_plan_names_the_command_and_submit_submits_that_run() {
     let again = env.exec(&["plan", "--family-id", &family]).await;
     assert_eq!(again.code, 0, "{again:#?}");
     assert!(again.stderr.contains("nothing to embed"), "{again:#?}");
+}
+
+#[tokio::test]
+async fn run_after_a_dry_run_finishes_that_run() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, ids) = family_of(&env, 1, 3).await;
+    let family = family.to_string();
+    let run_dir = env
+        .exec(&["submit", "--family-id", &family, "--dry-run"])
+        .await
+        .run_dir();
+    let run = env
+        .exec(&["run", "--family-id", &family, "--poll-seconds", "1"])
+        .await;
+    assert_eq!(run.run_dir(), run_dir, "{run:#?}");
+    assert!(store::load(&run_dir).unwrap().is_finished());
+    let embedded =
+        crate::harness::count_embedded_exactly(&env, family.parse().unwrap(), 1536).await;
+    assert_eq!(embedded, ids.len());
+    assert_eq!(env.emu().counters().batch_creations, 1);
 }
 
 #[tokio::test]
