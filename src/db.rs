@@ -619,6 +619,19 @@ impl DbTarget {
         connect_with(&self.config, tls, target).await
     }
 
+    /// Asks the server to cancel the query running on the connection `token` came from,
+    /// over a new connection made as [`DbTarget::connect`] makes it (TLS included).
+    pub async fn cancel_query(&self, token: &tokio_postgres::CancelToken) -> Result<(), DbError> {
+        let target = self.display_safe();
+        let result = if self.config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+            token.cancel_query(NoTls).await
+        } else {
+            let tls = MakeTls(MakeRustlsConnect::new(self.client_tls_config()?));
+            token.cancel_query(tls).await
+        };
+        result.map_err(|error| classify_connect_error(target, error))
+    }
+
     /// How the server's certificate will be checked, with the root certificates loaded.
     fn verification(&self) -> Result<Verification, DbError> {
         match self.ssl_mode {

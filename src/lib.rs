@@ -17,6 +17,7 @@ pub mod db;
 pub mod embed;
 pub mod emulator;
 pub mod ingest;
+pub mod interrupt;
 pub mod lock;
 pub mod measure;
 pub mod models;
@@ -52,11 +53,17 @@ pub enum ExitStatus {
 }
 
 /// `plan`, then the run folder as the only stdout line (none when nothing is pending).
+///
+/// When every pending chunk is held by a run planned but never submitted (by `plan` or
+/// `submit --dry-run`), nothing new is planned: with `continue_unsubmitted` (`submit`, `run`)
+/// that run is the one to go on with, and its folder is printed; otherwise (`plan`, `submit
+/// --dry-run`) it is an error naming the command that submits it — never a silent exit 0.
 async fn plan_and_print(
     config: &Config,
     plan_cfg: &config::PlanConfig,
     printer: &Printer,
     now: chrono::DateTime<chrono::Utc>,
+    continue_unsubmitted: bool,
 ) -> anyhow::Result<Option<std::path::PathBuf>> {
     match plan::plan(&config.global, plan_cfg, printer, now).await? {
         plan::PlanOutcome::Planned { run_dir } => {
@@ -64,6 +71,34 @@ async fn plan_and_print(
             Ok(Some(run_dir))
         }
         plan::PlanOutcome::NothingToDo => Ok(None),
+        plan::PlanOutcome::HeldByUnsubmitted {
+            family_id,
+            chunks,
+            runs,
+        } => match runs.as_slice() {
+            [run_dir] if continue_unsubmitted => {
+                printer.info(&format!(
+                    "nothing new to plan for family {family_id}: its {chunks} pending chunks are held by the run {}, planned but not submitted yet; going on with that run",
+                    run_dir.display()
+                ));
+                printer.data(&run_dir.display().to_string());
+                Ok(Some(run_dir.clone()))
+            }
+            [run_dir] => bail!(
+                "nothing new to plan for family {family_id}: its {chunks} pending chunks are held by the run {}, planned but not submitted yet; submit it with: {}",
+                run_dir.display(),
+                plan::advance_command(run_dir)
+            ),
+            _ => {
+                let dirs: Vec<String> = runs.iter().map(|d| d.display().to_string()).collect();
+                let commands: Vec<String> = runs.iter().map(|d| plan::advance_command(d)).collect();
+                bail!(
+                    "nothing new to plan for family {family_id}: its {chunks} pending chunks are held by runs planned but not submitted yet ({}); submit them with: {}",
+                    dirs.join(", "),
+                    commands.join("; ")
+                )
+            }
+        },
     }
 }
 
@@ -91,7 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
     let now = chrono::Utc::now();
     match &config.command {
         Command::Plan(plan_cfg) => {
-            plan_and_print(&config, plan_cfg, &printer, now).await?;
+            plan_and_print(&config, plan_cfg, &printer, now, false).await?;
             Ok(ExitStatus::Done)
         }
         Command::Submit(submit) => {
@@ -99,11 +134,16 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                 // Fail on a missing key before planning, not after.
                 advance::client(&config.global.api)?;
             }
-            let Some(run_dir) = plan_and_print(&config, &submit.plan, &printer, now).await? else {
+            let Some(run_dir) =
+                plan_and_print(&config, &submit.plan, &printer, now, !submit.dry_run).await?
+            else {
                 return Ok(ExitStatus::Done);
             };
             if submit.dry_run {
-                printer.info("dry run: batch files written, no API called");
+                printer.info(&format!(
+                    "dry run: batch files written, no API called; submit this run with: {}",
+                    plan::advance_command(&run_dir)
+                ));
                 return Ok(ExitStatus::Done);
             }
             advance::advance(
@@ -118,7 +158,8 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         }
         Command::Run(run_cfg) => {
             advance::client(&config.global.api)?;
-            let Some(run_dir) = plan_and_print(&config, &run_cfg.plan, &printer, now).await? else {
+            let Some(run_dir) = plan_and_print(&config, &run_cfg.plan, &printer, now, true).await?
+            else {
                 return Ok(ExitStatus::Done);
             };
             advance::advance(

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use embatch::ExitStatus;
+use embatch::interrupt::Interrupted;
 use embatch::lock::LockError;
 
 fn main() -> ExitCode {
@@ -42,10 +43,12 @@ fn main() -> ExitCode {
         Ok(ExitStatus::NotYet) => ExitCode::from(75),
         Err(err) => {
             eprintln!("error: {err:#}");
-            if matches!(
-                err.downcast_ref::<LockError>(),
-                Some(LockError::Held { .. })
-            ) {
+            if let Some(interrupted) = err.downcast_ref::<Interrupted>() {
+                ExitCode::from(interrupted.exit_code())
+            } else if err
+                .downcast_ref::<LockError>()
+                .is_some_and(LockError::is_held)
+            {
                 ExitCode::from(75)
             } else {
                 ExitCode::from(1)

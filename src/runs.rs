@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -25,6 +25,98 @@ pub fn family_dir(runs_dir: &Path, family_id: &str) -> PathBuf {
         name = name.replace('.', "%2E");
     }
     runs_dir.join(name)
+}
+
+/// The family id a folder under the runs dir was named after (the inverse of
+/// [`family_dir`]); `None` for a name no family id gives.
+pub fn family_folder_id(folder_name: &str) -> Option<String> {
+    let id = percent_decode_str(folder_name)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    // Only names that family_dir writes: anything else is not a family folder.
+    let runs_dir = Path::new("");
+    (family_dir(runs_dir, &id) == runs_dir.join(folder_name)).then_some(id)
+}
+
+/// Every family folder under `runs_dir`, with the family id it was named after.
+pub fn family_folders(runs_dir: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
+    let entries = match fs_err::read_dir(runs_dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err),
+    };
+    let mut folders: Vec<(PathBuf, String)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let id = family_folder_id(e.file_name().to_str()?)?;
+            Some((e.path(), id))
+        })
+        .collect();
+    folders.sort();
+    Ok(folders)
+}
+
+/// What `runs --family-id` compares family ids by, without a database: a uuid spelled any way
+/// Postgres's uuid input accepts (upper case, no hyphens, braces) becomes its canonical
+/// lower-case hyphenated text, a decimal integer loses its sign `+`, leading zeros and
+/// surrounding white space, and anything else stays as it is. (`plan` asks the database
+/// instead, by the family column's type.)
+pub fn spelling_key(id: &str) -> String {
+    if let Some(uuid) = parse_pg_uuid(id) {
+        return uuid.to_string();
+    }
+    if let Some(int) = parse_decimal_int(id) {
+        return int;
+    }
+    id.to_owned()
+}
+
+/// Postgres's `uuid_in`: optional braces around 32 hex digits, with an optional hyphen after
+/// any group of four digits but the last.
+pub fn parse_pg_uuid(text: &str) -> Option<uuid::Uuid> {
+    let inner = match text.strip_prefix('{') {
+        Some(rest) => rest.strip_suffix('}')?,
+        None => text,
+    };
+    let bytes = inner.as_bytes();
+    let mut value: u128 = 0;
+    let mut pos = 0;
+    for i in 0..16 {
+        let pair = bytes.get(pos..pos + 2)?;
+        let hex = std::str::from_utf8(pair).ok()?;
+        if !pair.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        value = (value << 8) | u128::from(u8::from_str_radix(hex, 16).ok()?);
+        pos += 2;
+        if bytes.get(pos) == Some(&b'-') && i % 2 == 1 && i < 15 {
+            pos += 1;
+        }
+    }
+    (pos == bytes.len()).then(|| uuid::Uuid::from_u128(value))
+}
+
+/// A decimal integer as Postgres's integer input reads it (white space around, a sign,
+/// digits), in canonical form.
+pub fn parse_decimal_int(text: &str) -> Option<String> {
+    let trimmed =
+        text.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0b' | '\x0c'));
+    let (negative, digits) = match trimmed.as_bytes().first()? {
+        b'-' => (true, &trimmed[1..]),
+        b'+' => (false, &trimmed[1..]),
+        _ => (false, trimmed),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = digits.trim_start_matches('0');
+    Some(match (digits.is_empty(), negative) {
+        (true, _) => "0".to_owned(),
+        (false, true) => format!("-{digits}"),
+        (false, false) => digits.to_owned(),
+    })
 }
 
 /// A new run's id and folder name, from the clock and a random suffix.
@@ -50,9 +142,19 @@ pub struct FoundRun {
 }
 
 /// Every run folder under `runs_dir` (of one family if given), sorted by folder path.
+///
+/// A family is matched by [`spelling_key`], so runs planned under another spelling of the
+/// same uuid or integer (before plans used the database's spelling) are found too.
 pub fn find_runs(runs_dir: &Path, family_id: Option<&str>) -> std::io::Result<Vec<FoundRun>> {
     let family_dirs: Vec<PathBuf> = match family_id {
-        Some(family) => vec![family_dir(runs_dir, family)],
+        Some(family) => {
+            let key = spelling_key(family);
+            family_folders(runs_dir)?
+                .into_iter()
+                .filter(|(_, id)| spelling_key(id) == key)
+                .map(|(dir, _)| dir)
+                .collect()
+        }
         None => match fs_err::read_dir(runs_dir) {
             Ok(entries) => entries
                 .filter_map(Result::ok)
@@ -63,9 +165,14 @@ pub fn find_runs(runs_dir: &Path, family_id: Option<&str>) -> std::io::Result<Ve
             Err(err) => return Err(err),
         },
     };
+    find_runs_in(&family_dirs)
+}
+
+/// Every run folder in the given family folders, sorted by folder path.
+pub fn find_runs_in(family_dirs: &[PathBuf]) -> std::io::Result<Vec<FoundRun>> {
     let mut found = Vec::new();
     for dir in family_dirs {
-        let entries = match fs_err::read_dir(&dir) {
+        let entries = match fs_err::read_dir(dir) {
             Ok(entries) => entries,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => return Err(err),
@@ -148,8 +255,17 @@ pub fn summarize(found: &FoundRun) -> RunSummary {
 #[derive(Debug, Default)]
 pub struct HeldChunks {
     by_digest: HashMap<u128, usize>,
-    /// The holding runs' folders; the map's values index this.
-    pub runs: Vec<PathBuf>,
+    /// The holding runs; the map's values index this.
+    pub runs: Vec<HoldingRun>,
+}
+
+/// An unfinished run that holds chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldingRun {
+    pub dir: PathBuf,
+    /// Planned but never submitted: every batch still `planned` (nothing uploaded), not
+    /// cancelled — what `plan` and `submit --dry-run` leave for `advance`.
+    pub unsubmitted: bool,
 }
 
 impl HeldChunks {
@@ -161,6 +277,11 @@ impl HeldChunks {
     pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
     }
+
+    /// How many chunks are held.
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
 }
 
 fn id_digest(chunk_id: &str) -> u128 {
@@ -170,12 +291,13 @@ fn id_digest(chunk_id: &str) -> u128 {
     u128::from_le_bytes(first)
 }
 
-/// Reads the `chunks.tsv` of every batch of every unfinished run of `family_id`.
+/// Reads the `chunks.tsv` of every batch of every unfinished run in `family_dirs` (the folders
+/// of one family, under every spelling its id was planned under).
 /// A run whose `run.json` cannot be read is an error: it may hold chunks, and guessing could
 /// pay twice for them.
-pub fn held_chunks(runs_dir: &Path, family_id: &str) -> anyhow::Result<HeldChunks> {
+pub fn held_chunks(family_dirs: &[PathBuf]) -> anyhow::Result<HeldChunks> {
     let mut held = HeldChunks::default();
-    for found in find_runs(runs_dir, Some(family_id))? {
+    for found in find_runs_in(family_dirs)? {
         let run = match found.run {
             Ok(run) => run,
             Err(err) => {
@@ -188,7 +310,14 @@ pub fn held_chunks(runs_dir: &Path, family_id: &str) -> anyhow::Result<HeldChunk
             continue;
         }
         let run_idx = held.runs.len();
-        held.runs.push(found.dir.clone());
+        held.runs.push(HoldingRun {
+            dir: found.dir.clone(),
+            unsubmitted: !run.cancelled
+                && run
+                    .batches
+                    .iter()
+                    .all(|b| b.state.kind() == crate::state::StateKind::Planned),
+        });
         for batch in &run.batches {
             let path = found
                 .dir
@@ -247,6 +376,87 @@ mod tests {
         assert_eq!(family_dir(root, "abc-1.2_x"), PathBuf::from("/r/abc-1.2_x"));
         assert_eq!(family_dir(root, "a/b c"), PathBuf::from("/r/a%2Fb%20c"));
         assert_eq!(family_dir(root, ".."), PathBuf::from("/r/%2E%2E"));
+    }
+
+    #[test]
+    fn spellings_of_one_uuid_or_integer_share_a_key() {
+        let canonical = "33333333-3333-3333-3333-33333333333a";
+        for spelling in [
+            canonical,
+            "3333333333333333333333333333333A",
+            "{33333333-3333-3333-3333-33333333333A}",
+            "3333-3333-3333-3333-3333-3333-3333-333a",
+        ] {
+            assert_eq!(spelling_key(spelling), canonical, "{spelling}");
+        }
+        // What Postgres's uuid input refuses stays as it is.
+        for not_uuid in [
+            "{33333333-3333-3333-3333-33333333333a",
+            "33333333-3333-3333-3333-33333333333a-",
+            "3-3333333-3333-3333-3333-33333333333a",
+            " 33333333-3333-3333-3333-33333333333a",
+        ] {
+            assert_eq!(spelling_key(not_uuid), not_uuid);
+        }
+        for (spelling, key) in [
+            ("07", "7"),
+            (" +7 ", "7"),
+            ("-0", "0"),
+            ("-007", "-7"),
+            ("7", "7"),
+        ] {
+            assert_eq!(spelling_key(spelling), key, "{spelling:?}");
+        }
+        assert_eq!(spelling_key("abc"), "abc");
+        assert_eq!(spelling_key("7a"), "7a");
+    }
+
+    #[test]
+    fn family_folders_name_their_family() {
+        let dir = tempfile::tempdir().unwrap();
+        for id in ["a/b c", "33333333-3333-3333-3333-333333333333", ".."] {
+            fs_err::create_dir_all(family_dir(dir.path(), id)).unwrap();
+        }
+        // Not written by family_dir: not a family folder.
+        fs_err::create_dir_all(dir.path().join("a b")).unwrap();
+        fs_err::create_dir_all(dir.path().join("%zz")).unwrap();
+        let ids: Vec<String> = family_folders(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        assert_eq!(ids, ["..", "33333333-3333-3333-3333-333333333333", "a/b c"]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn folder_names_decode_to_their_family(id in "\\PC{1,40}") {
+            let name = family_dir(Path::new(""), &id);
+            let name = name.to_str().unwrap();
+            proptest::prop_assert_eq!(family_folder_id(name), Some(id));
+        }
+
+        #[test]
+        fn every_spelling_of_a_uuid_has_its_key(value: u128, upper: bool, braces: bool, hyphens: bool) {
+            let uuid = uuid::Uuid::from_u128(value);
+            let mut text = if hyphens { uuid.hyphenated().to_string() } else { uuid.simple().to_string() };
+            if upper {
+                text = text.to_uppercase();
+            }
+            if braces {
+                text = format!("{{{text}}}");
+            }
+            proptest::prop_assert_eq!(spelling_key(&text), uuid.to_string());
+            proptest::prop_assert_eq!(spelling_key(&uuid.to_string()), uuid.to_string());
+        }
+
+        #[test]
+        fn every_spelling_of_an_integer_has_its_key(value: i64, zeros in 0usize..4, plus: bool) {
+            let digits = value.unsigned_abs().to_string();
+            let sign = if value < 0 { "-" } else if plus { "+" } else { "" };
+            let text = format!(" {sign}{}{digits}\t", "0".repeat(zeros));
+            proptest::prop_assert_eq!(spelling_key(&text), value.to_string());
+        }
     }
 
     #[test]

@@ -165,6 +165,11 @@ pub struct Source {
     pub id_type: IdType,
     /// The embedding column's declared `vector(N)`.
     pub dimensions: u32,
+    /// The table as the catalog names it, schema-qualified and quoted (`"public"."chunks"`):
+    /// the same whichever search path or spelling found it.
+    pub table_identity: String,
+    /// The family column's type (`format_type`, without modifiers), when the table has one.
+    pub family_column_type: Option<String>,
 }
 
 struct ColumnInfo {
@@ -195,10 +200,18 @@ impl Source {
     ) -> Result<Source, SourceError> {
         let table_sql = quote_qualified(&config.table);
         let row = client
-            .query_one("SELECT to_regclass($1)::oid", &[&table_sql])
+            .query_opt(
+                "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+                &[&table_sql],
+            )
             .await
             .map_err(db(format!("could not look up table {}", config.table)))?;
-        let oid: Option<u32> = row.get(0);
+        let oid: Option<u32> = row.as_ref().map(|r| r.get(0));
+        let table_identity = row
+            .as_ref()
+            .map(|r| format!("{}.{}", quote_ident(r.get(1)), quote_ident(r.get(2))))
+            .unwrap_or_default();
         let Some(oid) = oid else {
             return Err(invalid(format!(
                 "table {table_sql} does not exist in this database; check --table (and the schema in DATABASE_URL's search_path)"
@@ -262,13 +275,24 @@ impl Source {
                 quote_ident(&emb_col.name)
             )));
         };
-        if needs_family_column && config.scope_sql.is_none() {
-            find(&config.family_column, "--family-column")?;
-        }
+        let family_column_type = if needs_family_column && config.scope_sql.is_none() {
+            Some(
+                find(&config.family_column, "--family-column")?
+                    .type_name
+                    .clone(),
+            )
+        } else {
+            columns
+                .iter()
+                .find(|c| c.name == config.family_column)
+                .map(|c| c.type_name.clone())
+        };
         Ok(Source {
             config: config.clone(),
             id_type,
             dimensions,
+            table_identity,
+            family_column_type,
         })
     }
 
@@ -300,6 +324,50 @@ impl Source {
             )));
         }
         Ok(())
+    }
+
+    /// How the database reads this source's family ids (see [`FamilyIdType`]): without
+    /// `--scope-sql`, as the family column's type; with it, as the type Postgres infers for
+    /// its `$1`; with a `--scope-sql` that takes no `$1`, as the family table's `id` (or as
+    /// given, without a family table).
+    pub async fn family_id_type(&self, client: &Client) -> Result<FamilyIdType, SourceError> {
+        let c = &self.config;
+        if c.scope_sql.is_none() {
+            return Ok(FamilyIdType::new(
+                self.family_column_type.clone(),
+                format!("the family column {}", quote_ident(&c.family_column)),
+            ));
+        }
+        // Prepared (never run) in a read-only transaction, as the scope always runs.
+        client
+            .batch_execute("BEGIN READ ONLY")
+            .await
+            .map_err(db("could not start a read-only transaction"))?;
+        let prepared = client.prepare(&self.select_sql(false, None)).await;
+        let _ = client.batch_execute("ROLLBACK").await;
+        let statement = prepared.map_err(|err| self.query_error(err))?;
+        if let Some(ty) = statement.params().first() {
+            let row = client
+                .query_one("SELECT format_type($1::oid, NULL)", &[&ty.oid()])
+                .await
+                .map_err(db("could not read the type of --scope-sql's $1"))?;
+            return Ok(FamilyIdType::new(row.get(0), "--scope-sql's $1".to_owned()));
+        }
+        let Some(family_table) = &c.family_table else {
+            return Ok(FamilyIdType::new(None, "--scope-sql".to_owned()));
+        };
+        let row = client
+            .query_opt(
+                "SELECT format_type(atttypid, NULL) FROM pg_attribute \
+                 WHERE attrelid = to_regclass($1) AND attname = 'id' AND NOT attisdropped",
+                &[&quote_qualified(family_table)],
+            )
+            .await
+            .map_err(db(format!("could not read the columns of {family_table}")))?;
+        Ok(FamilyIdType::new(
+            row.map(|r| r.get(0)),
+            format!("the id of {}", quote_qualified(family_table)),
+        ))
     }
 
     /// The SELECT that yields `(id::text, content)` of the pending chunks, in id order.
@@ -400,6 +468,81 @@ impl Source {
             family_column: c.family_column.clone(),
             family_table: c.family_table.clone(),
             scope_sql: c.scope_sql.clone(),
+        }
+    }
+}
+
+/// The type the database reads a family id as. Its canonical text (`$1::text::<type>::text`:
+/// lower-case hyphenated uuids, integers without leading zeros or signs) is the family's one
+/// identity: every spelling of a family maps to one runs folder, one set of held chunks and
+/// one plan lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyIdType {
+    /// The SQL type (`format_type`'s spelling, safe to paste); `None` when the id is taken as
+    /// given: text types, whose canonical text is the id itself.
+    sql_type: Option<String>,
+    /// Where the type comes from, for messages.
+    origin: String,
+}
+
+impl FamilyIdType {
+    fn new(sql_type: Option<String>, origin: String) -> FamilyIdType {
+        // Casting to text-like types changes nothing (`varchar(n)` is read without its
+        // modifier here, as a comparison reads it); `unknown` cannot be cast to.
+        let sql_type =
+            sql_type.filter(|t| !matches!(t.as_str(), "text" | "character varying" | "unknown"));
+        FamilyIdType { sql_type, origin }
+    }
+
+    /// True when every id is its own canonical text.
+    pub fn is_verbatim(&self) -> bool {
+        self.sql_type.is_none()
+    }
+
+    /// For the types whose canonical text is known here without asking (uuid, integers):
+    /// true when `id` is already canonical, so no other spelling can be the same id.
+    pub fn is_surely_canonical(&self, id: &str) -> bool {
+        match self.sql_type.as_deref() {
+            None => true,
+            // Only the exact canonical forms: Postgres 16 also reads `0x1A` or `1_000` as
+            // integers, and those are asked about.
+            Some("uuid") => crate::runs::parse_pg_uuid(id).is_some_and(|u| u.to_string() == id),
+            Some("bigint" | "integer" | "smallint") => {
+                crate::runs::parse_decimal_int(id).as_deref() == Some(id)
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// The canonical text of `raw`, or an error saying it is not a valid id of the type.
+    pub async fn canonical(&self, client: &Client, raw: &str) -> Result<String, SourceError> {
+        match self.try_canonical(client, raw).await? {
+            Some(canonical) => Ok(canonical),
+            None => Err(invalid(format!(
+                "family id `{raw}` is not a valid {ty} ({} is {ty}); check --family-id",
+                self.origin,
+                ty = self.sql_type.as_deref().unwrap_or("text"),
+            ))),
+        }
+    }
+
+    /// The canonical text of `raw`; `None` when the database does not read it as this type.
+    pub async fn try_canonical(
+        &self,
+        client: &Client,
+        raw: &str,
+    ) -> Result<Option<String>, SourceError> {
+        let Some(ty) = &self.sql_type else {
+            return Ok(Some(raw.to_owned()));
+        };
+        let sql = format!("SELECT $1::text::{ty}::text");
+        match client.query_one(&sql, &[&raw]).await {
+            Ok(row) => Ok(Some(row.get(0))),
+            // Class 22, data exception: invalid input syntax, out of range, bad encoding.
+            Err(err) if err.code().is_some_and(|c| c.code().starts_with("22")) => Ok(None),
+            Err(err) => Err(db(format!("could not read the family id `{raw}` as {ty}"))(
+                err,
+            )),
         }
     }
 }

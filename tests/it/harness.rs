@@ -181,7 +181,8 @@ impl TestEnv {
         ids
     }
 
-    /// Every folder under the runs dir that is a run (or a partial one).
+    /// Every folder under the runs dir that is a run (or a partial one): what a family
+    /// folder holds but its `plan.lock`.
     pub fn run_folders(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
         let Ok(families) = fs_err::read_dir(&self.runs_dir) else {
@@ -189,7 +190,11 @@ impl TestEnv {
         };
         for family in families.filter_map(Result::ok) {
             if let Ok(runs) = fs_err::read_dir(family.path()) {
-                found.extend(runs.filter_map(Result::ok).map(|e| e.path()));
+                found.extend(
+                    runs.filter_map(Result::ok)
+                        .filter(|e| e.file_name() != embatch::lock::PLAN_LOCK_FILE)
+                        .map(|e| e.path()),
+                );
             }
         }
         found

@@ -4,6 +4,7 @@
 mod advance;
 mod campaign;
 mod damage;
+mod family;
 mod harness;
 mod ingest;
 mod plan;

@@ -362,10 +362,14 @@ async fn reembed_and_unfinished_runs_decide_what_is_pending() {
     );
     assert!(store::load(&forced.run_dir()).unwrap().settings.reembed);
 
-    // Everything held now: nothing to do.
+    // Everything held now, by runs planned but never submitted: not a silent exit 0, but the
+    // commands that submit them.
     let none = env.plan(family, &[]);
-    assert_eq!(none.code, 0);
-    assert!(none.stdout.is_empty(), "{none:#?}");
+    none.assert_error("planned but not submitted yet");
+    assert!(
+        none.stderr.contains("embatch advance --run-dir "),
+        "{none:#?}"
+    );
 }
 
 #[tokio::test]

@@ -270,8 +270,9 @@ async fn plan_and_a_full_cycle_run_over_tls_to_a_real_postgres() {
         &["plan", "--family-id", &family, "--limit", "1"],
     )
     .await;
-    // Every pending chunk is held by the first run: nothing to plan, but connected.
-    assert_eq!(run.code, 0, "{run:#?}");
+    // Every pending chunk is held by the first run, not submitted yet: nothing to plan (an
+    // error naming that run), but connected.
+    run.assert_error("planned but not submitted yet");
     assert!(self_signed.tls_sessions() >= 1, "{run:#?}");
 
     // verify-full with the CA: the chain and the name `localhost` check out. A whole cycle.
