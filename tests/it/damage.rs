@@ -421,11 +421,7 @@ async fn a_truncated_chunk_list_is_rebuilt_from_its_intact_input() {
         )) && run.stderr.contains("rebuilt it from"),
         "{run:#?}"
     );
-    assert_eq!(
-        bytes_of(&chunks).unwrap(),
-        planned,
-        "rebuilt byte for byte"
-    );
+    assert_eq!(bytes_of(&chunks).unwrap(), planned, "rebuilt byte for byte");
     assert_finished_with_every_vector(&env, family, &run_dir, 8).await;
 }
 
@@ -571,9 +567,7 @@ async fn a_chunk_list_with_truncated_inputs_is_not_rebuilt() {
     let family = env.add_family(1).await;
     let long = "pump seal bearing valve ".repeat(3000);
     env.add_chunks(family, &["a short chunk", &long]).await;
-    let run_dir = env
-        .plan(family, &["--on-too-long", "truncate"])
-        .run_dir();
+    let run_dir = env.plan(family, &["--on-too-long", "truncate"]).run_dir();
     let dir = run_dir.to_str().unwrap();
     assert_eq!(store::load(&run_dir).unwrap().plan.truncated, 1);
     let chunks = run_dir.join("batches/batch_001/chunks.tsv");

@@ -594,18 +594,41 @@ async fn odd_output_lines_are_bad_output_and_retried_never_skipped_or_written() 
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(written, [ids[3], ids[5]], "only the good vectors are written");
+    assert_eq!(
+        written,
+        [ids[3], ids[5]],
+        "only the good vectors are written"
+    );
     let status = env
         .exec(&["status", "--run-dir", run_dir.to_str().unwrap(), "--json"])
         .await;
     let view: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
-    assert_eq!(view["batches"][0]["line_anomalies"]["unparseable"], 1, "{view}");
+    assert_eq!(
+        view["batches"][0]["line_anomalies"]["unparseable"], 1,
+        "{view}"
+    );
     assert_eq!(view["totals"]["pending"], 4, "{view}");
 
     // The four are retried, and every chunk ends with exactly its vector.
     advance_until_finished(&env, &run_dir, 5).await;
     assert_eq!(assert_embedded_exactly(&env, family, 1536).await, 6);
-    assert_eq!(load(&run_dir).batches[1].requests, 4);
+    let run = load(&run_dir);
+    assert_eq!(run.batches[1].requests, 4);
+    // The retry batch's evidence files are recorded like a planned batch's.
+    let files = run.batches[1]
+        .files
+        .as_ref()
+        .expect("retry digests recorded");
+    let retry_dir = run_dir.join("batches/batch_002");
+    assert_eq!(
+        files.input,
+        store::FileDigest::of_file(&retry_dir.join("input.jsonl"), 0).unwrap()
+    );
+    assert_eq!(
+        files.chunks,
+        store::FileDigest::of_file(&retry_dir.join("chunks.tsv"), 1).unwrap()
+    );
+    assert_eq!(files.chunks.rows, 4);
 }
 
 /// Issue 14, item 9: `ingest --redownload --overwrite` of an ingested run writes its vectors
@@ -644,7 +667,10 @@ async fn ingest_redownload_overwrite_writes_an_ingested_run_again() {
         panic!()
     };
     assert_eq!(i.counts.ingested, 5);
-    assert!(i.remote_files_deleted, "this ingest cleaned up the remote files");
+    assert!(
+        i.remote_files_deleted,
+        "this ingest cleaned up the remote files"
+    );
 
     // The provider's copy is gone now: the local copy is used, and the run says so.
     spoil().await;
@@ -671,7 +697,9 @@ async fn ingest_redownload_overwrite_writes_an_ingested_run_again() {
         )
         .await
         .unwrap();
-    let run = env.exec(&["ingest", "--run-dir", dir, "--redownload"]).await;
+    let run = env
+        .exec(&["ingest", "--run-dir", dir, "--redownload"])
+        .await;
     assert_eq!(run.code, 0, "{run:#?}");
     assert!(
         run.stderr.contains("4 written, 1 already present"),
