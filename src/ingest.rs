@@ -224,7 +224,7 @@ impl Stepper {
         if a.unknown_custom_id + a.repeated_custom_id + a.unparseable > 0 {
             // Every line is accounted for: these are counted in run.json and shown by status.
             self.printer.warn(&format!(
-                "{name}: in {} and {ERRORS_FILE}: {} lines with a custom_id not in this batch (refused: {CHUNKS_FILE} has no such chunk), {} repeated custom_ids (the first line was kept), {} unparseable lines (a chunk left without a readable line is reported failed and retried)",
+                "{name}: in {} and {ERRORS_FILE}: {} lines with a custom_id not in this batch (refused), {} repeated custom_ids (the first line was kept), {} unparseable lines; a chunk left without a readable line is reported failed (see {FAILED_FILE})",
                 self.dir(idx).join(OUTPUT_FILE).display(),
                 a.unknown_custom_id,
                 a.repeated_custom_id,
