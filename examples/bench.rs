@@ -294,6 +294,7 @@ fn make_downloaded(run_dir: &Path, kind: &str) -> anyhow::Result<()> {
             has_output: true,
             has_errors: false,
             progress: None,
+            retries_planned: false,
         });
     }
     embatch::store::save(run_dir, &run)?;

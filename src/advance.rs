@@ -393,8 +393,15 @@ impl Stepper {
             // Once per invocation: the files are fetched again before ingesting.
             self.opts.redownload = false;
             for idx in 0..self.run.batches.len() {
-                if self.run.batches[idx].state.kind() == StateKind::Downloaded {
-                    self.download(idx).await?;
+                match self.run.batches[idx].state.kind() {
+                    StateKind::Downloaded => {
+                        self.download(idx).await?;
+                    }
+                    // Ingested already: ingest it again (`ingest --redownload [--overwrite]`).
+                    StateKind::Ingested if goal == Goal::IngestOnly => {
+                        self.ingest_again(idx).await?
+                    }
+                    _ => {}
                 }
             }
         }
@@ -645,6 +652,11 @@ impl Stepper {
                 self.name(idx)
             );
         }
+        // Never upload a file other than the one planned, nor one whose vectors could not be
+        // matched to their chunks (DESIGN.md §9).
+        let batch = &self.run.batches[idx];
+        crate::evidence::check_input(&self.run_dir, &self.run, batch)?;
+        crate::evidence::ensure_chunks(&self.run_dir, &self.run, batch, None, &self.printer)?;
         let filename = self.upload_filename(idx);
         self.apply(idx, Event::UploadStarted { at: Utc::now() })?;
         *self.uploads.entry(idx).or_insert(0) += 1;

@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 
 use crate::advance::{ERRORS_FILE, OUTPUT_FILE, Progress, Stepper};
 use crate::db::DbTarget;
-use crate::output::{FailReason, LineOutcome, parse_line};
+use crate::output::{FailReason, LineOutcome, parse_line_bytes};
 use crate::plan::{CHUNKS_FILE, Numbering, RunWriter};
 use crate::request::RequestTemplate;
 use crate::runs::HeldChunks;
@@ -145,6 +145,64 @@ impl Stepper {
             .ok_or_else(|| anyhow::anyhow!("internal error: no database connection"))
     }
 
+    /// `ingest --redownload` of an ingested batch: Ingested → Downloaded, its output and error
+    /// files fetched again (or, when the provider's copy is gone, the local copy kept), so
+    /// that the next step writes its vectors again (over existing ones with `--overwrite`).
+    /// A batch whose output is gone everywhere is refused with the reason.
+    pub(crate) async fn ingest_again(&mut self, idx: usize) -> anyhow::Result<()> {
+        let BatchState::Ingested(ingested) = &self.run.batches[idx].state else {
+            return Ok(());
+        };
+        let name = self.name(idx).to_owned();
+        let Some(done) = ingested.done.clone() else {
+            bail!(
+                "batch {name} cannot be ingested again: run.json does not record which files the provider returned for it"
+            );
+        };
+        let dir = self.dir(idx);
+        let mut has = [false, false];
+        for (slot, (file_id, file_name)) in [
+            (done.remote.output_file_id, OUTPUT_FILE),
+            (done.remote.error_file_id, ERRORS_FILE),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let Some(file_id) = file_id else { continue };
+            let path = dir.join(file_name);
+            match self.api.download_file(&file_id, &path).await {
+                Ok(_) => {}
+                Err(crate::api::ApiError::NotFound { .. }) if path.exists() => {
+                    self.printer.warn(&format!(
+                        "{name}: the provider no longer has {file_name} ({file_id}); ingesting the local copy {}",
+                        path.display()
+                    ));
+                }
+                Err(crate::api::ApiError::NotFound { .. }) => bail!(
+                    "batch {name} cannot be ingested again: the provider no longer has its {file_name} ({file_id}; embatch deletes it after an ingest unless --keep-remote-files) and the local copy {} is gone too",
+                    path.display()
+                ),
+                Err(err) => {
+                    return Err(anyhow::Error::from(err)
+                        .context(format!("could not download {file_name} of {name}")));
+                }
+            }
+            has[slot] = true;
+        }
+        if has == [false, false] {
+            // The provider returned nothing for it: there is nothing to write again.
+            return Ok(());
+        }
+        self.printer.info(&format!("{name}: ingesting it again"));
+        self.apply(
+            idx,
+            Event::IngestAgain {
+                has_output: has[0],
+                has_errors: has[1],
+            },
+        )
+    }
+
     /// Downloaded → Ingested.
     pub(crate) async fn ingest(&mut self, idx: usize) -> anyhow::Result<Progress> {
         let BatchState::Downloaded(downloaded) = self.run.batches[idx].state.clone() else {
@@ -165,9 +223,13 @@ impl Stepper {
         ));
         let a = outcome.anomalies;
         if a.unknown_custom_id + a.repeated_custom_id + a.unparseable > 0 {
+            // Every line is accounted for: these are counted in run.json and shown by status.
             self.printer.warn(&format!(
-                "{name}: {} lines with a custom_id not in this batch (refused), {} repeated custom_ids (the first line was kept), {} unparseable lines",
-                a.unknown_custom_id, a.repeated_custom_id, a.unparseable
+                "{name}: in {} and {ERRORS_FILE}: {} lines with a custom_id not in this batch (refused), {} repeated custom_ids (the first line was kept), {} unparseable lines; a chunk left without a readable line is reported failed (see {FAILED_FILE})",
+                self.dir(idx).join(OUTPUT_FILE).display(),
+                a.unknown_custom_id,
+                a.repeated_custom_id,
+                a.unparseable
             ));
         }
         self.apply(idx, Event::ResultsIngested { outcome })?;
@@ -182,6 +244,10 @@ impl Stepper {
     ) -> anyhow::Result<(IngestOutcome, DbContext)> {
         let dir = self.dir(idx);
         let batch = &self.run.batches[idx];
+        // chunks.tsv decides which paid vector goes where: it must be the file planned.
+        let kept = dir.join(OUTPUT_FILE);
+        let kept = downloaded.has_output.then_some(kept.as_path());
+        crate::evidence::ensure_chunks(&self.run_dir, &self.run, batch, kept, &self.printer)?;
         let mut chunks = load_chunks(&dir.join(CHUNKS_FILE))?;
 
         let dims = self.run.settings.dimensions as usize;
@@ -562,7 +628,7 @@ const PARSED_BATCHES_IN_FLIGHT: usize = 2;
 struct ParsedLine {
     /// The byte just past this line: where a resume starts once it is handled.
     end_offset: u64,
-    /// `None` for a blank line (or one that is not UTF-8), which is passed over.
+    /// `None` for a blank line, which is passed over.
     outcome: Option<LineOutcome>,
 }
 
@@ -586,9 +652,12 @@ fn parse_file(
             break;
         }
         offset += n as u64;
-        let text = std::str::from_utf8(&line).unwrap_or("");
-        let text = text.trim_end_matches(['\n', '\r']);
-        let outcome = (!text.trim().is_empty()).then(|| parse_line(text, dims));
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        // A line that is not UTF-8 is parsed (and so reported) like any other: only a blank
+        // line says nothing.
+        let blank = text.iter().all(u8::is_ascii_whitespace);
+        let outcome = (!blank).then(|| parse_line_bytes(text, dims));
         batch.push(ParsedLine {
             end_offset: offset,
             outcome,

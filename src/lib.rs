@@ -16,6 +16,7 @@ pub mod crashpoint;
 pub mod db;
 pub mod embed;
 pub mod emulator;
+pub mod evidence;
 pub mod ingest;
 pub mod interrupt;
 pub mod lock;

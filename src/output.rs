@@ -103,6 +103,9 @@ struct EmbeddingBody<'a> {
 
 #[derive(Deserialize)]
 struct EmbeddingItem<'a> {
+    /// Which input of the request this is; one request carries one input, so 0 (a lone item
+    /// without it is taken as 0).
+    index: Option<u64>,
     /// A JSON array of numbers, or a base64 string: read raw and decoded below.
     #[serde(borrow)]
     embedding: &'a RawValue,
@@ -242,8 +245,18 @@ fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineO
             );
         }
     };
-    let Some(item) = body.data.into_iter().next() else {
-        return fail(id, FailReason::BadOutput, "response without an embedding");
+    // One request carries one input: its embedding is the item with index 0, and a response
+    // with none, or with several, does not say which vector is this chunk's.
+    let mut items = body
+        .data
+        .into_iter()
+        .filter(|item| item.index.unwrap_or(0) == 0);
+    let (Some(item), None) = (items.next(), items.next()) else {
+        return fail(
+            id,
+            FailReason::BadOutput,
+            "response without exactly one embedding of index 0",
+        );
     };
     let raw = item.embedding.get();
     let vector = if let Some(vector) = decoded.filter(|_| raw == MARKER) {
@@ -282,7 +295,41 @@ fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineO
             "non-finite value in the embedding",
         );
     }
+    // No embedding model returns the zero vector (it has no direction): a provider fault.
+    if vector.iter().all(|&v| v == 0.0) {
+        return fail(id, FailReason::BadOutput, "the embedding is all zeros");
+    }
     LineOutcome::Vector { custom_id, vector }
+}
+
+/// Parses one line as read from a file (without its newline). A line that is not valid UTF-8
+/// is `bad_output`, never passed over: its custom_id is still read when the broken bytes are
+/// elsewhere in the line, so that its chunk is retried by name.
+pub fn parse_line_bytes(line: &[u8], dimensions: usize) -> LineOutcome {
+    match std::str::from_utf8(line) {
+        Ok(text) => parse_line(text, dimensions),
+        Err(err) => {
+            // The line is not JSON any more, but its `"custom_id": "…"` may be intact.
+            const KEY: &str = "\"custom_id\"";
+            let lossy = String::from_utf8_lossy(line);
+            let custom_id = lossy
+                .find(KEY)
+                .and_then(|at| lossy.get(at + KEY.len()..))
+                .and_then(|rest| rest.trim_start().strip_prefix(':'))
+                .and_then(|value| {
+                    serde_json::Deserializer::from_str(value)
+                        .into_iter::<String>()
+                        .next()?
+                        .ok()
+                })
+                .filter(|id| !id.contains(char::REPLACEMENT_CHARACTER));
+            fail(
+                custom_id,
+                FailReason::BadOutput,
+                format!("line is not valid UTF-8 ({err})"),
+            )
+        }
+    }
 }
 
 /// A JSON array of numbers (the whole of `raw`), each read into the nearest f32.
@@ -569,7 +616,106 @@ mod tests {
         );
     }
 
+    fn reason_of(outcome: &LineOutcome) -> Option<(Option<&str>, FailReason)> {
+        match outcome {
+            LineOutcome::Failed {
+                custom_id, reason, ..
+            } => Some((custom_id.as_deref(), *reason)),
+            LineOutcome::Vector { .. } => None,
+        }
+    }
+
+    fn items_line(items: &str) -> String {
+        format!(
+            r#"{{"custom_id":"a","response":{{"status_code":200,"body":{{"object":"list","data":[{items}]}}}},"error":null}}"#
+        )
+    }
+
+    #[test]
+    fn of_several_items_the_one_of_index_0_is_taken() {
+        let vector = |v: &[f32]| LineOutcome::Vector {
+            custom_id: "a".to_owned(),
+            vector: v.to_vec(),
+        };
+        // Index 0 second: the fast path decoded the first item, which is not the one.
+        let line =
+            items_line(r#"{"index":1,"embedding":[9,9]},{"index":0,"embedding":[0.5,0.25]}"#);
+        assert_eq!(parse_line(&line, 2), vector(&[0.5, 0.25]));
+        let line =
+            items_line(r#"{"index":0,"embedding":[0.5,0.25]},{"index":1,"embedding":[9,9]}"#);
+        assert_eq!(parse_line(&line, 2), vector(&[0.5, 0.25]));
+        // A lone item without an index is the request's one input.
+        assert_eq!(
+            parse_line(&items_line(r#"{"embedding":[1,2]}"#), 2),
+            vector(&[1.0, 2.0])
+        );
+        for bad in [
+            r#"{"index":1,"embedding":[1,2]}"#,
+            r#"{"index":1,"embedding":[1,2]},{"index":2,"embedding":[1,2]}"#,
+            r#"{"index":0,"embedding":[1,2]},{"index":0,"embedding":[3,4]}"#,
+            r#"{"embedding":[1,2]},{"embedding":[3,4]}"#,
+            "",
+        ] {
+            let out = parse_line(&items_line(bad), 2);
+            assert_eq!(
+                reason_of(&out),
+                Some((Some("a"), FailReason::BadOutput)),
+                "{bad}: {out:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_all_zero_vector_is_bad_output() {
+        for zeros in ["[0,0,0]", "[0.0,-0.0,0e5]"] {
+            let out = parse_line(&ok_line("a", zeros), 3);
+            assert_eq!(
+                reason_of(&out),
+                Some((Some("a"), FailReason::BadOutput)),
+                "{out:?}"
+            );
+        }
+        let zeros = base64::engine::general_purpose::STANDARD.encode([0u8; 12]);
+        let out = parse_line(&ok_line("a", &format!("\"{zeros}\"")), 3);
+        assert_eq!(reason_of(&out), Some((Some("a"), FailReason::BadOutput)));
+        assert!(matches!(
+            parse_line(&ok_line("a", "[0,0,1e-30]"), 3),
+            LineOutcome::Vector { .. }
+        ));
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_bad_output_and_keeps_its_id_when_it_can() {
+        let good = ok_line("chunk-7", "[0.5,0.25]");
+        let mut broken = good.clone().into_bytes();
+        // A stray byte inside the vector: the id is intact.
+        let at = good.find("0.25").unwrap();
+        broken.insert(at, 0xff);
+        let out = parse_line_bytes(&broken, 2);
+        assert_eq!(
+            reason_of(&out),
+            Some((Some("chunk-7"), FailReason::BadOutput)),
+            "{out:?}"
+        );
+        // Inside the id: the id cannot be trusted.
+        let mut broken = good.clone().into_bytes();
+        broken.insert(good.find("chunk-7").unwrap() + 3, 0xc3);
+        let out = parse_line_bytes(&broken, 2);
+        assert_eq!(
+            reason_of(&out),
+            Some((None, FailReason::BadOutput)),
+            "{out:?}"
+        );
+        assert_eq!(parse_line_bytes(good.as_bytes(), 2), parse_line(&good, 2));
+    }
+
     proptest! {
+        /// Bytes of any kind never panic the byte-level parser.
+        #[test]
+        fn never_panics_on_bytes(line in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = parse_line_bytes(&line, 3);
+        }
+
         /// The fast number parser agrees with std's (correctly rounded) parser bit for bit, on
         /// the shortest forms providers print and on longer and exponent forms.
         #[test]

@@ -684,6 +684,14 @@ impl BatchFiles {
             file.sync_all()?;
         }
         store::sync_dir(&open.dir)?;
+        // The evidence of what was written, read back from disk (DESIGN.md §9).
+        let files = store::BatchFiles {
+            input: store::FileDigest::of_file(&open.dir.join(INPUT_FILE), 0)?,
+            chunks: store::FileDigest::of_file(
+                &open.dir.join(CHUNKS_FILE),
+                store::FileDigest::CHUNKS_HEADER_LINES,
+            )?,
+        };
         self.written.batches.push(BatchRecord {
             name: open.name,
             attempt: self.numbering.attempt,
@@ -691,6 +699,7 @@ impl BatchFiles {
             requests: u64::from(tally.requests),
             bytes: tally.bytes,
             tokens: tally.tokens,
+            files: Some(files),
             state: BatchState::Planned(Planned::default()),
         });
         Ok(())

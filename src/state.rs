@@ -146,6 +146,10 @@ pub struct Downloaded {
     /// Where an interrupted ingest resumes: saved after every committed transaction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<IngestProgress>,
+    /// Set when an ingested batch is ingested again (`ingest --redownload`) after its retry
+    /// batch was planned: the retries are not planned a second time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retries_planned: bool,
 }
 
 /// Which downloaded file an ingest is reading.
@@ -291,7 +295,8 @@ impl StateKind {
             Completed | Expired | Cancelled => &[Downloaded],
             Failed => &[],
             Downloaded => &[Ingested],
-            Ingested => &[],
+            // Beyond the design's table: `ingest --redownload` ingests a batch again.
+            Ingested => &[Downloaded],
         }
     }
 }
@@ -331,6 +336,9 @@ pub enum Event {
     IngestCommitted { progress: IngestProgress },
     /// The results are written to the database.
     ResultsIngested { outcome: IngestOutcome },
+    /// `ingest --redownload`: an ingested batch's files are on disk again (fetched again, or
+    /// the local copy when the provider's is gone), to be ingested again from the start.
+    IngestAgain { has_output: bool, has_errors: bool },
     /// The retry batch for this batch's retryable failures is planned.
     RetriesPlanned,
     /// The remote input, output and error files are deleted.
@@ -572,7 +580,12 @@ impl BatchState {
                     has_output,
                     has_errors,
                 },
-            ) => downloaded(d.terminal, d.done, has_output, has_errors),
+            ) => BatchState::Downloaded(Downloaded {
+                progress: None,
+                has_output,
+                has_errors,
+                ..d
+            }),
             (S::Downloaded(d), E::IngestCommitted { progress }) => S::Downloaded(Downloaded {
                 progress: Some(progress),
                 ..d
@@ -584,7 +597,26 @@ impl BatchState {
                 remote_files_deleted: false,
                 anomalies: outcome.anomalies,
                 to_retry: outcome.to_retry,
-                retries_planned: outcome.to_retry == 0,
+                retries_planned: d.retries_planned || outcome.to_retry == 0,
+            }),
+            (
+                S::Ingested(Ingested {
+                    terminal,
+                    done: Some(done),
+                    retries_planned,
+                    ..
+                }),
+                E::IngestAgain {
+                    has_output,
+                    has_errors,
+                },
+            ) => BatchState::Downloaded(Downloaded {
+                terminal,
+                done,
+                has_output,
+                has_errors,
+                progress: None,
+                retries_planned,
             }),
             (S::Ingested(i), E::RetriesPlanned) => S::Ingested(Ingested {
                 retries_planned: true,
@@ -680,6 +712,7 @@ fn downloaded(
         has_output,
         has_errors,
         progress: None,
+        retries_planned: false,
     })
 }
 
@@ -763,6 +796,10 @@ mod tests {
             }),
             Just(Event::RetriesPlanned),
             Just(Event::RemoteFilesDeleted),
+            (any::<bool>(), any::<bool>()).prop_map(|(o, e)| Event::IngestAgain {
+                has_output: o,
+                has_errors: e
+            }),
             Just(Event::IngestCommitted {
                 progress: IngestProgress {
                     file: IngestFile::Output,
@@ -785,6 +822,8 @@ mod tests {
             let mut state = BatchState::Planned(Planned::default());
             for event in events {
                 let before = state.clone();
+                // Only the user's explicit `ingest --redownload` moves a done batch.
+                let again = matches!(event, Event::IngestAgain { .. });
                 match state.apply(event) {
                     Ok(next) => {
                         // A (batch, submission) is created at most once: the count never
@@ -798,7 +837,7 @@ mod tests {
                             "{} -> {} is not in the design's graph", from.as_str(), to.as_str()
                         );
                         prop_assert!(
-                            !before.is_done() || from == to,
+                            !before.is_done() || from == to || again,
                             "a done batch moved to another state"
                         );
                         state = next;
@@ -866,6 +905,7 @@ mod tests {
                 has_output: true,
                 has_errors: false,
                 progress: None,
+                retries_planned: false,
             }),
             BatchState::Ingested(Ingested {
                 terminal: Terminal::Completed,
@@ -969,6 +1009,51 @@ mod tests {
         match uploaded {
             BatchState::Uploaded(up) => assert_eq!(up.submission, 2),
             other => panic!("expected uploaded, got {other:?}"),
+        }
+    }
+
+    /// `ingest --redownload` of an ingested batch ingests it again, and a retry batch
+    /// already planned for it is not planned a second time.
+    #[test]
+    fn an_ingested_batch_ingested_again_keeps_its_retries_planned() {
+        let done = RemoteDone {
+            input_file_id: "file-in".to_owned(),
+            batch_id: "batch_1".to_owned(),
+            submission: 1,
+            remote: snapshot("completed", vec![]),
+        };
+        let ingested = |to_retry| IngestOutcome {
+            to_retry,
+            ..IngestOutcome::default()
+        };
+        let state = BatchState::Completed(done)
+            .apply(Event::FilesDownloaded {
+                has_output: true,
+                has_errors: false,
+            })
+            .and_then(|s| {
+                s.apply(Event::ResultsIngested {
+                    outcome: ingested(2),
+                })
+            })
+            .and_then(|s| s.apply(Event::RetriesPlanned))
+            .unwrap();
+        assert!(state.is_done());
+        let again = state
+            .apply(Event::IngestAgain {
+                has_output: true,
+                has_errors: false,
+            })
+            .unwrap();
+        assert_eq!(again.kind(), StateKind::Downloaded);
+        let done_again = again
+            .apply(Event::ResultsIngested {
+                outcome: ingested(2),
+            })
+            .unwrap();
+        match done_again {
+            BatchState::Ingested(i) => assert!(i.retries_planned, "retries planned twice"),
+            other => panic!("expected ingested, got {other:?}"),
         }
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
 use serde::Serialize;
 
-use crate::state::{BatchState, RequestCounts, StateKind};
+use crate::state::{BatchState, LineAnomalies, RequestCounts, StateKind};
 use crate::store::{BatchRecord, RunFile};
 
 #[derive(Debug, Clone, Serialize)]
@@ -50,11 +50,13 @@ pub struct BatchJson {
     pub already_present: u64,
     pub stale: u64,
     pub failed: u64,
+    /// Output lines not taken as they were (unknown or repeated custom_id, unparseable).
+    pub line_anomalies: LineAnomalies,
 }
 
 fn batch_json(batch: &BatchRecord) -> BatchJson {
-    let counts = match &batch.state {
-        BatchState::Ingested(done) => done.counts,
+    let (counts, line_anomalies) = match &batch.state {
+        BatchState::Ingested(done) => (done.counts, done.anomalies),
         _ => Default::default(),
     };
     let remote = batch.state.remote();
@@ -74,6 +76,7 @@ fn batch_json(batch: &BatchRecord) -> BatchJson {
         already_present: counts.already_present,
         stale: counts.stale,
         failed: counts.failed,
+        line_anomalies,
     }
 }
 
@@ -199,8 +202,21 @@ pub fn render_table(status: &StatusJson, colour: bool) -> String {
     } else {
         "not finished"
     };
+    let anomalies: Vec<String> = status
+        .batches
+        .iter()
+        .filter_map(|b| {
+            let a = b.line_anomalies;
+            (a.unknown_custom_id + a.repeated_custom_id + a.unparseable > 0).then(|| {
+                format!(
+                    "\n{}: output lines {} with a custom_id not in the batch, {} repeated, {} unparseable",
+                    b.name, a.unknown_custom_id, a.repeated_custom_id, a.unparseable
+                )
+            })
+        })
+        .collect();
     format!(
-        "run {} (family {}, {}, {} dims): {state}\n{table}\nchunks {}  skipped {}  ingested {}  failed {}  pending {}",
+        "run {} (family {}, {}, {} dims): {state}\n{table}\nchunks {}  skipped {}  ingested {}  failed {}  pending {}{}",
         status.run_id,
         status.family_id,
         status.model,
@@ -209,7 +225,8 @@ pub fn render_table(status: &StatusJson, colour: bool) -> String {
         t.skipped,
         t.ingested,
         t.failed,
-        t.pending
+        t.pending,
+        anomalies.concat()
     )
 }
 

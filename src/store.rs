@@ -92,8 +92,67 @@ pub struct BatchRecord {
     pub requests: u64,
     pub bytes: u64,
     pub tokens: u64,
+    /// What `plan` wrote for this batch (DESIGN.md §9); absent in runs planned before
+    /// embatch recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<BatchFiles>,
     #[serde(flatten)]
     pub state: BatchState,
+}
+
+/// The evidence files of a batch as `plan` wrote them: checked before upload and before
+/// ingest, so that a damaged file is found before it costs money or drops a paid vector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchFiles {
+    /// `input.jsonl`: one request line per row.
+    pub input: FileDigest,
+    /// `chunks.tsv`: its rows are the records after the header line.
+    pub chunks: FileDigest,
+}
+
+/// The row count and sha256 (lowercase hex) of a file, computed by [`FileDigest::of_file`]
+/// only: at plan time, for retry batches, and by every check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// Lines of the file (a last line without its newline counts too), less its header lines.
+    pub rows: u64,
+    pub sha256: String,
+}
+
+impl FileDigest {
+    /// Header lines of `chunks.tsv` (`id sha256 tokens`); `input.jsonl` has none.
+    pub const CHUNKS_HEADER_LINES: u64 = 1;
+
+    /// Streams `path` once: its sha256 and its lines less `header_lines`. Never holds the
+    /// file in memory.
+    pub fn of_file(path: &Path, header_lines: u64) -> std::io::Result<FileDigest> {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut file = fs_err::File::open(path)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 256 * 1024];
+        let mut lines = 0u64;
+        let mut last = None;
+        loop {
+            let n = match file.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(err),
+            };
+            let chunk = &buffer[..n];
+            hasher.update(chunk);
+            lines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+            last = chunk.last().copied();
+        }
+        if last.is_some_and(|b| b != b'\n') {
+            lines += 1;
+        }
+        Ok(FileDigest {
+            rows: lines.saturating_sub(header_lines),
+            sha256: hex::encode(hasher.finalize()),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

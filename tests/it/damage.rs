@@ -342,3 +342,245 @@ async fn a_lost_chunk_list_of_an_unfinished_run_blocks_a_new_plan_with_the_way_o
     let forced = env.plan(family, &["--force"]).run_dir();
     assert_eq!(store::load(&forced).unwrap().plan.chunks, 4);
 }
+
+// ------------------------------------------------------------------------------------------
+// The evidence files (issue 14, item 3): `chunks.tsv` and `input.jsonl` checked against the
+// digests `plan` recorded in run.json.
+
+/// Every vector of the family written exactly, by one batch creation, and the run finished.
+async fn assert_finished_with_every_vector(
+    env: &TestEnv,
+    family: uuid::Uuid,
+    run_dir: &std::path::Path,
+    n: usize,
+) {
+    advance_until_finished(env, run_dir, 5).await;
+    assert_eq!(count_embedded_exactly(env, family, 1536).await, n);
+    assert_eq!(env.emu().counters().batch_creations, 1, "paid twice");
+    let status = env
+        .exec(&["status", "--run-dir", run_dir.to_str().unwrap(), "--json"])
+        .await;
+    let status: Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["totals"]["ingested"], n, "{status}");
+    assert_eq!(status["totals"]["failed"], 0, "{status}");
+}
+
+#[tokio::test]
+async fn plan_records_the_digests_of_its_evidence_files() {
+    let env = TestEnv::new().await;
+    let (family, _) = family_of(&env, 1, 5).await;
+    let run_dir = env
+        .plan(family, &["--max-requests-per-batch", "3"])
+        .run_dir();
+    let run = store::load(&run_dir).unwrap();
+    assert_eq!(run.batches.len(), 2);
+    for batch in &run.batches {
+        let files = batch.files.as_ref().expect("plan records the digests");
+        let dir = run_dir.join("batches").join(&batch.name);
+        assert_eq!(files.input.rows, batch.requests);
+        assert_eq!(files.chunks.rows, batch.requests);
+        assert_eq!(
+            files.input,
+            store::FileDigest::of_file(&dir.join("input.jsonl"), 0).unwrap()
+        );
+        assert_eq!(
+            files.chunks.sha256,
+            sha256_hex(&bytes_of(dir.join("chunks.tsv")).unwrap())
+        );
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[tokio::test]
+async fn a_truncated_chunk_list_is_rebuilt_from_its_intact_input() {
+    let (env, family, run_dir) = downloaded_run(8).await;
+    let chunks = run_dir.join("batches/batch_001/chunks.tsv");
+    let planned = bytes_of(&chunks).unwrap();
+    // Cut after the third record: the five other paid vectors would have had no chunk.
+    let cut = planned
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(3)
+        .map(|(i, _)| i + 1)
+        .unwrap();
+    fs_err::write(&chunks, &planned[..cut]).unwrap();
+
+    let run = env
+        .exec(&["advance", "--run-dir", run_dir.to_str().unwrap()])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(
+        run.stderr.contains(&format!(
+            "warning: {} differs from the file planned",
+            chunks.display()
+        )) && run.stderr.contains("rebuilt it from"),
+        "{run:#?}"
+    );
+    assert_eq!(bytes_of(&chunks).unwrap(), planned, "rebuilt byte for byte");
+    assert_finished_with_every_vector(&env, family, &run_dir, 8).await;
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_list_beside_a_damaged_input_stops_ingest_and_keeps_the_output() {
+    let (env, family, run_dir) = downloaded_run(8).await;
+    let dir = run_dir.to_str().unwrap();
+    let batch = run_dir.join("batches/batch_001");
+    let (chunks, input, output) = (
+        batch.join("chunks.tsv"),
+        batch.join("input.jsonl"),
+        batch.join("output.jsonl"),
+    );
+    let planned_chunks = bytes_of(&chunks).unwrap();
+    let planned_input = bytes_of(&input).unwrap();
+    let downloaded = bytes_of(&output).unwrap();
+    // Garbled in place (same length): an id no longer matches its line.
+    let mut garbled = planned_chunks.clone();
+    let at = garbled.len() / 2;
+    garbled[at] ^= 0x01;
+    fs_err::write(&chunks, &garbled).unwrap();
+    fs_err::write(&input, &planned_input[..planned_input.len() - 10]).unwrap();
+
+    for args in [
+        vec!["advance", "--run-dir", dir],
+        vec!["ingest", "--run-dir", dir],
+    ] {
+        let run = env.exec(&args).await;
+        assert_one_line_error(
+            &run,
+            &[
+                &chunks.display().to_string(),
+                &input.display().to_string(),
+                "restore",
+                &format!("{} is kept", output.display()),
+            ],
+            &args.join(" "),
+        );
+        assert_eq!(bytes_of(&output).as_deref(), Some(downloaded.as_slice()));
+        assert_eq!(
+            bytes_of(&chunks).as_deref(),
+            Some(garbled.as_slice()),
+            "left as found"
+        );
+        assert_eq!(
+            store::load(&run_dir).unwrap().batches[0].state.kind(),
+            StateKind::Downloaded
+        );
+    }
+    assert_eq!(count_embedded_exactly(&env, family, 1536).await, 0);
+
+    // The way out: restore the file, run again.
+    fs_err::write(&chunks, &planned_chunks).unwrap();
+    assert_finished_with_every_vector(&env, family, &run_dir, 8).await;
+}
+
+/// A run planned before the digests were recorded: a short `chunks.tsv` is refused (it was
+/// silently taken before), and cannot be rebuilt.
+#[tokio::test]
+async fn a_short_chunk_list_of_a_run_without_digests_is_refused() {
+    let (env, family, run_dir) = downloaded_run(6).await;
+    let dir = run_dir.to_str().unwrap();
+    let run_json = run_dir.join("run.json");
+    let mut value: Value = serde_json::from_str(&read(&run_json)).unwrap();
+    value["batches"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("files")
+        .expect("the digests were recorded");
+    fs_err::write(&run_json, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    let chunks = run_dir.join("batches/batch_001/chunks.tsv");
+    let planned = read(&chunks);
+    let short: String = planned.lines().take(4).map(|l| format!("{l}\n")).collect();
+    fs_err::write(&chunks, short).unwrap();
+
+    let run = env.exec(&["ingest", "--run-dir", dir]).await;
+    assert_one_line_error(
+        &run,
+        &[
+            &chunks.display().to_string(),
+            "lists 3 chunks; the batch has 6 requests",
+            "planned before embatch recorded digests",
+        ],
+        "ingest",
+    );
+    fs_err::write(&chunks, planned).unwrap();
+    assert_finished_with_every_vector(&env, family, &run_dir, 6).await;
+}
+
+#[tokio::test]
+async fn an_input_file_changed_after_plan_is_never_uploaded() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, _) = family_of(&env, 1, 4).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    let dir = run_dir.to_str().unwrap();
+    let input = run_dir.join("batches/batch_001/input.jsonl");
+    let planned = read(&input);
+    // Same rows, same size: one input text edited by hand.
+    let edited = planned.replacen("grease bearing", "grease BEARING", 1);
+    assert_ne!(edited, planned);
+    fs_err::write(&input, &edited).unwrap();
+
+    for _ in 0..2 {
+        let run = env.exec(&["advance", "--run-dir", dir]).await;
+        assert_one_line_error(
+            &run,
+            &[
+                &input.display().to_string(),
+                "differs from the file planned",
+                "was not uploaded",
+                &format!("embatch cancel --run-dir {dir}"),
+            ],
+            "advance",
+        );
+        let counters = env.emu().counters();
+        assert_eq!((counters.uploads, counters.batch_creations), (0, 0));
+        assert_eq!(
+            store::load(&run_dir).unwrap().batches[0].state.kind(),
+            StateKind::Planned
+        );
+    }
+    // A damaged chunks.tsv beside the restored input is rebuilt before the upload.
+    fs_err::write(&input, &planned).unwrap();
+    let chunks = run_dir.join("batches/batch_001/chunks.tsv");
+    fs_err::write(&chunks, "id\tsha256\ttokens\n").unwrap();
+    let run = env.exec(&["advance", "--run-dir", dir]).await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(run.stderr.contains("rebuilt it from"), "{run:#?}");
+    assert_finished_with_every_vector(&env, family, &run_dir, 4).await;
+}
+
+/// With `--on-too-long truncate`, chunks.tsv holds the hash of a truncated chunk's whole
+/// content, which input.jsonl does not hold: the rebuild is refused, never guessed.
+#[tokio::test]
+async fn a_chunk_list_with_truncated_inputs_is_not_rebuilt() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let family = env.add_family(1).await;
+    let long = "pump seal bearing valve ".repeat(3000);
+    env.add_chunks(family, &["a short chunk", &long]).await;
+    let run_dir = env.plan(family, &["--on-too-long", "truncate"]).run_dir();
+    let dir = run_dir.to_str().unwrap();
+    assert_eq!(store::load(&run_dir).unwrap().plan.truncated, 1);
+    let chunks = run_dir.join("batches/batch_001/chunks.tsv");
+    fs_err::write(&chunks, "id\tsha256\ttokens\n").unwrap();
+    let run = env.exec(&["advance", "--run-dir", dir]).await;
+    assert_one_line_error(
+        &run,
+        &[
+            &chunks.display().to_string(),
+            "does not give back the file planned",
+            "truncates inputs",
+        ],
+        "advance",
+    );
+    assert_eq!(env.emu().counters().uploads, 0);
+}

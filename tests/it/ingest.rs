@@ -490,3 +490,238 @@ async fn a_chunk_emptied_after_plan_is_given_up_and_counted_failed() {
     assert_eq!(view["totals"]["failed"], 1, "{view}");
     assert_eq!(view["totals"]["pending"], 0, "{view}");
 }
+
+/// A run of `n` chunks whose only batch is downloaded, not ingested (the database was away).
+async fn downloaded(env: &TestEnv, n: usize) -> (Uuid, Vec<Uuid>, std::path::PathBuf) {
+    let (family, ids) = family_with_chunks(env, 1, n).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    let away = env
+        .exec_env(
+            &["advance", "--run-dir", run_dir.to_str().unwrap()],
+            &[("DATABASE_URL", "host=/nonexistent dbname=x")],
+        )
+        .await;
+    assert_eq!(away.code, 1, "{away:#?}");
+    assert_eq!(
+        load(&run_dir).batches[0].state.kind(),
+        StateKind::Downloaded
+    );
+    (family, ids, run_dir)
+}
+
+/// The output lines of a downloaded batch, by custom_id.
+fn output_lines(run_dir: &Path) -> std::collections::BTreeMap<String, serde_json::Value> {
+    read(run_dir.join("batches/batch_001/output.jsonl"))
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["custom_id"].as_str().unwrap().to_owned(), v)
+        })
+        .collect()
+}
+
+/// Issue 14, item 8: every output line is accounted for. A line that is not UTF-8, an
+/// all-zero vector and a response with two vectors of index 0 are `bad_output` and retried,
+/// never skipped or written; of several items the one of index 0 is taken.
+#[tokio::test]
+async fn odd_output_lines_are_bad_output_and_retried_never_skipped_or_written() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, ids, run_dir) = downloaded(&env, 6).await;
+    let lines = output_lines(&run_dir);
+    let line = |i: usize| lines[&ids[i].to_string()].clone();
+    let embedding = |v: &serde_json::Value| v["response"]["body"]["data"][0].clone();
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    // ids[0]: a stray byte inside the vector; its custom_id is still readable.
+    let text = line(0).to_string();
+    let at = text.find("\"embedding\":[").unwrap() + "\"embedding\":[".len();
+    let mut bytes = text.into_bytes();
+    bytes.insert(at, 0xff);
+    out.push(bytes);
+    // ids[1]: a broken byte inside the custom_id: unparseable, its chunk has no line.
+    let text = line(1).to_string();
+    let at = text.find(&ids[1].to_string()).unwrap() + 4;
+    let mut bytes = text.into_bytes();
+    bytes.insert(at, 0xc3);
+    out.push(bytes);
+    // ids[2]: the zero vector.
+    let mut zero = line(2);
+    zero["response"]["body"]["data"][0]["embedding"] = serde_json::json!(vec![0.0f32; 1536]);
+    out.push(zero.to_string().into_bytes());
+    // ids[3]: two items, the one of index 0 second: it is taken.
+    let mut two = line(3);
+    let mut decoy = embedding(&two);
+    decoy["index"] = serde_json::json!(1);
+    decoy["embedding"] = serde_json::json!(vec![0.5f32; 1536]);
+    two["response"]["body"]["data"] = serde_json::json!([decoy, embedding(&line(3))]);
+    out.push(two.to_string().into_bytes());
+    // ids[4]: two items of index 0: which one is this chunk's is unknown.
+    let mut twice = line(4);
+    let mut other = embedding(&twice);
+    other["embedding"] = serde_json::json!(vec![0.5f32; 1536]);
+    twice["response"]["body"]["data"] = serde_json::json!([other, embedding(&line(4))]);
+    out.push(twice.to_string().into_bytes());
+    // ids[5]: good.
+    out.push(line(5).to_string().into_bytes());
+    let mut file = out.join(&b'\n');
+    file.push(b'\n');
+    fs_err::write(run_dir.join("batches/batch_001/output.jsonl"), file).unwrap();
+
+    let run = env
+        .exec(&["ingest", "--run-dir", run_dir.to_str().unwrap()])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(run.stderr.contains("1 unparseable lines"), "{run:#?}");
+    assert!(run.stderr.contains("output.jsonl"), "{run:#?}");
+    let failed = read(run_dir.join("batches/batch_001/failed_chunk_ids.tsv"));
+    for i in [0, 1, 2, 4] {
+        assert!(
+            failed.contains(&format!("{}\tbad_output\ttrue", ids[i])),
+            "ids[{i}] not reported as bad_output: {failed}"
+        );
+    }
+    assert_eq!(failed.lines().count(), 5, "{failed}");
+    let written: Vec<Uuid> = env
+        .client
+        .query(
+            "SELECT id FROM knowledge_chunks WHERE embedding IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        written,
+        [ids[3], ids[5]],
+        "only the good vectors are written"
+    );
+    let status = env
+        .exec(&["status", "--run-dir", run_dir.to_str().unwrap(), "--json"])
+        .await;
+    let view: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(
+        view["batches"][0]["line_anomalies"]["unparseable"], 1,
+        "{view}"
+    );
+    assert_eq!(view["totals"]["pending"], 4, "{view}");
+
+    // The four are retried, and every chunk ends with exactly its vector.
+    advance_until_finished(&env, &run_dir, 5).await;
+    assert_eq!(assert_embedded_exactly(&env, family, 1536).await, 6);
+    let run = load(&run_dir);
+    assert_eq!(run.batches[1].requests, 4);
+    // The retry batch's evidence files are recorded like a planned batch's.
+    let files = run.batches[1]
+        .files
+        .as_ref()
+        .expect("retry digests recorded");
+    let retry_dir = run_dir.join("batches/batch_002");
+    assert_eq!(
+        files.input,
+        store::FileDigest::of_file(&retry_dir.join("input.jsonl"), 0).unwrap()
+    );
+    assert_eq!(
+        files.chunks,
+        store::FileDigest::of_file(&retry_dir.join("chunks.tsv"), 1).unwrap()
+    );
+    assert_eq!(files.chunks.rows, 4);
+}
+
+/// Issue 14, item 9: `ingest --redownload --overwrite` of an ingested run writes its vectors
+/// again — from the provider's copy, or from the local one when the provider's is gone — or
+/// says why it cannot; never "done" with nothing written.
+#[tokio::test]
+async fn ingest_redownload_overwrite_writes_an_ingested_run_again() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, ids) = family_with_chunks(&env, 1, 5).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    let dir = run_dir.to_str().unwrap();
+    let keep = advance(&env, &run_dir, &["--keep-remote-files"]).await;
+    assert_eq!(keep.code, 0, "{keep:#?}");
+    let marker = pgvector::Vector::from(vec![0.25f32; 1536]);
+    let spoil = || async {
+        env.client
+            .execute("UPDATE knowledge_chunks SET embedding = $1", &[&marker])
+            .await
+            .unwrap();
+    };
+
+    // The provider still has the output: fetched again and written over the spoiled vectors.
+    spoil().await;
+    let downloads = env.emu().counters().downloads;
+    let run = env
+        .exec(&["ingest", "--run-dir", dir, "--redownload", "--overwrite"])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(run.stderr.contains("5 written"), "{run:#?}");
+    assert!(env.emu().counters().downloads > downloads);
+    assert_eq!(assert_embedded_exactly(&env, family, 1536).await, 5);
+    let embatch::state::BatchState::Ingested(i) = &load(&run_dir).batches[0].state else {
+        panic!()
+    };
+    assert_eq!(i.counts.ingested, 5);
+    assert!(
+        i.remote_files_deleted,
+        "this ingest cleaned up the remote files"
+    );
+
+    // The provider's copy is gone now: the local copy is used, and the run says so.
+    spoil().await;
+    let run = env
+        .exec(&["ingest", "--run-dir", dir, "--redownload", "--overwrite"])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(run.stderr.contains("ingesting the local copy"), "{run:#?}");
+    assert_eq!(assert_embedded_exactly(&env, family, 1536).await, 5);
+
+    // Without --overwrite, a missing vector is written and another one present is kept
+    // (a chunk already holding its own vector counts as written).
+    env.client
+        .execute(
+            "UPDATE knowledge_chunks SET embedding = NULL WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    env.client
+        .execute(
+            "UPDATE knowledge_chunks SET embedding = $1 WHERE id = $2",
+            &[&marker, &ids[1]],
+        )
+        .await
+        .unwrap();
+    let run = env
+        .exec(&["ingest", "--run-dir", dir, "--redownload"])
+        .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert!(
+        run.stderr.contains("4 written, 1 already present"),
+        "{run:#?}"
+    );
+    assert_eq!(env.embedding_of(ids[1]).await, Some(marker.to_vec()));
+    assert!(env.embedding_of(ids[0]).await.is_some());
+
+    // Gone everywhere: refused with the reason, and the run is left as it was.
+    let output = run_dir.join("batches/batch_001/output.jsonl");
+    fs_err::remove_file(&output).unwrap();
+    let before = read(run_dir.join("run.json"));
+    let run = env
+        .exec(&["ingest", "--run-dir", dir, "--redownload", "--overwrite"])
+        .await;
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(
+        run.stderr.contains("cannot be ingested again") && run.stderr.contains("output.jsonl"),
+        "{run:#?}"
+    );
+    assert_eq!(read(run_dir.join("run.json")), before);
+    // Nothing was planned twice, nothing paid twice.
+    assert_eq!(load(&run_dir).batches.len(), 1);
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}
