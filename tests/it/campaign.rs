@@ -16,10 +16,10 @@
 //!   at that moment) is the emulator's vector of that content, for a chunk of the family:
 //!   anything else is *wrongly written*;
 //! - per planned batch, at most one remote batch per submission and at most one that the queue
-//!   limits did not refuse; no chunk sent more often than its retryable failures justify, and no
-//!   chunk planned by a run while another run of the family (any spelling of its id) that was
-//!   unfinished when it was planned holds it: anything else is *double-submitted* (or
-//!   *double-planned*);
+//!   limits did not refuse, and no chunk planned by a run while another run of the family (any
+//!   spelling of its id) that was unfinished when it was planned holds it: anything else is
+//!   *double-submitted*; no chunk sent by one run more often than its retryable failures
+//!   justify: else *double-planned*;
 //! - after a `cancel`, the run creates no remote batch and plans no retry; `ingest` uploads
 //!   and creates nothing;
 //! - a damaged `chunks.tsv` never drops paid vectors silently: either they reach the database,
@@ -623,7 +623,9 @@ struct Violations {
     /// A chunk of the run with no vector for its content, and not reported.
     lost: u64,
     /// A (batch, submission) created twice, or a second remote batch for one planned batch
-    /// that the queue limits did not refuse, or a remote batch of no planned batch.
+    /// that the queue limits did not refuse, or a remote batch of no planned batch, or a
+    /// chunk held by two runs of the family at once (planned by one while the other, unfinished,
+    /// held it: both pay for it).
     double_submitted: u64,
     /// A chunk sent more often than its retryable failures justify.
     double_planned: u64,
@@ -2156,13 +2158,17 @@ impl<'a> Sequence<'a> {
         // No run holds a chunk that a rival (unfinished when it was planned) holds.
         for (idx, info) in self.runs.iter().enumerate() {
             for &rival in &info.rivals {
+                // Two runs planned at once are each other's rival: count the pair once.
+                if rival > idx && self.runs[rival].rivals.contains(&idx) {
+                    continue;
+                }
                 let both: Vec<&String> = held[idx].intersection(&held[rival]).collect();
                 if both.is_empty() {
                     continue;
                 }
-                self.stats.violations.double_planned += both.len() as u64;
+                self.stats.violations.double_submitted += both.len() as u64;
                 self.notes.push(format!(
-                    "run {} (family folder {}) planned {} chunks that run {} (family folder {}), unfinished when it was planned, holds: {:?}",
+                    "double-submitted: run {} (family folder {}) planned {} chunks that run {} (family folder {}), unfinished when it was planned, holds: {:?}",
                     info.run_id,
                     family_folder(&info.dir),
                     both.len(),
