@@ -59,10 +59,10 @@ use uuid::Uuid;
 
 use crate::harness::TestEnv;
 
-/// The CI default: a fixed seed, and enough sequences to stay within about three minutes on
-/// a two-core machine.
+/// The CI default: a fixed seed, and enough sequences to stay within about three to four
+/// minutes on a two-core machine (36 sequences: about 200 s on a busy one).
 const DEFAULT_SEED: u64 = 20_261_124;
-const DEFAULT_CASES: u32 = 48;
+const DEFAULT_CASES: u32 = 36;
 const SEED_ENV: &str = "EMBATCH_CAMPAIGN_SEED";
 const CASES_ENV: &str = "EMBATCH_CAMPAIGN_CASES";
 /// Set to print every sequence and what each action's commands exited with.
@@ -92,6 +92,19 @@ const TWO_SPELLINGS_ENABLED: bool = false;
 /// evidence files of DESIGN.md §9 (checked before ingest, rebuilt from `input.jsonl`) are
 /// merged.
 const DAMAGED_CHUNKS_ENABLED: bool = false;
+/// A product bug the campaign found (issue 14): `cancel` moves a `planned` batch whose upload
+/// happened but was never recorded (a kill or a lost answer right after the upload) to
+/// `cancelled` without adopting or deleting that file, so the chunks' text stays on the
+/// provider until the file expires. Off, such a file (named `embatch-<run>-<batch>.jsonl`
+/// after a batch cancelled before its file id was known) is counted, not a violation; switch
+/// on once `cancel` adopts and deletes it.
+const CANCELLED_UPLOADS_CHECKED: bool = false;
+/// A product bug the campaign found (issue 14): `cancel` of a run with a batch that finished
+/// remotely since the last poll fails (exit 1, "could not cancel batch …: Cannot cancel a
+/// batch with status 'completed'") instead of recording the finished batch and going on. Off,
+/// that exit of `cancel` is counted as explained (the final phase runs `cancel` again);
+/// switch on once `cancel` takes a refusal for a finished batch as its answer.
+const CANCEL_OF_FINISHED_BATCH_CHECKED: bool = false;
 
 // ------------------------------------------------------------------------------- the model
 
@@ -730,6 +743,8 @@ struct Stats {
     deleted_after_write: u64,
     /// Termination rounds that hit a connection inside an ingest statement.
     mid_ingest_terminations: u64,
+    /// Files left by `cancel` (see [`CANCELLED_UPLOADS_CHECKED`]).
+    orphaned_by_cancel: u64,
     exit_codes: BTreeMap<String, u64>,
     embedded: u64,
     reported: u64,
@@ -780,6 +795,7 @@ impl Stats {
         self.deleted_reported += s.deleted_reported;
         self.deleted_after_write += s.deleted_after_write;
         self.mid_ingest_terminations += s.mid_ingest_terminations;
+        self.orphaned_by_cancel += s.orphaned_by_cancel;
         for (k, n) in &s.exit_codes {
             *self.exit_codes.entry(k.clone()).or_default() += n;
         }
@@ -866,9 +882,10 @@ impl Stats {
         );
         let _ = writeln!(
             out,
-            "  cancels {} ({} run again at the end), ingests {}, chunks.tsv damaged {} ({} loud failures, {} restored)",
+            "  cancels {} ({} run again at the end, {} uploads left by cancel), ingests {}, chunks.tsv damaged {} ({} loud failures, {} restored)",
             self.cancels,
             self.cancel_reruns,
+            self.orphaned_by_cancel,
             self.ingests,
             self.damaged_files,
             self.damage_loud_failures,
@@ -1404,7 +1421,14 @@ impl<'a> Sequence<'a> {
                 cancel_rerun = true;
                 self.stats.cancel_reruns += 1;
                 let exit = Sequence::finish(self.spawn_on_run("cancel", run)).await;
-                self.judge(&format!("{what} (cancel again)"), &exit, false, Cut::None);
+                let known = !CANCEL_OF_FINISHED_BATCH_CHECKED
+                    && exit.stderr.contains("Cannot cancel a batch with status");
+                self.judge(
+                    &format!("{what} (cancel again)"),
+                    &exit,
+                    false,
+                    if known { Cut::Api } else { Cut::None },
+                );
             }
             let pause = u64::from(self.scenario.stage_ms / 2).clamp(20, 250);
             tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -1667,7 +1691,9 @@ impl<'a> Sequence<'a> {
             Action::Cancel => {
                 let exit = Sequence::finish(self.spawn_on_run("cancel", self.current)).await;
                 let api_faults = self.faults_on.contains(&FaultKind::RateLimit)
-                    || self.faults_on.contains(&FaultKind::ServerError);
+                    || self.faults_on.contains(&FaultKind::ServerError)
+                    || (!CANCEL_OF_FINISHED_BATCH_CHECKED
+                        && exit.stderr.contains("Cannot cancel a batch with status"));
                 self.judge(
                     &what,
                     &exit,
@@ -2074,9 +2100,25 @@ impl<'a> Sequence<'a> {
                 known.insert(id, ingested);
             }
         }
+        // `embatch-<run>-<batch>.jsonl` of batches cancelled before their file id was known.
+        let cancelled_unknown: HashSet<String> = runs
+            .iter()
+            .flat_map(|run| {
+                run.batches
+                    .iter()
+                    .filter(|b| {
+                        matches!(&b.state, BatchState::Cancelled(c) if c.input_file_id.is_none())
+                    })
+                    .map(|b| format!("embatch-{}-{}.jsonl", run.run_id, b.name))
+            })
+            .collect();
         for file in self.env.emu().files() {
             let id = file["id"].as_str().unwrap_or_default();
+            let filename = file["filename"].as_str().unwrap_or_default();
             match known.get(id) {
+                None if !CANCELLED_UPLOADS_CHECKED && cancelled_unknown.contains(filename) => {
+                    self.stats.orphaned_by_cancel += 1;
+                }
                 None => {
                     self.stats.violations.orphan_files += 1;
                     self.notes
