@@ -40,8 +40,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use embatch::pgtemp::ThrowawayPostgres;
 use embatch::state::{BatchState, Downloaded, RemoteDone, RemoteSnapshot, RequestCounts, Terminal};
+use embatch::testkit::pgtemp::ThrowawayPostgres;
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -131,7 +131,7 @@ fn run_child(args: &[&str]) -> anyhow::Result<(Duration, f64)> {
         .args(args)
         .stdout(std::process::Stdio::null())
         .spawn()?;
-    let (exit, peak_kib) = embatch::measure::wait_with_peak_rss(&mut child)?;
+    let (exit, peak_kib) = embatch::testkit::measure::wait_with_peak_rss(&mut child)?;
     let elapsed = started.elapsed();
     if !exit.success() {
         bail!("embatch {} failed: {exit}", args.join(" "));
@@ -523,12 +523,13 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(7);
     let corpus = if args.templates { "templates" } else { "prose" };
-    let vocabulary = embatch::sample::Vocabulary::new(1_000_000);
+    let vocabulary = embatch::testkit::sample::Vocabulary::new(1_000_000);
     let texts: Vec<String> = (0..n)
         .map(|i| {
-            let family = &embatch::sample::FAMILIES[i % embatch::sample::FAMILIES.len()];
+            let family =
+                &embatch::testkit::sample::FAMILIES[i % embatch::testkit::sample::FAMILIES.len()];
             if args.templates {
-                embatch::sample::chunk_text(family, &mut rng)
+                embatch::testkit::sample::chunk_text(family, &mut rng)
             } else {
                 vocabulary.chunk(family, &mut rng)
             }
@@ -710,7 +711,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .await?;
     let mut rng = StdRng::seed_from_u64(8);
     let hnsw_texts: Vec<String> = (0..hnsw_rows)
-        .map(|_| embatch::sample::chunk_text(&embatch::sample::FAMILIES[0], &mut rng))
+        .map(|_| {
+            embatch::testkit::sample::chunk_text(&embatch::testkit::sample::FAMILIES[0], &mut rng)
+        })
         .collect();
     load_family(&client, "hnsw_chunks", HNSW_FAMILY, &hnsw_texts, &mut rng).await?;
     client.batch_execute("VACUUM ANALYZE hnsw_chunks").await?;

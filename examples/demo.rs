@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::Context;
 use embatch::api::{ApiClient, ClientOptions};
 use embatch::emulator::{Emulator, EmulatorConfig};
-use embatch::pgtemp::ThrowawayPostgres;
+use embatch::testkit::pgtemp::ThrowawayPostgres;
 use uuid::Uuid;
 
 const QUESTION: &str = "compressor short cycling and ice on the evaporator";
@@ -35,10 +35,10 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let (url, client) = pg.create_default_database().await?;
 
-    let family_ids: Vec<Uuid> = (0..embatch::sample::FAMILIES.len())
+    let family_ids: Vec<Uuid> = (0..embatch::testkit::sample::FAMILIES.len())
         .map(|i| Uuid::from_u128(0xfa00_0000_0000_0000_0000_0000_0000_0000 + i as u128))
         .collect();
-    for (id, family) in family_ids.iter().zip(embatch::sample::FAMILIES) {
+    for (id, family) in family_ids.iter().zip(embatch::testkit::sample::FAMILIES) {
         client
             .execute(
                 "INSERT INTO equipment_families (id, name) VALUES ($1, $2)",
@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
     }
-    let chunks = embatch::sample::generate(CHUNKS, 7, true);
+    let chunks = embatch::testkit::sample::generate(CHUNKS, 7, true);
     let ids: Vec<Uuid> = (0..chunks.len()).map(|_| Uuid::new_v4()).collect();
     let families: Vec<Uuid> = chunks.iter().map(|c| family_ids[c.family]).collect();
     let contents: Vec<&str> = chunks.iter().map(|c| c.content.as_str()).collect();

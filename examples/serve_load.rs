@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use embatch::emulator::{Emulator, EmulatorConfig, Faults};
-use embatch::pgtemp::ThrowawayPostgres;
+use embatch::testkit::pgtemp::ThrowawayPostgres;
 use uuid::Uuid;
 
 struct Args {
@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
             &[&family],
         )
         .await?;
-    let chunks = embatch::sample::generate(args.requests, 11, false);
+    let chunks = embatch::testkit::sample::generate(args.requests, 11, false);
     let ids: Vec<Uuid> = (0..chunks.len()).map(|_| Uuid::new_v4()).collect();
     let contents: Vec<&str> = chunks.iter().map(|c| c.content.as_str()).collect();
     client

@@ -5,8 +5,8 @@
 //! command (`plan`, `status`, `runs`, `advance`; `embed` and `serve` for the realtime path,
 //! which never touches runs). The pure core — `sharder`, `state`, `models`, `request`,
 //! `tokens`, `tsv` — does no I/O; `store` and `lock` own the run folder's files; `source` and
-//! `db` own the database; `printer` owns the terminal; `pgtemp` starts a throwaway Postgres for
-//! tests, the demo and the benchmark. See `ARCHITECTURE.md` for the invariants.
+//! `db` own the database; `printer` owns the terminal; `testkit` (only with the `testkit` feature, which the
+//! tests, the demo and the benchmark enable) starts a throwaway Postgres and makes sample text. See `ARCHITECTURE.md` for the invariants.
 
 pub mod advance;
 pub mod api;
@@ -20,15 +20,12 @@ pub mod evidence;
 pub mod ingest;
 pub mod interrupt;
 pub mod lock;
-pub mod measure;
 pub mod models;
 pub mod output;
-pub mod pgtemp;
 pub mod plan;
 pub mod printer;
 pub mod request;
 pub mod runs;
-pub mod sample;
 pub mod serve;
 pub mod sharder;
 pub mod sink;
@@ -36,6 +33,8 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod store;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod tokens;
 pub mod tsv;
 

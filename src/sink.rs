@@ -485,7 +485,7 @@ mod tests {
     use tokio_postgres::NoTls;
 
     use super::*;
-    use crate::pgtemp::ThrowawayPostgres;
+    use crate::testkit::pgtemp::ThrowawayPostgres;
 
     async fn fresh_url() -> String {
         let postgres = ThrowawayPostgres::shared().unwrap_or_else(|e| panic!("postgres: {e:#}"));

@@ -500,8 +500,8 @@ mod tests {
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
         let mut texts: Vec<String> = MANUAL_TEXTS.iter().map(|text| (*text).to_owned()).collect();
         texts.extend((0..200).map(|i| {
-            crate::sample::chunk_text(
-                &crate::sample::FAMILIES[i % crate::sample::FAMILIES.len()],
+            crate::testkit::sample::chunk_text(
+                &crate::testkit::sample::FAMILIES[i % crate::testkit::sample::FAMILIES.len()],
                 &mut rng,
             )
         }));

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use embatch::emulator::{Emulator, EmulatorConfig};
-use embatch::pgtemp::ThrowawayPostgres;
+use embatch::testkit::pgtemp::ThrowawayPostgres;
 use tokio_postgres::Client;
 use uuid::Uuid;
 

@@ -726,10 +726,10 @@ async fn plan_memory_stays_flat_on_a_large_family() {
 }
 
 /// Runs `cmd` and returns its exit code and its peak resident memory in KiB
-/// (see [`embatch::measure::wait_with_peak_rss`]).
+/// (see [`embatch::testkit::measure::wait_with_peak_rss`]).
 pub fn run_with_peak_rss(mut cmd: std::process::Command) -> (i32, u64) {
     let mut child = cmd.spawn().expect("start embatch");
     let (exit, peak_kib) =
-        embatch::measure::wait_with_peak_rss(&mut child).expect("wait for embatch");
+        embatch::testkit::measure::wait_with_peak_rss(&mut child).expect("wait for embatch");
     (exit.code().unwrap_or(-1), peak_kib)
 }

@@ -8,8 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use embatch::emulator::{EmulatorConfig, Faults};
-use embatch::pgtemp::ThrowawayPostgres;
 use embatch::store;
+use embatch::testkit::pgtemp::ThrowawayPostgres;
 use uuid::Uuid;
 
 use crate::harness::{Run, TestEnv, count_embedded_exactly, family_of, walk};

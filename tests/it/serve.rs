@@ -616,7 +616,7 @@ async fn a_lost_database_is_503_and_the_pool_recovers() {
         .unwrap()
         .get(0);
     let quoted = format!("\"{}\"", database.replace('"', "\"\""));
-    let admin_url = embatch::pgtemp::ThrowawayPostgres::shared()
+    let admin_url = embatch::testkit::pgtemp::ThrowawayPostgres::shared()
         .unwrap()
         .admin_url();
     let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
@@ -988,7 +988,7 @@ async fn take_the_database_away(env: &TestEnv) -> (String, tokio_postgres::Clien
         .await
         .unwrap()
         .get(0);
-    let admin_url = embatch::pgtemp::ThrowawayPostgres::shared()
+    let admin_url = embatch::testkit::pgtemp::ThrowawayPostgres::shared()
         .unwrap()
         .admin_url();
     let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)

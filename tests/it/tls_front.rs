@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use embatch::emulator::EmulatorConfig;
-use embatch::pgtemp::ThrowawayPostgres;
 use embatch::store;
+use embatch::testkit::pgtemp::ThrowawayPostgres;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
