@@ -12,8 +12,8 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use embatch::api::{ApiClient, ClientOptions};
 use embatch::emulator::{Emulator, EmulatorConfig};
+use embatch::provider::openai::{ApiClient, ClientOptions};
 use embatch::testkit::pgtemp::ThrowawayPostgres;
 use uuid::Uuid;
 

@@ -26,14 +26,14 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 
 use crate::ExitStatus;
-use crate::api::{self, ApiClient, ApiError, ClientOptions};
 pub use crate::config::AdvanceOptions;
 use crate::config::{ApiSettings, Global};
 use crate::crashpoint::crashpoint;
-use crate::db::{DbFault, DbTarget};
 use crate::lock::RunLock;
+use crate::pg::conn::{DbFault, DbTarget};
 use crate::plan::{INPUT_FILE, batch_dir};
 use crate::printer::Printer;
+use crate::provider::openai::{self as api, ApiClient, ApiError, ClientOptions};
 use crate::state::{BatchState, Event, RemoteError, RemoteSnapshot, RequestCounts, StateKind};
 use crate::store::{self, RunFile};
 
@@ -252,7 +252,7 @@ fn db_fault(err: &anyhow::Error) -> Option<DbFault> {
 fn statement_timeout_advice(database_url: Option<&str>) -> String {
     let user = database_url
         .and_then(|url| DbTarget::parse(url).ok())
-        .and_then(|target| target.user().map(crate::source::quote_ident))
+        .and_then(|target| target.user().map(crate::pg::source::quote_ident))
         .unwrap_or_else(|| "<user>".to_owned());
     format!(
         "a database statement ran longer than the server's statement_timeout and was cancelled; raise statement_timeout for the role embatch connects as (`ALTER ROLE {user} SET statement_timeout = '10min'`), or add `options=-c%20statement_timeout%3D0` to the query string of DATABASE_URL (a smaller --update-chunk-size also shortens each statement), then run advance again: the run is saved"

@@ -14,13 +14,13 @@ use anyhow::{Context, bail};
 use tokio_postgres::Client;
 
 use crate::advance::{ERRORS_FILE, OUTPUT_FILE, Progress, Stepper};
-use crate::db::DbTarget;
 use crate::output::{FailReason, LineOutcome, parse_line_bytes};
+use crate::pg::conn::DbTarget;
+use crate::pg::sink::{RowOutcome, Sink, VectorRow};
+use crate::pg::source::{self, ChunkRow, quote_ident, quote_qualified};
 use crate::plan::{CHUNKS_FILE, Numbering, RunWriter};
 use crate::request::RequestTemplate;
 use crate::runs::HeldChunks;
-use crate::sink::{RowOutcome, Sink, VectorRow};
-use crate::source::{self, ChunkRow, quote_ident, quote_qualified};
 use crate::state::{
     BatchState, Event, IngestCounts, IngestFile, IngestOutcome, IngestProgress, LineAnomalies,
     Terminal,
@@ -113,7 +113,7 @@ impl Stepper {
                 );
             }
             let source = &self.run.settings.source;
-            let indexes = crate::sink::ann_indexes(&client, source).await?;
+            let indexes = crate::pg::sink::ann_indexes(&client, source).await?;
             for index in &indexes {
                 self.printer.warn(&format!(
                     "column {} has a {} index ({}): updates run about 100 times slower with it; drop it before the backfill and build it afterwards (`DROP INDEX {}` … `CREATE INDEX … USING {}`)",
@@ -172,13 +172,13 @@ impl Stepper {
             let path = dir.join(file_name);
             match self.api.download_file(&file_id, &path).await {
                 Ok(_) => {}
-                Err(crate::api::ApiError::NotFound { .. }) if path.exists() => {
+                Err(crate::provider::openai::ApiError::NotFound { .. }) if path.exists() => {
                     self.printer.warn(&format!(
                         "{name}: the provider no longer has {file_name} ({file_id}); ingesting the local copy {}",
                         path.display()
                     ));
                 }
-                Err(crate::api::ApiError::NotFound { .. }) => bail!(
+                Err(crate::provider::openai::ApiError::NotFound { .. }) => bail!(
                     "batch {name} cannot be ingested again: the provider no longer has its {file_name} ({file_id}; embatch deletes it after an ingest unless --keep-remote-files) and the local copy {} is gone too",
                     path.display()
                 ),

@@ -9,12 +9,9 @@
 //! tests, the demo and the benchmark enable) starts a throwaway Postgres and makes sample text. See `ARCHITECTURE.md` for the invariants.
 
 pub mod advance;
-pub mod api;
 pub mod cli;
 pub mod config;
 pub mod crashpoint;
-pub mod db;
-pub mod embed;
 pub mod emulator;
 pub mod evidence;
 pub mod ingest;
@@ -22,14 +19,14 @@ pub mod interrupt;
 pub mod lock;
 pub mod models;
 pub mod output;
+pub mod pg;
 pub mod plan;
 pub mod printer;
+pub mod provider;
+pub mod realtime;
 pub mod request;
 pub mod runs;
-pub mod serve;
 pub mod sharder;
-pub mod sink;
-pub mod source;
 pub mod state;
 pub mod status;
 pub mod store;
@@ -248,11 +245,11 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             Ok(ExitStatus::Done)
         }
         Command::Embed(embed_cfg) => {
-            embed::embed_command(&config.global, embed_cfg, &printer).await?;
+            realtime::embed::embed_command(&config.global, embed_cfg, &printer).await?;
             Ok(ExitStatus::Done)
         }
         Command::Serve(serve_cfg) => {
-            serve::serve_command(&config.global, serve_cfg, &printer).await?;
+            realtime::serve::serve_command(&config.global, serve_cfg, &printer).await?;
             Ok(ExitStatus::Done)
         }
         Command::Runs(runs_cfg) => {

@@ -21,15 +21,15 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Global, PlanConfig};
-use crate::db::DbTarget;
 use crate::interrupt::{self, Interrupted};
 use crate::lock::{self, FamilyLock};
 use crate::models;
+use crate::pg::conn::DbTarget;
+use crate::pg::source::{self, ChunkRow, FamilyIdType, PendingRow, Source};
 use crate::printer::Printer;
 use crate::request::RequestTemplate;
 use crate::runs::{self, HeldChunks};
 use crate::sharder::{BatchTally, ItemSize, Placement, Sharder};
-use crate::source::{self, ChunkRow, FamilyIdType, PendingRow, Source};
 use crate::state::{BatchState, Planned};
 use crate::store::{self, BatchRecord, OnTooLong, PlanSummary, RunFile, RunSettings};
 use crate::tokens;

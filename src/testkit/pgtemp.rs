@@ -289,7 +289,7 @@ impl ThrowawayPostgres {
     }
 
     /// A new database (as [`ThrowawayPostgres::create_database`]) holding embatch's default
-    /// schema ([`crate::source::DEFAULT_SCHEMA_SQL`]), and a connection to it.
+    /// schema ([`crate::pg::source::DEFAULT_SCHEMA_SQL`]), and a connection to it.
     ///
     /// # Errors
     /// As `create_database`, or when the connection or the schema fails.
@@ -302,7 +302,7 @@ impl ThrowawayPostgres {
             self.describe()
         )))?;
         client
-            .batch_execute(crate::source::DEFAULT_SCHEMA_SQL)
+            .batch_execute(crate::pg::source::DEFAULT_SCHEMA_SQL)
             .await
             .map_err(sql_error("could not create the default schema"))?;
         Ok((url, client))

@@ -429,10 +429,9 @@ async fn an_input_file_gone_before_creation_is_uploaded_again() {
         .unwrap()
         .to_owned();
     // The provider dropped the file (it expired, or someone deleted it).
-    let api = embatch::api::ApiClient::new(embatch::api::ClientOptions::new(
-        env.emu().base_url(),
-        env.emu().api_key(),
-    ))
+    let api = embatch::provider::openai::ApiClient::new(
+        embatch::provider::openai::ClientOptions::new(env.emu().base_url(), env.emu().api_key()),
+    )
     .unwrap();
     api.delete_file(&file_id).await.unwrap();
     let run = advance(&env, &run_dir).await;

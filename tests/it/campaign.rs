@@ -47,8 +47,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use embatch::api::{ApiClient, ClientOptions};
 use embatch::emulator::{EmulatorConfig, Faults, LostAnswer, vectors};
+use embatch::provider::openai::{ApiClient, ClientOptions};
 use embatch::state::{BatchState, StateKind};
 use embatch::store::{self, RunFile};
 use proptest::prelude::*;

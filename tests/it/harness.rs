@@ -67,7 +67,7 @@ impl TestEnv {
     pub async fn new() -> TestEnv {
         let env = TestEnv::empty().await;
         env.client
-            .batch_execute(embatch::source::DEFAULT_SCHEMA_SQL)
+            .batch_execute(embatch::pg::source::DEFAULT_SCHEMA_SQL)
             .await
             .expect("create the default schema");
         env

@@ -48,11 +48,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use crate::api::ApiClient;
 use crate::config::{Global, ServeConfig};
-use crate::db::{DbError, DbTarget};
-use crate::embed::{self, Conn, EmbedError, Outcome, Readiness, Target};
+use crate::pg::conn::{DbError, DbTarget};
 use crate::printer::Printer;
+use crate::provider::openai::ApiClient;
+use crate::realtime::embed::{self, Conn, EmbedError, Outcome, Readiness, Target};
 
 /// How long a request waits for a free database connection before answering 503.
 const POOL_WAIT: Duration = Duration::from_secs(10);

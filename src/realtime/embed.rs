@@ -4,7 +4,7 @@
 //! It owns looking chunks up by id, deciding whether each can be sent ([`Readiness`]), packing
 //! the sendable ones into requests within the API's limits ([`pack_requests`], pure), checking
 //! the vectors that come back, and writing them through the batch ingest's own
-//! [`Sink`](crate::sink::Sink) — so a realtime write obeys exactly the same rules: the column's
+//! [`Sink`](crate::pg::sink::Sink) — so a realtime write obeys exactly the same rules: the column's
 //! dimension, the content hash read before the call (a chunk edited meanwhile is `stale`, never
 //! given the old text's vector), and only where the embedding is NULL unless overwriting.
 //!
@@ -19,13 +19,13 @@ use std::ops::Range;
 use sha2::{Digest as _, Sha256};
 use tokio_postgres::{Client, Statement};
 
-use crate::api::{ApiClient, ApiError, ClientOptions};
 use crate::config::{ApiSettings, EmbedConfig, Global, RealtimeConfig};
-use crate::db::DbTarget;
 use crate::models::{self, DimensionChoice};
+use crate::pg::conn::DbTarget;
+use crate::pg::sink::{RowOutcome, Sink, SinkError, VectorRow};
+use crate::pg::source::{IdType, Source, quote_ident, quote_qualified};
 use crate::printer::Printer;
-use crate::sink::{RowOutcome, Sink, SinkError, VectorRow};
-use crate::source::{IdType, Source, quote_ident, quote_qualified};
+use crate::provider::openai::{ApiClient, ApiError, ClientOptions};
 use crate::store::SourceSettings;
 use crate::tokens::{MAX_INPUT_TOKENS, count_tokens};
 

@@ -1,0 +1,149 @@
+use super::*;
+
+#[test]
+fn clap_definition_is_consistent() {
+    Cli::command().debug_assert();
+}
+
+#[test]
+fn global_flags_work_after_the_subcommand_and_flags_beat_env() {
+    let parsed = parse([
+        "embatch",
+        "plan",
+        "--family-id",
+        "f1",
+        "--runs-dir",
+        "/tmp/r",
+        "--family-table",
+        "none",
+        "--api-key",
+        "sk-x",
+    ])
+    .unwrap();
+    assert!(parsed.api_key_on_command_line);
+    assert_eq!(parsed.config.global.runs_dir, PathBuf::from("/tmp/r"));
+    let Command::Plan(plan) = parsed.config.command else {
+        panic!("expected plan");
+    };
+    assert_eq!(plan.source.family_table, None);
+    assert_eq!(plan.limits.max_requests, 50_000);
+}
+
+#[test]
+fn embed_takes_plan_source_flags_and_keeps_ids_as_given() {
+    let parsed = parse([
+        "embatch",
+        "embed",
+        "--chunk-id",
+        "a",
+        "--chunk-id",
+        " a ",
+        "--chunk-id",
+        "b",
+        "--table",
+        "s.parts",
+        "--dimensions",
+        "512",
+        "--model",
+        "text-embedding-3-large",
+        "--overwrite",
+    ])
+    .unwrap();
+    let Command::Embed(embed) = parsed.config.command else {
+        panic!("expected embed");
+    };
+    assert_eq!(embed.chunk_ids, ["a", "a", "b"]);
+    assert!(embed.overwrite);
+    assert_eq!(embed.realtime.source.table, "s.parts");
+    assert_eq!(embed.realtime.dimensions, Some(512));
+    assert_eq!(embed.realtime.model, "text-embedding-3-large");
+    for bad in [
+        vec!["embatch", "embed"],
+        vec!["embatch", "embed", "--chunk-id", " "],
+        vec!["embatch", "embed", "--chunk-id", "a", "--family-id", "f"],
+        vec!["embatch", "serve", "--max-connections", "0"],
+    ] {
+        assert_eq!(parse(bad).err().unwrap().exit_code(), 2);
+    }
+}
+
+#[test]
+fn serve_config_never_shows_the_token() {
+    let parsed = parse(["embatch", "serve", "--listen", "127.0.0.1:0"]).unwrap();
+    let Command::Serve(mut serve) = parsed.config.command else {
+        panic!("expected serve");
+    };
+    serve.token = Some("s3cret-token".to_owned());
+    let shown = format!("{serve:?}");
+    assert!(!shown.contains("s3cret-token"), "{shown}");
+    assert_eq!(serve.max_connections, 16);
+    assert_eq!(serve.max_http_connections, 512);
+    assert_eq!(serve.header_timeout, std::time::Duration::from_secs(30));
+    for bad in ["0s", "2h", "soon"] {
+        let err = parse(["embatch", "serve", "--header-timeout", bad]).err();
+        assert_eq!(err.map(|e| e.exit_code()), Some(2), "{bad}");
+    }
+}
+
+#[test]
+fn passwords_in_connection_strings_are_seen() {
+    for with in [
+        "postgres://u:pw@h/db",
+        "postgresql://u:p%40w@h1:5432,h2/db?sslmode=require",
+        "postgres://u@h/db?sslmode=require&password=pw",
+        "host=h password=pw dbname=d",
+        "password = 'p w' host=h",
+        "host=h\tpassword=pw",
+    ] {
+        assert!(connection_string_has_password(with), "{with}");
+    }
+    for without in [
+        "postgres://u@h/db",
+        "postgres://h/db?sslmode=require",
+        "host=h user=u dbname=password",
+        "host=h passwordfile=x",
+        "host=/tmp dbname=d",
+    ] {
+        assert!(!connection_string_has_password(without), "{without}");
+    }
+    let parsed = parse(["embatch", "runs", "--database-url", "postgres://u:pw@h/db"]).unwrap();
+    assert!(parsed.database_password_on_command_line);
+    assert!(!parsed.api_key_on_command_line);
+    let parsed = parse(["embatch", "--database-url", "postgres://u@h/db", "runs"]).unwrap();
+    assert!(!parsed.database_password_on_command_line);
+}
+
+#[test]
+fn dotenv_errors_name_the_file_and_never_quote_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(load_dotenv(dir.path()), Ok(()), "no .env is fine");
+    let secret = "pw-in-a-broken-line";
+    fs_err::write(
+        dir.path().join(".env"),
+        format!("DATABASE_URL=\"postgres://u:{secret}@h/db\n"),
+    )
+    .unwrap();
+    let err = load_dotenv(dir.path()).unwrap_err();
+    assert!(err.contains(".env is not a valid .env file"), "{err}");
+    assert!(!err.contains(secret), "{err}");
+    fs_err::write(dir.path().join(".env"), b"KEY=\xff\xfe\n").unwrap();
+    let err = load_dotenv(dir.path()).unwrap_err();
+    assert!(err.contains("not UTF-8"), "{err}");
+    assert_eq!(dotenv_key("export A_B.c = 'x"), Some("A_B.c"));
+    assert_eq!(dotenv_key("'quoted=x"), None);
+}
+
+#[test]
+fn too_many_requests_per_batch_is_a_usage_error() {
+    let err = parse([
+        "embatch",
+        "plan",
+        "--family-id",
+        "f",
+        "--max-requests-per-batch",
+        "50001",
+    ])
+    .err()
+    .unwrap();
+    assert_eq!(err.exit_code(), 2);
+}
