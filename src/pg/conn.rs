@@ -9,22 +9,18 @@
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 
 use percent_encoding::percent_decode_str;
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::RootCertStore;
 use tokio_postgres::config::{Host, SslNegotiation};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Config, NoTls, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::tls::{self, MakeTls, TlsOptions, Verification, load_root_file, load_system_roots};
 
 /// The modes of libpq's `sslmode`, with libpq's meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,15 +282,6 @@ enum RootCert {
     System,
     /// No `sslrootcert` and no home directory to find the default file in.
     Unknown,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TlsOptions {
-    /// `sslsni`: send the host name in the handshake (libpq's default is on).
-    sni: bool,
-    /// `ssl_min_protocol_version`/`ssl_max_protocol_version` narrowed to what rustls speaks.
-    tls12: bool,
-    tls13: bool,
 }
 
 /// What libpq takes from the process when the connection string does not say.
@@ -674,45 +661,10 @@ impl DbTarget {
     }
 
     fn client_tls_config(&self) -> Result<rustls::ClientConfig, DbError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut versions = Vec::new();
-        if self.tls_options.tls13 {
-            versions.push(&rustls::version::TLS13);
-        }
-        if self.tls_options.tls12 {
-            versions.push(&rustls::version::TLS12);
-        }
-        let tls_setup = |error: &dyn StdError| DbError::TlsSetup {
-            reason: error_chain(error),
-        };
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(&versions)
-            .map_err(|e| tls_setup(&e))?;
-        let mut tls_config = match self.verification()? {
-            Verification::AcceptAny => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert { provider }))
-                .with_no_client_auth(),
-            Verification::ChainOnly(roots) => {
-                let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .map_err(|e| tls_setup(&e))?;
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(VerifyChainOnly { webpki }))
-                    .with_no_client_auth()
-            }
-            Verification::Full(roots) => {
-                builder.with_root_certificates(roots).with_no_client_auth()
-            }
-        };
-        tls_config.enable_sni = self.tls_options.sni;
         // Direct TLS (PostgreSQL 17) needs the ALPN name; the classic SSLRequest does not,
         // and some TLS-terminating proxies refuse names they do not know.
-        if self.config.get_ssl_negotiation() == SslNegotiation::Direct {
-            tls_config.alpn_protocols = vec![b"postgresql".to_vec()];
-        }
-        Ok(tls_config)
+        let alpn = self.config.get_ssl_negotiation() == SslNegotiation::Direct;
+        tls::client_config(self.verification()?, self.tls_options, alpn)
     }
 }
 
@@ -929,7 +881,7 @@ fn is_tls_error(error: &tokio_postgres::Error) -> bool {
 
 /// "outer: cause: cause", as `{:#}` prints an anyhow chain; consecutive repeats dropped
 /// (`io::Error` displays its inner error and also returns that error's source).
-fn error_chain(error: &dyn StdError) -> String {
+pub(super) fn error_chain(error: &dyn StdError) -> String {
     let mut parts = vec![error.to_string()];
     let mut cause = error.source();
     while let Some(current) = cause {
@@ -940,178 +892,6 @@ fn error_chain(error: &dyn StdError) -> String {
         cause = current.source();
     }
     parts.join(": ")
-}
-
-fn load_root_file(path: &Path) -> Result<RootCertStore, DbError> {
-    let unreadable = |reason: String| DbError::RootCertUnreadable {
-        path: path.display().to_string(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| unreadable(error_chain(&e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| unreadable(error_chain(&e)))?;
-    if certs.is_empty() {
-        return Err(unreadable("it holds no PEM certificate".to_owned()));
-    }
-    let mut roots = RootCertStore::empty();
-    let (_, n_ignored) = roots.add_parsable_certificates(certs);
-    if roots.is_empty() {
-        return Err(unreadable(format!(
-            "none of its {n_ignored} certificates could be parsed"
-        )));
-    }
-    Ok(roots)
-}
-
-fn load_system_roots() -> Result<RootCertStore, DbError> {
-    let loaded = rustls_native_certs::load_native_certs();
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(loaded.certs);
-    if roots.is_empty() {
-        let reason = match loaded.errors.first() {
-            Some(error) => error_chain(error),
-            None => "none found".to_owned(),
-        };
-        return Err(DbError::SystemRootCerts { reason });
-    }
-    Ok(roots)
-}
-
-enum Verification {
-    /// Any certificate (libpq's `require` without a root file); the handshake signature is
-    /// still checked against it.
-    AcceptAny,
-    /// The chain up to these roots, not the host name (`verify-ca`).
-    ChainOnly(RootCertStore),
-    /// The chain and the host name (`verify-full`).
-    Full(RootCertStore),
-}
-
-#[derive(Debug)]
-struct AcceptAnyServerCert {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AcceptAnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// webpki's full check with a wrong host name forgiven. webpki checks the name last, after
-/// the chain, validity and usage, so forgiving that one error skips nothing else.
-#[derive(Debug)]
-struct VerifyChainOnly {
-    webpki: Arc<WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for VerifyChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
-}
-
-/// `MakeRustlsConnect`, except for hosts without a name. tokio-postgres asks for a connector
-/// even for a unix socket and passes "" as its name, which rustls refuses; it then declines
-/// the handshake itself when there is no name, so the stand-in name is never sent.
-#[derive(Clone)]
-struct MakeTls(MakeRustlsConnect);
-
-impl MakeTlsConnect<Socket> for MakeTls {
-    type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
-    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
-    type Error = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
-
-    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
-        let name = if hostname.is_empty() {
-            "localhost"
-        } else {
-            hostname
-        };
-        MakeTlsConnect::<Socket>::make_tls_connect(&mut self.0, name)
-    }
 }
 
 #[cfg(test)]

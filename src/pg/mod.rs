@@ -12,3 +12,4 @@
 pub mod conn;
 pub mod sink;
 pub mod source;
+mod tls;

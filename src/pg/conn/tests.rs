@@ -1,8 +1,10 @@
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_postgres::config::SslMode as TpSslMode;
 
 use super::*;
