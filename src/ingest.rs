@@ -583,16 +583,8 @@ impl Stepper {
     async fn current_rows(&mut self, ids: &[String]) -> anyhow::Result<Vec<ChunkRow>> {
         let source = self.run.settings.source.clone();
         let db = self.database().await?;
-        let id_type = match source.id_type.as_str() {
-            "uuid" => "uuid",
-            "bigint" => "bigint",
-            _ => "text",
-        };
-        let order = if id_type == "text" {
-            " COLLATE \"C\""
-        } else {
-            ""
-        };
+        let id_type = source.id_type.as_str();
+        let order = source::order_suffix(source.id_type);
         let sql = format!(
             "SELECT t.{id}::text, t.{text} FROM {table} AS t WHERE t.{id} = ANY($1::text[]::{id_type}[]) ORDER BY t.{id}{order}",
             id = quote_ident(&source.id_column),

@@ -29,13 +29,50 @@ pub enum OnTooLong {
     Fail,
 }
 
+/// The id column's type, which decides how ids are ordered and bound. In `run.json` it is the
+/// type's Postgres name; a name embatch cannot write to refuses the file at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum IdType {
+    Uuid,
+    Text,
+    Bigint,
+}
+
+impl IdType {
+    /// The Postgres type name, one of three fixed strings (never text from the user), so it
+    /// can be pasted into SQL as a cast.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdType::Uuid => "uuid",
+            IdType::Text => "text",
+            IdType::Bigint => "bigint",
+        }
+    }
+}
+
+impl TryFrom<String> for IdType {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<IdType, String> {
+        match name.as_str() {
+            "uuid" => Ok(IdType::Uuid),
+            "text" => Ok(IdType::Text),
+            "bigint" => Ok(IdType::Bigint),
+            other => Err(format!(
+                "id type {other:?} is not one embatch can write to; the id column must be uuid, text or bigint (plan again to record it)"
+            )),
+        }
+    }
+}
+
 /// Where the chunks come from: every setting later steps need to find them again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceSettings {
     pub table: String,
     pub id_column: String,
-    /// `uuid`, `text` or `bigint` (as Postgres names the column's type).
-    pub id_type: String,
+    /// `uuid`, `text` or `bigint` in `run.json` (as Postgres names the column's type).
+    pub id_type: IdType,
     pub text_column: String,
     pub embedding_column: String,
     pub family_column: String,

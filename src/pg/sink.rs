@@ -16,7 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Statement, Transaction};
 
-use crate::pg::source::{IdType, quote_ident, quote_qualified};
+use crate::pg::source::{quote_ident, quote_qualified};
 use crate::store::SourceSettings;
 
 /// One vector to write: the chunk id (as text, the request's `custom_id`), its vector, and the
@@ -126,20 +126,19 @@ impl Sink {
     /// exists (still only where the content is unchanged since plan).
     ///
     /// # Errors
-    /// `SinkError::Invalid` for an id type other than uuid, text or bigint; `SinkError::Db`
-    /// when the server rejects the statement (no such table or column, wrong types).
+    /// `SinkError::Db` when the server rejects the statement (no such table or column, wrong types).
     pub async fn prepare(
         client: &Client,
         source: &SourceSettings,
         overwrite: bool,
     ) -> Result<Sink, SinkError> {
-        let sql = write_sql(source, overwrite)?;
+        let sql = write_sql(source, overwrite);
         let statement = client.prepare(&sql).await.map_err(db(format!(
             "could not prepare the vector update for table {} (id {}, text {}, embedding {}); check that the table and columns exist and that the embedding column is a pgvector vector",
             source.table, source.id_column, source.text_column, source.embedding_column
         )))?;
         let diagnose = client
-            .prepare(&diagnose_sql(source)?)
+            .prepare(&diagnose_sql(source))
             .await
             .map_err(db(format!(
                 "could not prepare the vector check for table {}",
@@ -362,19 +361,6 @@ impl RowFacts {
     }
 }
 
-/// One of our three fixed type names, never text from the user.
-fn id_type(source: &SourceSettings) -> Result<IdType, SinkError> {
-    match source.id_type.as_str() {
-        "uuid" => Ok(IdType::Uuid),
-        "text" => Ok(IdType::Text),
-        "bigint" => Ok(IdType::Bigint),
-        other => Err(SinkError::Invalid(format!(
-            "id type {other:?} of {} is not one embatch can write to; the id column must be uuid, text or bigint (plan again to record it)",
-            source.table
-        ))),
-    }
-}
-
 /// The write statement. `$1` ids as text, `$2` vectors, `$3` planned content hashes; returns
 /// the input id of every row it wrote. Ids are cast on the `unnest` side so the primary-key
 /// index on the table's id column stays usable. Every identifier is quoted; the cast is one of
@@ -384,8 +370,8 @@ fn id_type(source: &SourceSettings) -> Result<IdType, SinkError> {
 /// the rows it did not write (a data-modifying CTE joined back to the table) cost the server
 /// 4 × more per row, and 10 × more once the prepared statement switched to its generic plan;
 /// rows not written are rare, so [`diagnose_sql`] asks about them separately.
-fn write_sql(source: &SourceSettings, overwrite: bool) -> Result<String, SinkError> {
-    let id_type = id_type(source)?.as_str();
+fn write_sql(source: &SourceSettings, overwrite: bool) -> String {
+    let id_type = source.id_type.as_str();
     let table = quote_qualified(&source.table);
     let id = quote_ident(&source.id_column);
     let text = quote_ident(&source.text_column);
@@ -395,25 +381,25 @@ fn write_sql(source: &SourceSettings, overwrite: bool) -> Result<String, SinkErr
     } else {
         format!("\n  AND t.{emb} IS NULL")
     };
-    Ok(format!(
+    format!(
         "UPDATE {table} AS t SET {emb} = u.v
 FROM unnest($1::text[], $2::vector[], $3::text[]) AS u(id, v, h)
 WHERE t.{id} = u.id::{id_type}{only_missing}
   AND encode(sha256(convert_to(t.{text}, 'UTF8')), 'hex') = u.h
 RETURNING u.id"
-    ))
+    )
 }
 
 /// What the table says about rows the write statement did not write (same parameters as
 /// [`write_sql`]): whether each exists, still has the planned content, has an embedding, and
 /// whether that embedding is the vector sent. Reads only.
-fn diagnose_sql(source: &SourceSettings) -> Result<String, SinkError> {
-    let id_type = id_type(source)?.as_str();
+fn diagnose_sql(source: &SourceSettings) -> String {
+    let id_type = source.id_type.as_str();
     let table = quote_qualified(&source.table);
     let id = quote_ident(&source.id_column);
     let text = quote_ident(&source.text_column);
     let emb = quote_ident(&source.embedding_column);
-    Ok(format!(
+    format!(
         "SELECT u.id,
        t.{id} IS NOT NULL,
        coalesce(encode(sha256(convert_to(t.{text}, 'UTF8')), 'hex') = u.h, false),
@@ -421,7 +407,7 @@ fn diagnose_sql(source: &SourceSettings) -> Result<String, SinkError> {
        coalesce(t.{emb} = u.v, false)
 FROM unnest($1::text[], $2::vector[], $3::text[]) AS u(id, v, h)
 LEFT JOIN {table} AS t ON t.{id} = u.id::{id_type}"
-    ))
+    )
 }
 
 /// An approximate-nearest-neighbour index on the embedding column.

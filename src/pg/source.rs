@@ -13,7 +13,7 @@ use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, IsolationLevel};
 
 use crate::config::SourceConfig;
-use crate::store::{DatabaseIdentity, SourceSettings};
+use crate::store::{DatabaseIdentity, IdType, SourceSettings};
 
 /// The default schema of DESIGN.md §1 (what the demo and the tests create).
 pub const DEFAULT_SCHEMA_SQL: &str = "
@@ -66,38 +66,22 @@ pub fn quote_qualified(name: &str) -> String {
     }
 }
 
-/// The id column's type, which decides how ids are ordered and bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdType {
-    Uuid,
-    Text,
-    Bigint,
+/// The id type a catalog type name stands for: `integer` ids are read as bigint and
+/// `character varying` as text; anything else is not an id type embatch handles.
+fn id_type_from_catalog(type_name: &str) -> Option<IdType> {
+    match type_name {
+        "uuid" => Some(IdType::Uuid),
+        "text" | "character varying" => Some(IdType::Text),
+        "bigint" | "integer" => Some(IdType::Bigint),
+        _ => None,
+    }
 }
 
-impl IdType {
-    fn from_catalog(type_name: &str) -> Option<IdType> {
-        match type_name {
-            "uuid" => Some(IdType::Uuid),
-            "text" | "character varying" => Some(IdType::Text),
-            "bigint" | "integer" => Some(IdType::Bigint),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            IdType::Uuid => "uuid",
-            IdType::Text => "text",
-            IdType::Bigint => "bigint",
-        }
-    }
-
-    /// `ORDER BY` suffix: text ids sort by bytes (`COLLATE "C"`), stable across locales.
-    fn order_suffix(self) -> &'static str {
-        match self {
-            IdType::Text => " COLLATE \"C\"",
-            IdType::Uuid | IdType::Bigint => "",
-        }
+/// `ORDER BY` suffix: text ids sort by bytes (`COLLATE "C"`), stable across locales.
+pub fn order_suffix(id_type: IdType) -> &'static str {
+    match id_type {
+        IdType::Text => " COLLATE \"C\"",
+        IdType::Uuid | IdType::Bigint => "",
     }
 }
 
@@ -243,7 +227,7 @@ impl Source {
             })
         };
         let id_col = find(&config.id_column, "--id-column")?;
-        let id_type = IdType::from_catalog(&id_col.type_name).ok_or_else(|| {
+        let id_type = id_type_from_catalog(&id_col.type_name).ok_or_else(|| {
             invalid(format!(
                 "id column {} is {}; embatch supports uuid, text and bigint ids",
                 quote_ident(&id_col.name),
@@ -387,7 +371,7 @@ impl Source {
         if !reembed {
             sql.push_str(&format!(" AND {embedding} IS NULL"));
         }
-        sql.push_str(&format!(" ORDER BY {id}{}", self.id_type.order_suffix()));
+        sql.push_str(&format!(" ORDER BY {id}{}", order_suffix(self.id_type)));
         // A number we formatted ourselves: a literal keeps $1 the only parameter, which a
         // --scope-sql may or may not use.
         if let Some(limit) = limit {
@@ -462,7 +446,7 @@ impl Source {
         SourceSettings {
             table: c.table.clone(),
             id_column: c.id_column.clone(),
-            id_type: self.id_type.as_str().to_owned(),
+            id_type: self.id_type,
             text_column: c.text_column.clone(),
             embedding_column: c.embedding_column.clone(),
             family_column: c.family_column.clone(),

@@ -23,10 +23,10 @@ use crate::config::{ApiSettings, EmbedConfig, Global, RealtimeConfig};
 use crate::models::{self, DimensionChoice};
 use crate::pg::conn::DbTarget;
 use crate::pg::sink::{RowOutcome, Sink, SinkError, VectorRow};
-use crate::pg::source::{IdType, Source, quote_ident, quote_qualified};
+use crate::pg::source::{Source, quote_ident, quote_qualified};
 use crate::printer::Printer;
 use crate::provider::openai::{ApiClient, ApiError, ClientOptions};
-use crate::store::SourceSettings;
+use crate::store::{IdType, SourceSettings};
 use crate::tokens::{MAX_INPUT_TOKENS, count_tokens};
 
 /// The provider's limits on one `/v1/embeddings` request (the OpenAPI description of

@@ -126,7 +126,7 @@ async fn plan_writes_the_run_folder_and_skips_what_cannot_be_sent() {
         saved.batches[0].bytes,
         fs_err::metadata(batch.join("input.jsonl")).unwrap().len()
     );
-    assert_eq!(saved.settings.source.id_type, "uuid");
+    assert_eq!(saved.settings.source.id_type.as_str(), "uuid");
     assert_eq!(saved.settings.dimensions, 1536);
     assert!(!saved.settings.send_dimensions);
     assert!(saved.database.system_identifier.is_some());
@@ -564,7 +564,10 @@ async fn custom_schemas_text_and_bigint_ids_and_scope_sql() {
         "text ids in byte order (COLLATE \"C\")"
     );
     assert_eq!(lines[0]["body"]["dimensions"], 256);
-    assert_eq!(store::load(&dir).unwrap().settings.source.id_type, "text");
+    assert_eq!(
+        store::load(&dir).unwrap().settings.source.id_type.as_str(),
+        "text"
+    );
 
     let scope =
         "SELECT p.pid FROM parts p JOIN models m ON m.id = p.model_id WHERE m.family_id = $1";

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::tests::fresh_database;
 use super::*;
+use crate::store::IdType;
 
 const DIMENSIONS: usize = 1536;
 
@@ -14,7 +15,7 @@ fn source() -> SourceSettings {
     SourceSettings {
         table: "knowledge_chunks".to_owned(),
         id_column: "id".to_owned(),
-        id_type: "uuid".to_owned(),
+        id_type: IdType::Uuid,
         text_column: "content".to_owned(),
         embedding_column: "embedding".to_owned(),
         family_column: "equipment_family_id".to_owned(),
@@ -83,10 +84,7 @@ async fn plan_nodes(
     chunks: &[&(String, String)],
     vectors: &[Vec<f32>],
 ) -> Vec<(String, Option<String>)> {
-    let sql = format!(
-        "EXPLAIN (FORMAT JSON) {}",
-        write_sql(&source(), overwrite).unwrap()
-    );
+    let sql = format!("EXPLAIN (FORMAT JSON) {}", write_sql(&source(), overwrite));
     let ids: Vec<&str> = chunks.iter().map(|(id, _)| id.as_str()).collect();
     let hashes: Vec<&str> = chunks.iter().map(|(_, h)| h.as_str()).collect();
     let vectors: Vec<Vector> = vectors
@@ -167,7 +165,7 @@ async fn plan_stays_an_index_lookup_on_a_large_table() {
         for overwrite in [false, true] {
             let sql = format!(
                 "EXPLAIN (GENERIC_PLAN, FORMAT JSON) {}",
-                write_sql(&source(), overwrite).unwrap()
+                write_sql(&source(), overwrite)
             );
             let messages = client.simple_query(&sql).await.unwrap();
             let text = messages

@@ -3,6 +3,7 @@ use sha2::{Digest as _, Sha256};
 use tokio_postgres::NoTls;
 
 use super::*;
+use crate::store::IdType;
 use crate::testkit::pgtemp::ThrowawayPostgres;
 
 async fn fresh_url() -> String {
@@ -25,11 +26,11 @@ pub(super) async fn fresh_database() -> Client {
     connect(&fresh_url().await).await
 }
 
-fn settings(table: &str, id_column: &str, id_type: &str) -> SourceSettings {
+fn settings(table: &str, id_column: &str, id_type: IdType) -> SourceSettings {
     SourceSettings {
         table: table.to_owned(),
         id_column: id_column.to_owned(),
-        id_type: id_type.to_owned(),
+        id_type,
         text_column: "content".to_owned(),
         embedding_column: "embedding".to_owned(),
         family_column: "family".to_owned(),
@@ -107,7 +108,7 @@ const PI_ISH: [f32; 3] = [std::f32::consts::PI, 0.1, -1.0 / 3.0];
 async fn writes_exact_vectors_and_classifies_every_row_in_input_order() {
     let mut client = fresh_database().await;
     four_chunks(&client).await;
-    let source = settings("chunks", "id", "uuid");
+    let source = settings("chunks", "id", IdType::Uuid);
     let sink = prepare(&client, &source, false).await;
 
     let (h_a, h_b, h_c, h_d) = (sha("alpha"), sha("bravo"), sha("charlie"), sha("delta"));
@@ -227,7 +228,7 @@ async fn empty_write(client: &mut Client, sink: &Sink) -> Vec<RowOutcome> {
 async fn overwrite_replaces_existing_vectors_but_never_a_stale_one() {
     let mut client = fresh_database().await;
     four_chunks(&client).await;
-    let source = settings("chunks", "id", "uuid");
+    let source = settings("chunks", "id", IdType::Uuid);
     let sink = prepare(&client, &source, true).await;
 
     let (h_a, h_b, h_c, h_d) = (sha("alpha"), sha("bravo"), sha("charlie"), sha("delta"));
@@ -287,7 +288,7 @@ async fn content_changed_under_a_waiting_write_is_stale() {
     .await
     .unwrap();
 
-    let source = settings("chunks", "id", "uuid");
+    let source = settings("chunks", "id", IdType::Uuid);
     let writer = tokio::spawn(async move {
         let mut client = client;
         let sink = prepare(&client, &source, false).await;
@@ -332,7 +333,7 @@ async fn null_content_is_stale() {
         )
         .await
         .unwrap();
-    let sink = prepare(&client, &settings("chunks", "id", "bigint"), false).await;
+    let sink = prepare(&client, &settings("chunks", "id", IdType::Bigint), false).await;
     let empty = sha("");
     let outcome = write_committed(
         &mut client,
@@ -367,18 +368,18 @@ async fn every_id_type_and_odd_identifiers() {
     let odd = SourceSettings {
         text_column: "the text".to_owned(),
         embedding_column: "emb.v".to_owned(),
-        ..settings(r#"My Schema.odd "table""#, r#"my "col""#, "text")
+        ..settings(r#"My Schema.odd "table""#, r#"my "col""#, IdType::Text)
     };
     let cases = [
         (
-            settings("big", "id", "bigint"),
+            settings("big", "id", IdType::Bigint),
             ["1", "9223372036854775807"],
         ),
         (
-            settings("txt", "id", "text"),
+            settings("txt", "id", IdType::Text),
             ["a'; DROP TABLE txt; --", "ünïcödé"],
         ),
-        (settings("uid", "id", "uuid"), [A, B]),
+        (settings("uid", "id", IdType::Uuid), [A, B]),
         (odd, ["x", "y\"z"]),
     ];
     for (source, ids) in &cases {
@@ -392,7 +393,7 @@ async fn every_id_type_and_odd_identifiers() {
                     &format!(
                         "INSERT INTO {table} ({id_col}, {text_col}) \
                              VALUES ($1::text::{}, 'content of ' || $1)",
-                        source.id_type
+                        source.id_type.as_str()
                     ),
                     &[id],
                 )
@@ -436,7 +437,7 @@ async fn every_id_type_and_odd_identifiers() {
 async fn mistakes_come_back_clearly() {
     let mut client = fresh_database().await;
     four_chunks(&client).await;
-    let source = settings("chunks", "id", "uuid");
+    let source = settings("chunks", "id", IdType::Uuid);
     let sink = prepare(&client, &source, false).await;
     let h_a = sha("alpha");
 
@@ -522,7 +523,7 @@ async fn mistakes_come_back_clearly() {
     );
     drop(tx);
 
-    let error = Sink::prepare(&client, &settings("nope", "id", "uuid"), false)
+    let error = Sink::prepare(&client, &settings("nope", "id", IdType::Uuid), false)
         .await
         .unwrap_err();
     assert!(
@@ -530,9 +531,11 @@ async fn mistakes_come_back_clearly() {
             .to_string()
             .starts_with("could not prepare the vector update for table nope")
     );
-    let error = Sink::prepare(&client, &settings("chunks", "id", "int4"), false)
-        .await
-        .unwrap_err();
+    // An id type embatch cannot write to is refused where run.json is read, before a sink
+    // is ever prepared for it.
+    let mut json = serde_json::to_value(settings("chunks", "id", IdType::Uuid)).unwrap();
+    json["id_type"] = "int4".into();
+    let error = serde_json::from_value::<SourceSettings>(json).unwrap_err();
     assert!(
         error.to_string().contains("must be uuid, text or bigint"),
         "{error}"
@@ -555,7 +558,7 @@ async fn ann_indexes_find_hnsw_and_ivfflat_on_the_embedding_column_only() {
         )
         .await
         .unwrap();
-    let found = ann_indexes(&client, &settings("indexed", "id", "uuid"))
+    let found = ann_indexes(&client, &settings("indexed", "id", IdType::Uuid))
         .await
         .unwrap();
     let expect = |name: &str, method: &str| AnnIndex {
@@ -571,12 +574,12 @@ async fn ann_indexes_find_hnsw_and_ivfflat_on_the_embedding_column_only() {
         ]
     );
     assert_eq!(
-        ann_indexes(&client, &settings("plain", "id", "uuid"))
+        ann_indexes(&client, &settings("plain", "id", IdType::Uuid))
             .await
             .unwrap(),
         []
     );
-    let error = ann_indexes(&client, &settings("missing", "id", "uuid"))
+    let error = ann_indexes(&client, &settings("missing", "id", IdType::Uuid))
         .await
         .unwrap_err();
     assert!(
