@@ -271,3 +271,24 @@ fn damaged_and_newer_files_are_refused_with_the_way_out() {
     let err = parse(b"{\"schema_version\": 99}", path).unwrap_err();
     assert!(err.to_string().contains("upgrade embatch"), "{err}");
 }
+
+/// The serde types write back what a released file holds: typed fields (`IdType`, the states)
+/// read and write the very same JSON values.
+#[test]
+fn released_run_files_round_trip_to_the_same_json() {
+    for text in [
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/run-v1-ingested.json"
+        )),
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/run-v1-every-state.json"
+        )),
+    ] {
+        let run = parse(text.as_bytes(), Path::new("fixture")).unwrap();
+        let written = serde_json::to_value(&run).unwrap();
+        let released: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(written, released);
+    }
+}
