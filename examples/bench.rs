@@ -279,7 +279,7 @@ fn make_downloaded(run_dir: &Path, kind: &str) -> anyhow::Result<()> {
                 batch_id: format!("batch_{}", batch.name),
                 submission: 1,
                 remote: RemoteSnapshot {
-                    status: "completed".to_owned(),
+                    status: embatch::state::RemoteStatus::Completed,
                     request_counts: RequestCounts {
                         total: batch.requests,
                         completed: batch.requests,

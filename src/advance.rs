@@ -1069,7 +1069,7 @@ fn from_unix(seconds: i64) -> DateTime<Utc> {
 /// What the state machine keeps of a Batch object.
 pub fn snapshot(batch: &api::Batch) -> RemoteSnapshot {
     RemoteSnapshot {
-        status: batch.status.clone(),
+        status: batch.status.as_str().into(),
         request_counts: batch
             .request_counts
             .as_ref()

@@ -24,11 +24,83 @@ pub struct RemoteError {
     pub line: Option<u64>,
 }
 
+/// A batch's status as the provider reports it. The statuses the state machine reads have their
+/// own variants; any other (a status a provider adds later) is kept as `Other`, and a batch in
+/// it is followed like a running one. In `run.json` it is the provider's word, as received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum RemoteStatus {
+    Validating,
+    InProgress,
+    Finalizing,
+    Completed,
+    Failed,
+    Expired,
+    Cancelling,
+    Cancelled,
+    /// Any other status, as received (never one of the words above: `From<String>` maps those).
+    Other(String),
+}
+
+impl RemoteStatus {
+    /// The provider's word for it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            RemoteStatus::Validating => "validating",
+            RemoteStatus::InProgress => "in_progress",
+            RemoteStatus::Finalizing => "finalizing",
+            RemoteStatus::Completed => "completed",
+            RemoteStatus::Failed => "failed",
+            RemoteStatus::Expired => "expired",
+            RemoteStatus::Cancelling => "cancelling",
+            RemoteStatus::Cancelled => "cancelled",
+            RemoteStatus::Other(status) => status,
+        }
+    }
+}
+
+impl From<String> for RemoteStatus {
+    fn from(status: String) -> RemoteStatus {
+        match status.as_str() {
+            "validating" => RemoteStatus::Validating,
+            "in_progress" => RemoteStatus::InProgress,
+            "finalizing" => RemoteStatus::Finalizing,
+            "completed" => RemoteStatus::Completed,
+            "failed" => RemoteStatus::Failed,
+            "expired" => RemoteStatus::Expired,
+            "cancelling" => RemoteStatus::Cancelling,
+            "cancelled" => RemoteStatus::Cancelled,
+            _ => RemoteStatus::Other(status),
+        }
+    }
+}
+
+impl From<&str> for RemoteStatus {
+    fn from(status: &str) -> RemoteStatus {
+        RemoteStatus::from(status.to_owned())
+    }
+}
+
+impl From<RemoteStatus> for String {
+    fn from(status: RemoteStatus) -> String {
+        match status {
+            RemoteStatus::Other(status) => status,
+            known => known.as_str().to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for RemoteStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the provider said about a batch in one poll.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteSnapshot {
     /// The Batch object's `status`.
-    pub status: String,
+    pub status: RemoteStatus,
     pub request_counts: RequestCounts,
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
@@ -362,8 +434,6 @@ pub fn queue_backoff(refusals: u32) -> chrono::Duration {
     chrono::Duration::minutes(minutes.min(120))
 }
 
-const ACTIVE_REMOTE: &[&str] = &["validating", "in_progress", "finalizing", "cancelling"];
-
 impl BatchState {
     pub fn kind(&self) -> StateKind {
         match self {
@@ -664,14 +734,14 @@ fn poll_submitted(sub: Submitted, remote: RemoteSnapshot) -> BatchState {
         submission: sub.submission,
         remote,
     };
-    match status.as_str() {
-        "completed" => BatchState::Completed(done(remote)),
-        "expired" => BatchState::Expired(done(remote)),
-        "cancelled" => BatchState::Cancelled(Cancelled {
+    match status {
+        RemoteStatus::Completed => BatchState::Completed(done(remote)),
+        RemoteStatus::Expired => BatchState::Expired(done(remote)),
+        RemoteStatus::Cancelled => BatchState::Cancelled(Cancelled {
             input_file_id: Some(sub.input_file_id.clone()),
             done: Some(done(remote)),
         }),
-        "failed" if remote.is_queue_refusal() => {
+        RemoteStatus::Failed if remote.is_queue_refusal() => {
             let reason = remote
                 .errors
                 .iter()
@@ -689,7 +759,7 @@ fn poll_submitted(sub: Submitted, remote: RemoteSnapshot) -> BatchState {
                 create_started: None,
             })
         }
-        "failed" => BatchState::Failed(Failed {
+        RemoteStatus::Failed => BatchState::Failed(Failed {
             input_file_id: Some(sub.input_file_id),
             batch_id: Some(sub.batch_id),
             errors: remote.errors,
@@ -714,11 +784,6 @@ fn downloaded(
         progress: None,
         retries_planned: false,
     })
-}
-
-/// Whether a remote status is one where the batch is still running.
-pub fn is_active_remote_status(status: &str) -> bool {
-    ACTIVE_REMOTE.contains(&status)
 }
 
 #[cfg(test)]

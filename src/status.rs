@@ -70,7 +70,7 @@ fn batch_json(batch: &BatchRecord) -> BatchJson {
         tokens: batch.tokens,
         input_file_id: batch.state.input_file_id().map(str::to_owned),
         batch_id: batch.state.batch_id().map(str::to_owned),
-        remote_status: remote.map(|r| r.status.clone()),
+        remote_status: remote.map(|r| r.status.to_string()),
         request_counts: remote.map(|r| r.request_counts),
         ingested: counts.ingested,
         already_present: counts.already_present,

@@ -7,7 +7,7 @@ fn t0() -> DateTime<Utc> {
 
 fn snapshot(status: &str, errors: Vec<RemoteError>) -> RemoteSnapshot {
     RemoteSnapshot {
-        status: status.to_owned(),
+        status: status.into(),
         request_counts: RequestCounts::default(),
         output_file_id: Some("file-out".to_owned()),
         error_file_id: None,
@@ -336,4 +336,32 @@ fn an_ingested_batch_ingested_again_keeps_its_retries_planned() {
 fn backoff_doubles_to_two_hours() {
     let minutes: Vec<i64> = (1..=7).map(|n| queue_backoff(n).num_minutes()).collect();
     assert_eq!(minutes, [10, 20, 40, 80, 120, 120, 120]);
+}
+
+/// Every status word reads into its variant and writes back as the same word; an unknown word
+/// is kept as it came.
+#[test]
+fn remote_status_keeps_the_providers_word() {
+    for word in [
+        "validating",
+        "in_progress",
+        "finalizing",
+        "completed",
+        "failed",
+        "expired",
+        "cancelling",
+        "cancelled",
+        "paused_by_provider",
+    ] {
+        let status = RemoteStatus::from(word);
+        assert_eq!(status.as_str(), word);
+        assert_eq!(String::from(status.clone()), word);
+        let json = serde_json::to_string(&status).unwrap();
+        assert_eq!(json, format!("\"{word}\""));
+        assert_eq!(serde_json::from_str::<RemoteStatus>(&json).unwrap(), status);
+    }
+    assert_eq!(
+        RemoteStatus::from("paused_by_provider"),
+        RemoteStatus::Other("paused_by_provider".to_owned())
+    );
 }
