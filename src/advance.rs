@@ -27,10 +27,10 @@ use chrono::{DateTime, Utc};
 
 use crate::ExitStatus;
 pub use crate::config::AdvanceOptions;
-use crate::config::{ApiSettings, Global};
+use crate::config::{ApiSettings, Database, Global};
 use crate::crashpoint::crashpoint;
 use crate::lock::RunLock;
-use crate::pg::conn::{DbFault, DbTarget};
+use crate::pg::conn::DbFault;
 use crate::plan::{INPUT_FILE, batch_dir};
 use crate::printer::Printer;
 use crate::provider::openai::{self as api, ApiClient, ApiError, ClientOptions};
@@ -166,9 +166,7 @@ pub async fn advance(
                 }
                 Some(DbFault::StatementTimeout) => {
                     stepper.report();
-                    return Err(
-                        err.context(statement_timeout_advice(stepper.database_url.as_deref()))
-                    );
+                    return Err(err.context(statement_timeout_advice(&stepper.database)));
                 }
                 Some(DbFault::Unreachable(_)) | None => {
                     stepper.report();
@@ -249,9 +247,10 @@ fn db_fault(err: &anyhow::Error) -> Option<DbFault> {
 }
 
 /// What to do about a statement cancelled by `statement_timeout`.
-fn statement_timeout_advice(database_url: Option<&str>) -> String {
-    let user = database_url
-        .and_then(|url| DbTarget::parse(url).ok())
+fn statement_timeout_advice(database: &Database) -> String {
+    let user = database
+        .target()
+        .ok()
         .and_then(|target| target.user().map(crate::pg::source::quote_ident))
         .unwrap_or_else(|| "<user>".to_owned());
     format!(
@@ -271,7 +270,7 @@ pub(crate) struct Stepper {
     pub(crate) api: ApiClient,
     pub(crate) printer: Printer,
     pub(crate) opts: AdvanceOptions,
-    pub(crate) database_url: Option<String>,
+    pub(crate) database: Database,
     /// Connected on first need: polling and downloading need no database.
     pub(crate) db: Option<crate::ingest::DbContext>,
     /// Uploads made by this call, per batch index (bounded by [`MAX_UPLOADS_PER_BATCH`]).
@@ -312,7 +311,7 @@ impl Stepper {
             api,
             printer: *printer,
             opts: opts.clone(),
-            database_url: global.database_url.clone(),
+            database: global.database.clone(),
             db: None,
             uploads: BTreeMap::new(),
             db_reached: false,

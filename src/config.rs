@@ -2,19 +2,72 @@
 //! starts. Command modules see these types, never clap's.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::models::EncodingFormat;
+use crate::pg::conn::{DbError, DbTarget};
+use crate::pg::source::SourceConfig;
+use crate::printer::OutputSettings;
 use crate::sharder::BatchLimits;
 use crate::store::OnTooLong;
 
 /// Options shared by every command.
 #[derive(Debug, Clone)]
 pub struct Global {
-    /// `DATABASE_URL`; a secret: never printed, never written.
-    pub database_url: Option<String>,
+    /// `DATABASE_URL`, parsed once; it holds a secret: never printed, never written.
+    pub database: Database,
     pub api: ApiSettings,
     pub runs_dir: PathBuf,
     pub output: OutputSettings,
+}
+
+impl Global {
+    /// The database to connect to, or why there is none: the one place that says so.
+    pub fn database(&self) -> Result<&DbTarget, DatabaseError> {
+        self.database.target()
+    }
+}
+
+/// `DATABASE_URL` (or `--database-url`), parsed when the arguments are read. Commands that need
+/// no database never look at it, so a broken one stops only the commands that would use it.
+#[derive(Debug, Clone)]
+pub enum Database {
+    NotGiven,
+    Given(Box<DbTarget>),
+    Invalid(Arc<DbError>),
+}
+
+impl Database {
+    /// Parses a `DATABASE_URL`; `None` or an empty string is no database.
+    pub fn from_url(url: Option<&str>) -> Database {
+        match url.filter(|url| !url.is_empty()) {
+            None => Database::NotGiven,
+            Some(url) => match DbTarget::parse(url) {
+                Ok(target) => Database::Given(Box::new(target)),
+                Err(err) => Database::Invalid(Arc::new(err)),
+            },
+        }
+    }
+
+    /// The parsed target, or why there is none.
+    pub fn target(&self) -> Result<&DbTarget, DatabaseError> {
+        match self {
+            Database::Given(target) => Ok(target),
+            Database::NotGiven => Err(DatabaseError::NotGiven),
+            Database::Invalid(err) => Err(DatabaseError::Invalid(Arc::clone(err))),
+        }
+    }
+}
+
+/// Why a command that needs the database has none.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error(
+        "no database given; set DATABASE_URL (in the environment or .env) or pass --database-url"
+    )]
+    NotGiven,
+    #[error(transparent)]
+    Invalid(Arc<DbError>),
 }
 
 /// How to reach the OpenAI API. The key is a secret: never printed, never written.
@@ -26,41 +79,6 @@ pub struct ApiSettings {
     pub project: Option<String>,
     /// Retries of a read, download or delete after a 429, 5xx or connection error.
     pub max_retries: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OutputSettings {
-    pub quiet: bool,
-    pub verbose: bool,
-    /// Progress bars wanted (they still hide when stderr is not a terminal).
-    pub progress: bool,
-}
-
-/// Where the chunks live (DESIGN.md §1). Names are raw identifiers: always quoted when used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceConfig {
-    pub table: String,
-    pub id_column: String,
-    pub text_column: String,
-    pub embedding_column: String,
-    pub family_column: String,
-    /// `None` when `--family-table none`: no check that the family exists.
-    pub family_table: Option<String>,
-    pub scope_sql: Option<String>,
-}
-
-impl Default for SourceConfig {
-    fn default() -> Self {
-        SourceConfig {
-            table: "knowledge_chunks".to_owned(),
-            id_column: "id".to_owned(),
-            text_column: "content".to_owned(),
-            embedding_column: "embedding".to_owned(),
-            family_column: "equipment_family_id".to_owned(),
-            family_table: Some("equipment_families".to_owned()),
-            scope_sql: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -15,7 +15,6 @@ use tokio_postgres::Client;
 
 use crate::advance::{ERRORS_FILE, OUTPUT_FILE, Progress, Stepper};
 use crate::output::{FailReason, LineOutcome, parse_line_bytes};
-use crate::pg::conn::DbTarget;
 use crate::pg::sink::{RowOutcome, Sink, VectorRow};
 use crate::pg::source::{self, ChunkRow, quote_ident, quote_qualified};
 use crate::plan::{CHUNKS_FILE, Numbering, RunWriter};
@@ -91,10 +90,10 @@ impl Stepper {
     /// against, and warns about vector indexes that make updates slow.
     async fn database(&mut self) -> anyhow::Result<&mut DbContext> {
         if self.db.is_none() {
-            let url = self.database_url.as_deref().ok_or_else(|| {
-                anyhow::anyhow!("no database given; set DATABASE_URL (or --database-url) to the database this run was planned against")
-            })?;
-            let target = DbTarget::parse(url)?;
+            let target = self
+                .database
+                .target()
+                .context("this run writes to the database it was planned against")?;
             let client = target.connect().await?;
             self.db_reached = true;
             let identity = source::database_identity(&client).await?;

@@ -178,10 +178,7 @@ async fn plan_uninterrupted(
     // The tokenizer's tables are built while we connect and check the catalog, on a thread of
     // its own that ends before the worker threads count (see `tokens::warm_up`).
     let warm_up = std::thread::spawn(tokens::warm_up);
-    let url = global.database_url.as_deref().ok_or_else(|| {
-        anyhow::anyhow!("no database given; set DATABASE_URL (in the environment or .env) or pass --database-url")
-    })?;
-    let target = DbTarget::parse(url)?;
+    let target = global.database()?.clone();
     let mut client = target.connect().await?;
     progress.cancel = Some((target.clone(), client.cancel_token()));
     let source = Source::inspect(&client, &cfg.source).await?;

@@ -7,7 +7,14 @@ use std::io::{IsTerminal, Write};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::config::OutputSettings;
+/// How much the terminal is told: what `--quiet`, `--verbose` and `--no-progress` chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputSettings {
+    pub quiet: bool,
+    pub verbose: bool,
+    /// Progress bars wanted (they still hide when stderr is not a terminal).
+    pub progress: bool,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Printer {

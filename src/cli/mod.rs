@@ -11,11 +11,13 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{
-    AdvanceConfig, AdvanceOptions, ApiSettings, CancelConfig, Command, Config, EmbedConfig,
-    EmulatorCommandConfig, Global, IngestConfig, OutputSettings, PlanConfig, RealtimeConfig,
-    RunConfig, RunsConfig, ServeConfig, SourceConfig, StatusConfig, StatusTarget, SubmitConfig,
+    AdvanceConfig, AdvanceOptions, ApiSettings, CancelConfig, Command, Config, Database,
+    EmbedConfig, EmulatorCommandConfig, Global, IngestConfig, PlanConfig, RealtimeConfig,
+    RunConfig, RunsConfig, ServeConfig, StatusConfig, StatusTarget, SubmitConfig,
 };
 use crate::models::{DEFAULT_MODEL, EncodingFormat};
+use crate::pg::source::SourceConfig;
+use crate::printer::OutputSettings;
 use crate::sharder::BatchLimits;
 use crate::store::OnTooLong;
 
@@ -442,13 +444,13 @@ where
     let api_key_on_command_line = on_command_line("api_key");
     let database_url_on_command_line = on_command_line("database_url");
     let cli = Cli::from_arg_matches(&matches)?;
-    let config = into_config(cli)?;
     let database_password_on_command_line = database_url_on_command_line
-        && config
+        && cli
             .global
             .database_url
             .as_deref()
             .is_some_and(connection_string_has_password);
+    let config = into_config(cli)?;
     Ok(Parsed {
         config,
         api_key_on_command_line,
@@ -498,7 +500,7 @@ fn connection_string_has_password(conn: &str) -> bool {
 fn into_config(cli: Cli) -> Result<Config, clap::Error> {
     let g = cli.global;
     let global = Global {
-        database_url: g.database_url.filter(|s| !s.is_empty()),
+        database: Database::from_url(g.database_url.as_deref()),
         api: ApiSettings {
             api_key: g.api_key.filter(|s| !s.is_empty()),
             base_url: g.base_url.trim_end_matches('/').to_owned(),

@@ -12,7 +12,6 @@ use std::error::Error as _;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, IsolationLevel};
 
-use crate::config::SourceConfig;
 use crate::store::{DatabaseIdentity, IdType, SourceSettings};
 
 /// The default schema of DESIGN.md §1 (what the demo and the tests create).
@@ -63,6 +62,33 @@ pub fn quote_qualified(name: &str) -> String {
             format!("{}.{}", quote_ident(schema), quote_ident(table))
         }
         _ => quote_ident(name),
+    }
+}
+
+/// Where the chunks live (DESIGN.md §1). Names are raw identifiers: always quoted when used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    pub table: String,
+    pub id_column: String,
+    pub text_column: String,
+    pub embedding_column: String,
+    pub family_column: String,
+    /// `None` when `--family-table none`: no check that the family exists.
+    pub family_table: Option<String>,
+    pub scope_sql: Option<String>,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            table: "knowledge_chunks".to_owned(),
+            id_column: "id".to_owned(),
+            text_column: "content".to_owned(),
+            embedding_column: "embedding".to_owned(),
+            family_column: "equipment_family_id".to_owned(),
+            family_table: Some("equipment_families".to_owned()),
+            scope_sql: None,
+        }
     }
 }
 

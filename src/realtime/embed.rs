@@ -443,12 +443,7 @@ pub fn realtime_client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
 
 /// The database target from the global settings.
 pub fn db_target(global: &Global) -> anyhow::Result<DbTarget> {
-    let url = global.database_url.as_deref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no database given; set DATABASE_URL (in the environment or .env) or pass --database-url"
-        )
-    })?;
-    Ok(DbTarget::parse(url)?)
+    Ok(global.database()?.clone())
 }
 
 /// Embeds one group of ready chunks: API call, then write. A failure of the call is the
