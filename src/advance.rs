@@ -25,10 +25,10 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 
-use crate::ExitStatus;
 pub use crate::config::AdvanceOptions;
 use crate::config::{ApiSettings, Database, Global};
 use crate::crashpoint::crashpoint;
+use crate::exit::ExitStatus;
 use crate::lock::RunLock;
 use crate::pg::conn::DbFault;
 use crate::plan::{INPUT_FILE, batch_dir};

@@ -14,6 +14,7 @@ pub mod config;
 pub mod crashpoint;
 pub mod emulator;
 pub mod evidence;
+pub mod exit;
 pub mod ingest;
 pub mod interrupt;
 pub mod lock;
@@ -37,17 +38,10 @@ pub mod tsv;
 
 use anyhow::bail;
 
+pub use crate::exit::ExitStatus;
+
 use crate::config::{Command, Config, StatusTarget};
 use crate::printer::Printer;
-
-/// How a command ended, as the exit code of DESIGN.md §3 (decided in `main` only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    /// 0: done.
-    Done,
-    /// 75: not done yet; run again later (or the run is locked by another command).
-    NotYet,
-}
 
 /// `plan`, then the run folder as the only stdout line (none when nothing is pending).
 ///

@@ -20,7 +20,10 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Config, NoTls, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::tls::{self, MakeTls, TlsOptions, Verification, load_root_file, load_system_roots};
+use super::tls::{
+    self, MakeTls, TlsError, TlsOptions, Verification, error_chain, load_root_file,
+    load_system_roots,
+};
 
 /// The modes of libpq's `sslmode`, with libpq's meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +185,18 @@ pub enum DbError {
         target: String,
         error: tokio_postgres::Error,
     },
+}
+
+impl From<TlsError> for DbError {
+    fn from(error: TlsError) -> DbError {
+        match error {
+            TlsError::RootCertUnreadable { path, reason } => {
+                DbError::RootCertUnreadable { path, reason }
+            }
+            TlsError::SystemRootCerts { reason } => DbError::SystemRootCerts { reason },
+            TlsError::TlsSetup { reason } => DbError::TlsSetup { reason },
+        }
+    }
 }
 
 impl DbError {
@@ -640,7 +655,7 @@ impl DbTarget {
 
     fn required_roots(&self) -> Result<RootCertStore, DbError> {
         match &self.root_cert {
-            RootCert::File { path, .. } if path.exists() => load_root_file(path),
+            RootCert::File { path, .. } if path.exists() => Ok(load_root_file(path)?),
             RootCert::File { path, explicit } => Err(DbError::RootCertMissing {
                 mode: self.ssl_mode,
                 path: if *explicit {
@@ -652,7 +667,7 @@ impl DbTarget {
                     )
                 },
             }),
-            RootCert::System => load_system_roots(),
+            RootCert::System => Ok(load_system_roots()?),
             RootCert::Unknown => Err(DbError::RootCertMissing {
                 mode: self.ssl_mode,
                 path: "~/.postgresql/root.crt (no home directory found)".to_owned(),
@@ -664,7 +679,11 @@ impl DbTarget {
         // Direct TLS (PostgreSQL 17) needs the ALPN name; the classic SSLRequest does not,
         // and some TLS-terminating proxies refuse names they do not know.
         let alpn = self.config.get_ssl_negotiation() == SslNegotiation::Direct;
-        tls::client_config(self.verification()?, self.tls_options, alpn)
+        Ok(tls::client_config(
+            self.verification()?,
+            self.tls_options,
+            alpn,
+        )?)
     }
 }
 
@@ -877,21 +896,6 @@ fn is_tls_error(error: &tokio_postgres::Error) -> bool {
         cause = current.source();
     }
     false
-}
-
-/// "outer: cause: cause", as `{:#}` prints an anyhow chain; consecutive repeats dropped
-/// (`io::Error` displays its inner error and also returns that error's source).
-pub(super) fn error_chain(error: &dyn StdError) -> String {
-    let mut parts = vec![error.to_string()];
-    let mut cause = error.source();
-    while let Some(current) = cause {
-        let text = current.to_string();
-        if parts.last() != Some(&text) {
-            parts.push(text);
-        }
-        cause = current.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]

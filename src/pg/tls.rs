@@ -1,7 +1,7 @@
 //! The TLS half of connecting: rustls client configurations that check the server as libpq's
 //! `sslmode` says (any certificate, the chain only, or the chain and the host name), the root
 //! stores they check against, and the connector tokio-postgres takes. `conn` decides which
-//! check a target needs; this module only builds it. Errors are `conn`'s `DbError`.
+//! check a target needs; this module only builds it. Its errors become `conn`'s `DbError`s.
 
 use std::error::Error as StdError;
 use std::path::Path;
@@ -17,7 +17,13 @@ use tokio_postgres::Socket;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::conn::{DbError, error_chain};
+/// Why a TLS client configuration could not be built; `conn` reports each as its `DbError`.
+#[derive(Debug)]
+pub(super) enum TlsError {
+    RootCertUnreadable { path: String, reason: String },
+    SystemRootCerts { reason: String },
+    TlsSetup { reason: String },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct TlsOptions {
@@ -34,7 +40,7 @@ pub(super) fn client_config(
     verification: Verification,
     options: TlsOptions,
     alpn: bool,
-) -> Result<rustls::ClientConfig, DbError> {
+) -> Result<rustls::ClientConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut versions = Vec::new();
     if options.tls13 {
@@ -43,7 +49,7 @@ pub(super) fn client_config(
     if options.tls12 {
         versions.push(&rustls::version::TLS12);
     }
-    let tls_setup = |error: &dyn StdError| DbError::TlsSetup {
+    let tls_setup = |error: &dyn StdError| TlsError::TlsSetup {
         reason: error_chain(error),
     };
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -72,8 +78,8 @@ pub(super) fn client_config(
     Ok(tls_config)
 }
 
-pub(super) fn load_root_file(path: &Path) -> Result<RootCertStore, DbError> {
-    let unreadable = |reason: String| DbError::RootCertUnreadable {
+pub(super) fn load_root_file(path: &Path) -> Result<RootCertStore, TlsError> {
+    let unreadable = |reason: String| TlsError::RootCertUnreadable {
         path: path.display().to_string(),
         reason,
     };
@@ -94,7 +100,7 @@ pub(super) fn load_root_file(path: &Path) -> Result<RootCertStore, DbError> {
     Ok(roots)
 }
 
-pub(super) fn load_system_roots() -> Result<RootCertStore, DbError> {
+pub(super) fn load_system_roots() -> Result<RootCertStore, TlsError> {
     let loaded = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
     roots.add_parsable_certificates(loaded.certs);
@@ -103,7 +109,7 @@ pub(super) fn load_system_roots() -> Result<RootCertStore, DbError> {
             Some(error) => error_chain(error),
             None => "none found".to_owned(),
         };
-        return Err(DbError::SystemRootCerts { reason });
+        return Err(TlsError::SystemRootCerts { reason });
     }
     Ok(roots)
 }
@@ -242,4 +248,19 @@ impl MakeTlsConnect<Socket> for MakeTls {
         };
         MakeTlsConnect::<Socket>::make_tls_connect(&mut self.0, name)
     }
+}
+
+/// "outer: cause: cause", as `{:#}` prints an anyhow chain; consecutive repeats dropped
+/// (`io::Error` displays its inner error and also returns that error's source).
+pub(super) fn error_chain(error: &dyn StdError) -> String {
+    let mut parts = vec![error.to_string()];
+    let mut cause = error.source();
+    while let Some(current) = cause {
+        let text = current.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+        cause = current.source();
+    }
+    parts.join(": ")
 }

@@ -7,6 +7,7 @@ mod damage;
 mod family;
 mod harness;
 mod ingest;
+mod layers;
 mod plan;
 mod resilience;
 mod security;
