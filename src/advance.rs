@@ -26,14 +26,14 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 
 pub use crate::config::AdvanceOptions;
-use crate::config::{ApiSettings, Database, Global};
+use crate::config::{Database, Global};
 use crate::crashpoint::crashpoint;
 use crate::exit::ExitStatus;
 use crate::lock::RunLock;
 use crate::pg::conn::DbFault;
 use crate::plan::{INPUT_FILE, batch_dir};
 use crate::printer::Printer;
-use crate::provider::openai::{self as api, ApiClient, ApiError, ClientOptions};
+use crate::provider::openai::{self as api, ApiClient, ApiError};
 use crate::state::{BatchState, Event, RemoteError, RemoteSnapshot, RequestCounts, StateKind};
 use crate::store::{self, RunFile};
 
@@ -82,29 +82,6 @@ impl Goal {
     fn ingests(self) -> bool {
         matches!(self, Goal::Done | Goal::IngestOnly)
     }
-}
-
-/// The API client for the configured settings, or a message saying what is missing.
-pub fn client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
-    Ok(ApiClient::new(client_options(settings)?)?)
-}
-
-/// The client options of the configured settings (the batch path's retry policy), or a
-/// message saying what is missing.
-pub fn client_options(settings: &ApiSettings) -> anyhow::Result<ClientOptions> {
-    let api_key = settings.api_key.clone().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no OpenAI API key; set OPENAI_API_KEY in the environment or in .env (to try embatch without one, run `embatch emulator` and point OPENAI_BASE_URL at it)"
-        )
-    })?;
-    Ok(ClientOptions {
-        base_url: settings.base_url.clone(),
-        api_key,
-        organization: settings.organization.clone(),
-        project: settings.project.clone(),
-        max_retries: settings.max_retries,
-        ..ClientOptions::default()
-    })
 }
 
 /// `embatch advance` (and `submit`): returns `Done` when the run is finished.
@@ -304,7 +281,7 @@ impl Stepper {
         }
         let lock = RunLock::acquire(run_dir, command)?;
         let run = store::load(run_dir)?;
-        let api = client(&global.api)?;
+        let api = crate::provider::batch_client(&global.api)?;
         let stepper = Stepper {
             run_dir: run_dir.to_path_buf(),
             run,

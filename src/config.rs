@@ -8,6 +8,7 @@ use crate::models::EncodingFormat;
 use crate::pg::conn::{DbError, DbTarget};
 use crate::pg::source::SourceConfig;
 use crate::printer::OutputSettings;
+use crate::provider::ApiSettings;
 use crate::sharder::BatchLimits;
 use crate::store::OnTooLong;
 
@@ -68,17 +69,6 @@ pub enum DatabaseError {
     NotGiven,
     #[error(transparent)]
     Invalid(Arc<DbError>),
-}
-
-/// How to reach the OpenAI API. The key is a secret: never printed, never written.
-#[derive(Debug, Clone)]
-pub struct ApiSettings {
-    pub api_key: Option<String>,
-    pub base_url: String,
-    pub organization: Option<String>,
-    pub project: Option<String>,
-    /// Retries of a read, download or delete after a 429, 5xx or connection error.
-    pub max_retries: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]

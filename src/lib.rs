@@ -123,7 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         Command::Submit(submit) => {
             if !submit.dry_run {
                 // Fail on a missing key before planning, not after.
-                advance::client(&config.global.api)?;
+                provider::batch_client(&config.global.api)?;
             }
             let Some(run_dir) =
                 plan_and_print(&config, &submit.plan, &printer, now, !submit.dry_run).await?
@@ -148,7 +148,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             .await
         }
         Command::Run(run_cfg) => {
-            advance::client(&config.global.api)?;
+            provider::batch_client(&config.global.api)?;
             let Some(run_dir) = plan_and_print(&config, &run_cfg.plan, &printer, now, true).await?
             else {
                 return Ok(ExitStatus::Done);

@@ -11,13 +11,14 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{
-    AdvanceConfig, AdvanceOptions, ApiSettings, CancelConfig, Command, Config, Database,
-    EmbedConfig, EmulatorCommandConfig, Global, IngestConfig, PlanConfig, RealtimeConfig,
-    RunConfig, RunsConfig, ServeConfig, StatusConfig, StatusTarget, SubmitConfig,
+    AdvanceConfig, AdvanceOptions, CancelConfig, Command, Config, Database, EmbedConfig,
+    EmulatorCommandConfig, Global, IngestConfig, PlanConfig, RealtimeConfig, RunConfig, RunsConfig,
+    ServeConfig, StatusConfig, StatusTarget, SubmitConfig,
 };
 use crate::models::{DEFAULT_MODEL, EncodingFormat};
 use crate::pg::source::SourceConfig;
 use crate::printer::OutputSettings;
+use crate::provider::ApiSettings;
 use crate::sharder::BatchLimits;
 use crate::store::OnTooLong;
 

@@ -1338,5 +1338,9 @@ async fn sync_parent(path: &Path) -> Result<(), ApiError> {
     Ok(())
 }
 
+mod seam;
+
+pub use seam::{remote_batch, remote_file, snapshot};
+
 #[cfg(test)]
 mod tests;

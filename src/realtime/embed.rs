@@ -19,13 +19,13 @@ use std::ops::Range;
 use sha2::{Digest as _, Sha256};
 use tokio_postgres::{Client, Statement};
 
-use crate::config::{ApiSettings, EmbedConfig, Global, RealtimeConfig};
+use crate::config::{EmbedConfig, Global, RealtimeConfig};
 use crate::models::{self, DimensionChoice};
 use crate::pg::conn::DbTarget;
 use crate::pg::sink::{RowOutcome, Sink, SinkError, VectorRow};
 use crate::pg::source::{Source, quote_ident, quote_qualified};
 use crate::printer::Printer;
-use crate::provider::openai::{ApiClient, ApiError, ClientOptions};
+use crate::provider::openai::{ApiClient, ApiError};
 use crate::store::{IdType, SourceSettings};
 use crate::tokens::{MAX_INPUT_TOKENS, count_tokens};
 
@@ -431,16 +431,6 @@ pub async fn fetch_vectors(
     Ok(vectors)
 }
 
-/// The API client of the realtime path. Its retry policy is the batch path's (429, 5xx and
-/// connection errors, honouring `Retry-After`) with a shorter longest wait: someone is waiting
-/// for the answer.
-pub fn realtime_client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
-    Ok(ApiClient::new(ClientOptions {
-        max_backoff: std::time::Duration::from_secs(10),
-        ..crate::advance::client_options(settings)?
-    })?)
-}
-
 /// The database target from the global settings.
 pub fn db_target(global: &Global) -> anyhow::Result<DbTarget> {
     Ok(global.database()?.clone())
@@ -468,7 +458,7 @@ pub async fn embed_command(
     cfg: &EmbedConfig,
     printer: &Printer,
 ) -> anyhow::Result<()> {
-    let api = realtime_client(&global.api)?;
+    let api = crate::provider::realtime_client(&global.api)?;
     let target_db = db_target(global)?;
     let client = target_db.connect().await?;
     let target = Target::inspect(&client, &cfg.realtime).await?;

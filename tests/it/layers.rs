@@ -35,12 +35,13 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("services", &["pg", "provider", "emulator"]),
     // Validated settings of each command (they name pg's source settings and the printer's).
     ("config", &["config"]),
+    // The realtime path, beside the batch path: it never touches a run.
+    ("realtime", &["realtime"]),
     // The stages of a run.
     ("plan", &["plan"]),
     ("advance", &["advance", "ingest", "evidence"]),
-    // Reading a run back, and the realtime path beside the batch path.
+    // Reading a run back.
     ("report", &["status"]),
-    ("realtime", &["realtime"]),
     // Arguments, dispatch, and the test support that drives the whole.
     ("top", &["cli", "crate", "testkit"]),
 ];

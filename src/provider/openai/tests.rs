@@ -1420,3 +1420,31 @@ async fn emu_embed_returns_the_emulator_vectors_in_order() {
     );
     assert_no_key(&e);
 }
+
+/// The seam translates a Batch object into the values the state machine keeps, and keeps
+/// OpenAI's own object (pretty JSON) for batch.json.
+#[test]
+fn a_batch_is_translated_at_the_seam() {
+    let wire: Batch = serde_json::from_value(serde_json::json!({
+        "id": "batch_1", "status": "failed", "input_file_id": "file-in",
+        "output_file_id": null, "error_file_id": "file-err",
+        "created_at": 1_790_000_000, "expires_at": 1_790_086_400,
+        "request_counts": {"total": 3, "completed": 1, "failed": 2},
+        "errors": {"data": [{"code": "token_limit_exceeded", "message": "Enqueued token limit reached", "line": null}]},
+        "metadata": {"embatch_batch": "batch_001"}
+    }))
+    .unwrap();
+    let remote = remote_batch(&wire).unwrap();
+    assert_eq!(remote.id, "batch_1");
+    assert_eq!(remote.created_at.timestamp(), 1_790_000_000);
+    assert_eq!(remote.metadata["embatch_batch"], "batch_001");
+    assert_eq!(remote.snapshot.status, crate::state::RemoteStatus::Failed);
+    assert_eq!(remote.snapshot.request_counts.failed, 2);
+    assert_eq!(remote.snapshot.error_file_id.as_deref(), Some("file-err"));
+    assert_eq!(
+        remote.snapshot.expires_at.map(|t| t.timestamp()),
+        Some(1_790_086_400)
+    );
+    assert!(remote.snapshot.is_queue_refusal());
+    assert_eq!(remote.record, serde_json::to_string_pretty(&wire).unwrap());
+}
