@@ -25,7 +25,7 @@ use crate::pg::conn::DbTarget;
 use crate::pg::sink::{RowOutcome, Sink, SinkError, VectorRow};
 use crate::pg::source::{Source, quote_ident, quote_qualified};
 use crate::printer::Printer;
-use crate::provider::openai::{ApiClient, ApiError};
+use crate::provider::{ApiError, BatchProvider};
 use crate::store::{IdType, SourceSettings};
 use crate::tokens::{MAX_INPUT_TOKENS, count_tokens};
 
@@ -419,7 +419,7 @@ fn db_error(context: &str, error: &tokio_postgres::Error) -> EmbedError {
 /// Calls the API for `ready` chunks (one request: the caller packs), returning one vector per
 /// chunk in order.
 pub async fn fetch_vectors(
-    api: &ApiClient,
+    api: &dyn BatchProvider,
     target: &Target,
     ready: &[Ready],
 ) -> Result<Vec<Vec<f32>>, EmbedError> {
@@ -440,7 +440,7 @@ pub fn db_target(global: &Global) -> anyhow::Result<DbTarget> {
 /// chunks' `Failed` outcome; a database failure is the caller's error.
 async fn embed_group(
     conn: &mut Conn,
-    api: &ApiClient,
+    api: &dyn BatchProvider,
     target: &Target,
     overwrite: bool,
     ready: &[Ready],

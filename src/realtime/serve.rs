@@ -51,7 +51,7 @@ use tower::ServiceExt as _;
 use crate::config::{Global, ServeConfig};
 use crate::pg::conn::{DbError, DbTarget};
 use crate::printer::Printer;
-use crate::provider::openai::ApiClient;
+use crate::provider::BatchProvider;
 use crate::realtime::embed::{self, Conn, EmbedError, Outcome, Readiness, Target};
 
 /// How long a request waits for a free database connection before answering 503.
@@ -284,7 +284,7 @@ impl Flights {
 /// Everything the handlers share: one pool, one HTTP client, the checked target.
 pub struct AppState {
     pub pool: Pool,
-    pub api: ApiClient,
+    pub api: Box<dyn BatchProvider>,
     pub target: Target,
     /// sha256 of the bearer token: compared in constant time, and the token itself is not
     /// kept.
@@ -615,7 +615,7 @@ async fn embed_one(state: &AppState, chunk_id: &str, overwrite: bool) -> Reply {
         };
         // No connection is held during the API call: a slow provider must not starve the pool.
         let ready = [ready];
-        let vectors = match embed::fetch_vectors(&state.api, &state.target, &ready).await {
+        let vectors = match embed::fetch_vectors(state.api.as_ref(), &state.target, &ready).await {
             Ok(vectors) => vectors,
             Err(e) => return embed_error_reply(chunk_id, &e),
         };
@@ -665,7 +665,7 @@ pub fn check_listen(addr: SocketAddr, has_token: bool) -> anyhow::Result<()> {
 /// Builds the shared state: the API client, the pool (one connection opened now, so a wrong
 /// `DATABASE_URL` fails at start), and the checked target.
 pub async fn app_state(global: &Global, cfg: &ServeConfig) -> anyhow::Result<Arc<AppState>> {
-    let api = crate::provider::realtime_client(&global.api)?;
+    let api = Box::new(crate::provider::realtime_client(&global.api)?);
     let db_target = embed::db_target(global)?;
     let pool = pool(db_target, cfg.max_connections)?;
     let target = {
