@@ -40,7 +40,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use base64::Engine;
-use embatch::state::{BatchState, Downloaded, RemoteDone, RemoteSnapshot, RequestCounts, Terminal};
+use embatch::run::state::{
+    BatchState, Downloaded, RemoteDone, RemoteSnapshot, RequestCounts, Terminal,
+};
 use embatch::testkit::pgtemp::ThrowawayPostgres;
 use futures_util::StreamExt;
 use rand::rngs::StdRng;
@@ -212,10 +214,10 @@ fn base64_json(vector: &[f32]) -> String {
 
 /// The batch folders of a run and the chunk ids of each (from `chunks.tsv`).
 fn batches_of(run_dir: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<String>)>> {
-    let run = embatch::store::load(run_dir)?;
+    let run = embatch::run::store::load(run_dir)?;
     let mut out = Vec::new();
     for batch in &run.batches {
-        let dir = embatch::plan::batch_dir(run_dir, &batch.name);
+        let dir = embatch::run::layout::batch_dir(run_dir, &batch.name);
         let reader = BufReader::new(fs_err::File::open(dir.join("chunks.tsv"))?);
         let mut ids = Vec::new();
         embatch::tsv::for_each_record(reader, |fields| {
@@ -265,9 +267,9 @@ fn write_outputs(run_dir: &Path, seed: u64) -> anyhow::Result<(u64, u64)> {
 /// Makes every batch of the run `downloaded` (completed) with `output.<kind>.jsonl` as its
 /// output file, as if the provider had finished and the files had been fetched.
 fn make_downloaded(run_dir: &Path, kind: &str) -> anyhow::Result<()> {
-    let mut run = embatch::store::load(run_dir)?;
+    let mut run = embatch::run::store::load(run_dir)?;
     for batch in &mut run.batches {
-        let dir = embatch::plan::batch_dir(run_dir, &batch.name);
+        let dir = embatch::run::layout::batch_dir(run_dir, &batch.name);
         let output = dir.join("output.jsonl");
         let _ = fs_err::remove_file(&output);
         fs_err::hard_link(dir.join(format!("output.{kind}.jsonl")), &output)?;
@@ -279,7 +281,7 @@ fn make_downloaded(run_dir: &Path, kind: &str) -> anyhow::Result<()> {
                 batch_id: format!("batch_{}", batch.name),
                 submission: 1,
                 remote: RemoteSnapshot {
-                    status: embatch::state::RemoteStatus::Completed,
+                    status: embatch::run::state::RemoteStatus::Completed,
                     request_counts: RequestCounts {
                         total: batch.requests,
                         completed: batch.requests,
@@ -297,7 +299,7 @@ fn make_downloaded(run_dir: &Path, kind: &str) -> anyhow::Result<()> {
             retries_planned: false,
         });
     }
-    embatch::store::save(run_dir, &run)?;
+    embatch::run::store::save(run_dir, &run)?;
     Ok(())
 }
 

@@ -29,13 +29,15 @@ pub use crate::config::AdvanceOptions;
 use crate::config::{Database, Global};
 use crate::crashpoint::crashpoint;
 use crate::exit::ExitStatus;
-use crate::lock::RunLock;
 use crate::pg::conn::DbFault;
-use crate::plan::{INPUT_FILE, batch_dir};
+use crate::run::lock::RunLock;
+
 use crate::printer::Printer;
 use crate::provider::openai::{self as api, ApiClient, ApiError};
-use crate::state::{BatchState, Event, RemoteError, RemoteSnapshot, RequestCounts, StateKind};
-use crate::store::{self, RunFile};
+use crate::run::layout;
+use crate::run::layout::{BATCH_JSON, ERRORS_FILE, INPUT_FILE, OUTPUT_FILE, batch_dir};
+use crate::run::state::{BatchState, Event, RemoteError, RemoteSnapshot, RequestCounts, StateKind};
+use crate::run::store::{self, RunFile};
 
 /// How long the provider keeps an uploaded input file (DESIGN.md §5: not its 30-day default).
 pub const INPUT_FILE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -55,10 +57,6 @@ const NOTABLE_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 /// How many times in a row one call reconnects to the database after a transient fault
 /// (1 s, 2 s, 4 s apart) before it exits 75.
 pub const MAX_DB_RECONNECTS: u32 = 3;
-
-pub const OUTPUT_FILE: &str = "output.jsonl";
-pub const ERRORS_FILE: &str = "errors.jsonl";
-pub const BATCH_JSON: &str = "batch.json";
 
 /// How far `advance` goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,7 +274,7 @@ impl Stepper {
         printer: &Printer,
     ) -> anyhow::Result<(RunLock, Stepper)> {
         // A folder that is not a run gets no `run.lock` left behind in it.
-        if !run_dir.join(store::RUN_FILE).exists() {
+        if !run_dir.join(layout::RUN_FILE).exists() {
             store::load(run_dir)?;
         }
         let lock = RunLock::acquire(run_dir, command)?;
@@ -563,7 +561,7 @@ impl Stepper {
         else {
             return true;
         };
-        let estimate = |b: &crate::store::BatchRecord| b.tokens.max(b.bytes.div_ceil(4));
+        let estimate = |b: &crate::run::store::BatchRecord| b.tokens.max(b.bytes.div_ceil(4));
         let in_flight: u64 = self
             .run
             .batches

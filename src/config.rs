@@ -9,8 +9,8 @@ use crate::pg::conn::{DbError, DbTarget};
 use crate::pg::source::SourceConfig;
 use crate::printer::OutputSettings;
 use crate::provider::ApiSettings;
+use crate::run::store::OnTooLong;
 use crate::sharder::BatchLimits;
-use crate::store::OnTooLong;
 
 /// Options shared by every command.
 #[derive(Debug, Clone)]

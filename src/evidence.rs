@@ -16,9 +16,9 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::plan::{CHUNKS_FILE, INPUT_FILE, batch_dir};
 use crate::printer::Printer;
-use crate::store::{self, BatchRecord, FileDigest, OnTooLong, RunFile};
+use crate::run::layout::{CHUNKS_FILE, INPUT_FILE, batch_dir};
+use crate::run::store::{self, BatchRecord, FileDigest, OnTooLong, RunFile};
 use crate::tokens;
 use crate::tsv;
 

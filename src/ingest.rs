@@ -13,23 +13,20 @@ use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use anyhow::{Context, bail};
 use tokio_postgres::Client;
 
-use crate::advance::{ERRORS_FILE, OUTPUT_FILE, Progress, Stepper};
+use crate::advance::{Progress, Stepper};
 use crate::output::{FailReason, LineOutcome, parse_line_bytes};
 use crate::pg::sink::{RowOutcome, Sink, VectorRow};
 use crate::pg::source::{self, ChunkRow, quote_ident, quote_qualified};
-use crate::plan::{CHUNKS_FILE, Numbering, RunWriter};
+use crate::plan::{Numbering, RunWriter};
 use crate::request::RequestTemplate;
-use crate::runs::HeldChunks;
-use crate::state::{
+use crate::run::layout::{CHUNKS_FILE, ERRORS_FILE, FAILED_FILE, OUTPUT_FILE, RETRY_SKIPPED_FILE};
+use crate::run::state::{
     BatchState, Event, IngestCounts, IngestFile, IngestOutcome, IngestProgress, LineAnomalies,
     Terminal,
 };
-use crate::store::OnTooLong;
+use crate::run::store::OnTooLong;
+use crate::runs::HeldChunks;
 use crate::tsv;
-
-pub const FAILED_FILE: &str = "failed_chunk_ids.tsv";
-/// Chunks a retry could not send again (deleted or no longer sendable): id, reason.
-pub const RETRY_SKIPPED_FILE: &str = "retry_skipped.tsv";
 
 /// The database side of a stepper, connected on first need.
 pub(crate) struct DbContext {
@@ -239,7 +236,7 @@ impl Stepper {
         &mut self,
         db: DbContext,
         idx: usize,
-        downloaded: &crate::state::Downloaded,
+        downloaded: &crate::run::state::Downloaded,
     ) -> anyhow::Result<(IngestOutcome, DbContext)> {
         let dir = self.dir(idx);
         let batch = &self.run.batches[idx];

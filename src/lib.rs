@@ -17,7 +17,6 @@ pub mod evidence;
 pub mod exit;
 pub mod ingest;
 pub mod interrupt;
-pub mod lock;
 pub mod models;
 pub mod output;
 pub mod pg;
@@ -26,11 +25,10 @@ pub mod printer;
 pub mod provider;
 pub mod realtime;
 pub mod request;
+pub mod run;
 pub mod runs;
 pub mod sharder;
-pub mod state;
 pub mod status;
-pub mod store;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod tokens;
@@ -177,7 +175,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         Command::Status(status_cfg) => {
             let (run_dir, only) = match &status_cfg.target {
                 StatusTarget::Run(dir) => (dir.clone(), None),
-                StatusTarget::Batch(file) => match status::locate_batch(file) {
+                StatusTarget::Batch(file) => match run::layout::locate_batch(file) {
                     Some((dir, name)) => (dir, Some(name)),
                     None => bail!(
                         "{} is not inside a run folder (expected …/run_…/batches/batch_NNN/batch.json)",
@@ -196,7 +194,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                 )
                 .await?;
             }
-            let run = store::load(&run_dir)?;
+            let run = run::store::load(&run_dir)?;
             if let Some(name) = &only
                 && !run.batches.iter().any(|b| &b.name == name)
             {

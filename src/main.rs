@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use embatch::ExitStatus;
 use embatch::interrupt::Interrupted;
-use embatch::lock::LockError;
+use embatch::run::lock::LockError;
 
 fn main() -> ExitCode {
     // Run folders hold private text: whatever we create is the owner's only.

@@ -22,22 +22,19 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Global, PlanConfig};
 use crate::interrupt::{self, Interrupted};
-use crate::lock::{self, FamilyLock};
 use crate::models;
 use crate::pg::conn::DbTarget;
 use crate::pg::source::{self, ChunkRow, FamilyIdType, PendingRow, Source};
 use crate::printer::Printer;
 use crate::request::RequestTemplate;
+use crate::run::layout::{CHUNKS_FILE, INPUT_FILE, SKIPPED_FILE, batch_dir, batch_name};
+use crate::run::lock::{self, FamilyLock};
+use crate::run::state::{BatchState, Planned};
+use crate::run::store::{self, BatchRecord, OnTooLong, PlanSummary, RunFile, RunSettings};
 use crate::runs::{self, HeldChunks};
 use crate::sharder::{BatchTally, ItemSize, Placement, Sharder};
-use crate::state::{BatchState, Planned};
-use crate::store::{self, BatchRecord, OnTooLong, PlanSummary, RunFile, RunSettings};
 use crate::tokens;
 use crate::tsv;
-
-pub const SKIPPED_FILE: &str = "skipped.tsv";
-pub const CHUNKS_FILE: &str = "chunks.tsv";
-pub const INPUT_FILE: &str = "input.jsonl";
 
 /// Rows prepared per round by one worker thread: ~400 KB of text, far more work than handing
 /// a round over, and little memory.
@@ -59,16 +56,6 @@ impl SkipReason {
             SkipReason::TooLargeForBatch => "too_large_for_batch",
         }
     }
-}
-
-/// Folder of batch `name` inside a run folder.
-pub fn batch_dir(run_dir: &Path, name: &str) -> PathBuf {
-    run_dir.join("batches").join(name)
-}
-
-/// `batch_001`, `batch_002`, … (at least three digits).
-pub fn batch_name(number: usize) -> String {
-    format!("batch_{number:03}")
 }
 
 /// Creates a folder (and its missing parents) readable by its owner only.

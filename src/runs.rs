@@ -11,7 +11,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::store::{self, RunFile, StoreError};
+use crate::run::store::{self, RunFile, StoreError};
 use crate::tsv;
 
 /// Characters kept as they are in a family's folder name; the rest is percent-encoded.
@@ -316,7 +316,7 @@ pub fn held_chunks(family_dirs: &[PathBuf]) -> anyhow::Result<HeldChunks> {
                 && run
                     .batches
                     .iter()
-                    .all(|b| b.state.kind() == crate::state::StateKind::Planned),
+                    .all(|b| b.state.kind() == crate::run::state::StateKind::Planned),
         });
         for batch in &run.batches {
             let path = found

@@ -3,13 +3,14 @@
 //! Read-only and lock-free: it loads `run.json` and renders it. Asking the API first
 //! (`--refresh`) belongs to the advance step, not here.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use comfy_table::{Cell, Color, ContentArrangement, Table, presets};
 use serde::Serialize;
 
-use crate::state::{BatchState, LineAnomalies, RequestCounts, StateKind};
-use crate::store::{BatchRecord, RunFile};
+use crate::run::layout;
+use crate::run::state::{BatchState, LineAnomalies, RequestCounts, StateKind};
+use crate::run::store::{BatchRecord, RunFile};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusJson {
@@ -123,21 +124,6 @@ pub fn view(run: &RunFile, run_dir: &Path, only: Option<&str>) -> StatusJson {
     }
 }
 
-/// `--batch-file PATH/batch.json` (or the batch folder) → (run folder, batch name).
-pub fn locate_batch(batch_file: &Path) -> Option<(PathBuf, String)> {
-    let batch_dir = if batch_file.file_name().is_some_and(|n| n == "batch.json") {
-        batch_file.parent()?
-    } else {
-        batch_file
-    };
-    let name = batch_dir.file_name()?.to_string_lossy().into_owned();
-    let batches = batch_dir.parent()?;
-    if batches.file_name()? != "batches" {
-        return None;
-    }
-    Some((batches.parent()?.to_path_buf(), name))
-}
-
 fn state_colour(kind: StateKind) -> Color {
     match kind {
         StateKind::Ingested => Color::Green,
@@ -236,10 +222,10 @@ pub fn render_table(status: &StatusJson, colour: bool) -> String {
 pub fn missing_files(run: &RunFile, run_dir: &Path) -> Vec<String> {
     let mut missing = Vec::new();
     for batch in &run.batches {
-        let dir = crate::plan::batch_dir(run_dir, &batch.name);
+        let dir = layout::batch_dir(run_dir, &batch.name);
         match &batch.state {
             BatchState::Planned(_) => {
-                let input = dir.join(crate::plan::INPUT_FILE);
+                let input = dir.join(layout::INPUT_FILE);
                 if !input.exists() {
                     missing.push(format!(
                         "{} is missing, so batch {} cannot be uploaded; restore the file if you have a copy, or `embatch cancel --run-dir {}` and plan again",
@@ -251,8 +237,8 @@ pub fn missing_files(run: &RunFile, run_dir: &Path) -> Vec<String> {
             }
             BatchState::Downloaded(downloaded) => {
                 let files = [
-                    (downloaded.has_output, crate::advance::OUTPUT_FILE),
-                    (downloaded.has_errors, crate::advance::ERRORS_FILE),
+                    (downloaded.has_output, layout::OUTPUT_FILE),
+                    (downloaded.has_errors, layout::ERRORS_FILE),
                 ];
                 for (_, name) in files.iter().filter(|(has, _)| *has) {
                     let path = dir.join(name);
@@ -270,20 +256,4 @@ pub fn missing_files(run: &RunFile, run_dir: &Path) -> Vec<String> {
         }
     }
     missing
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_file_locates_its_run() {
-        let (run, name) =
-            locate_batch(Path::new("/r/fam/run_x/batches/batch_002/batch.json")).unwrap();
-        assert_eq!(run, PathBuf::from("/r/fam/run_x"));
-        assert_eq!(name, "batch_002");
-        let (run, _) = locate_batch(Path::new("/r/fam/run_x/batches/batch_002")).unwrap();
-        assert_eq!(run, PathBuf::from("/r/fam/run_x"));
-        assert!(locate_batch(Path::new("/r/batch.json")).is_none());
-    }
 }

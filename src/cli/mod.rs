@@ -19,8 +19,8 @@ use crate::models::{DEFAULT_MODEL, EncodingFormat};
 use crate::pg::source::SourceConfig;
 use crate::printer::OutputSettings;
 use crate::provider::ApiSettings;
+use crate::run::store::OnTooLong;
 use crate::sharder::BatchLimits;
-use crate::store::OnTooLong;
 
 const AFTER_HELP: &str = "Exit codes: 0 done, 75 not done yet (run again later, or the run is locked), 2 usage error, 1 any other error.";
 

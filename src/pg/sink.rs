@@ -17,7 +17,7 @@ use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Statement, Transaction};
 
 use crate::pg::source::{quote_ident, quote_qualified};
-use crate::store::SourceSettings;
+use crate::run::store::SourceSettings;
 
 /// One vector to write: the chunk id (as text, the request's `custom_id`), its vector, and the
 /// lowercase sha256 hex of the content it was computed from (recorded at plan time).

@@ -12,7 +12,7 @@ use std::error::Error as _;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, IsolationLevel};
 
-use crate::store::{DatabaseIdentity, IdType, SourceSettings};
+use crate::run::store::{DatabaseIdentity, IdType, SourceSettings};
 
 /// The default schema of DESIGN.md §1 (what the demo and the tests create).
 pub const DEFAULT_SCHEMA_SQL: &str = "

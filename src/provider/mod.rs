@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 
-use crate::state::RemoteSnapshot;
+use crate::run::state::RemoteSnapshot;
 
 pub use openai::{ApiClient, ApiError, ByteObserver, ClientOptions, ClockReading};
 

@@ -26,7 +26,7 @@ use crate::pg::sink::{RowOutcome, Sink, SinkError, VectorRow};
 use crate::pg::source::{Source, quote_ident, quote_qualified};
 use crate::printer::Printer;
 use crate::provider::{ApiError, BatchProvider};
-use crate::store::{IdType, SourceSettings};
+use crate::run::store::{IdType, SourceSettings};
 use crate::tokens::{MAX_INPUT_TOKENS, count_tokens};
 
 /// The provider's limits on one `/v1/embeddings` request (the OpenAPI description of

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use embatch::emulator::{EmulatorConfig, Faults, LostAnswer};
-use embatch::state::{BatchState, StateKind};
-use embatch::store::{self, RunFile};
+use embatch::run::state::{BatchState, StateKind};
+use embatch::run::store::{self, RunFile};
 use uuid::Uuid;
 
 use crate::harness::{Run, TestEnv, read};
@@ -92,7 +92,7 @@ async fn advance_takes_every_batch_to_ingested_exactly_once() {
             unreachable!()
         };
         assert_eq!(i.counts.ingested, batch.requests);
-        assert_eq!(i.terminal, embatch::state::Terminal::Completed);
+        assert_eq!(i.terminal, embatch::run::state::Terminal::Completed);
         assert!(i.remote_files_deleted);
     }
     // Once ingested, every remote file of the run is deleted: nothing private stays there.
@@ -271,7 +271,7 @@ async fn an_expired_batch_downloads_its_partial_output_and_errors() {
     let BatchState::Ingested(i) = &run.batches[0].state else {
         panic!("{:?}", run.batches[0].state)
     };
-    assert_eq!(i.terminal, embatch::state::Terminal::Expired);
+    assert_eq!(i.terminal, embatch::run::state::Terminal::Expired);
     assert_eq!(i.counts.ingested, 5, "half the requests were done");
     assert_eq!(i.to_retry, 5, "the other half is retried");
     let errors = read(run_dir.join("batches/batch_001/errors.jsonl"));

@@ -49,8 +49,8 @@ use std::time::{Duration, Instant};
 
 use embatch::emulator::{EmulatorConfig, Faults, LostAnswer, vectors};
 use embatch::provider::openai::{ApiClient, ClientOptions};
-use embatch::state::{BatchState, StateKind};
-use embatch::store::{self, RunFile};
+use embatch::run::state::{BatchState, StateKind};
+use embatch::run::store::{self, RunFile};
 use proptest::prelude::*;
 use proptest::test_runner::{
     Config, FileFailurePersistence, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,

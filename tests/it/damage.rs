@@ -5,8 +5,8 @@
 //! and nothing paid twice.
 
 use embatch::emulator::EmulatorConfig;
-use embatch::state::StateKind;
-use embatch::store;
+use embatch::run::state::StateKind;
+use embatch::run::store;
 use serde_json::Value;
 
 use crate::advance::advance_until_finished;

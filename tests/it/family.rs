@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use embatch::emulator::EmulatorConfig;
-use embatch::state::StateKind;
-use embatch::store;
+use embatch::run::state::StateKind;
+use embatch::run::store;
 use uuid::Uuid;
 
 use crate::harness::{Run, TestEnv, family_of, read};
@@ -220,7 +220,8 @@ async fn overlapping_plans_of_one_family_never_take_a_chunk_twice() {
 async fn a_held_advisory_lock_makes_the_plan_wait_then_exit_75_naming_the_holder() {
     let env = TestEnv::new().await;
     let (family, _) = family_of(&env, 1, 2).await;
-    let key = embatch::lock::plan_lock_key("\"public\".\"knowledge_chunks\"", &family.to_string());
+    let key =
+        embatch::run::lock::plan_lock_key("\"public\".\"knowledge_chunks\"", &family.to_string());
     env.client
         .batch_execute("SET application_name = 'nightly cron on box 7'")
         .await
@@ -241,7 +242,7 @@ async fn a_held_advisory_lock_makes_the_plan_wait_then_exit_75_naming_the_holder
         "{run:#?}"
     );
     assert!(run.stderr.contains("nightly cron on box 7"), "{run:#?}");
-    assert!(waited >= embatch::lock::PLAN_LOCK_WAIT, "{waited:?}");
+    assert!(waited >= embatch::run::lock::PLAN_LOCK_WAIT, "{waited:?}");
     assert!(env.run_folders().is_empty(), "{:?}", env.run_folders());
 
     env.client
@@ -259,7 +260,8 @@ async fn a_held_plan_lock_file_makes_the_plan_exit_75_naming_the_holder() {
     let (family, _) = family_of(&env, 1, 2).await;
     let family_dir = env.runs_dir.join(family.to_string());
     fs_err::create_dir_all(&family_dir).unwrap();
-    let mut file = fs_err::File::create(family_dir.join(embatch::lock::PLAN_LOCK_FILE)).unwrap();
+    let mut file =
+        fs_err::File::create(family_dir.join(embatch::run::layout::PLAN_LOCK_FILE)).unwrap();
     file.file().lock().unwrap();
     file.write_all(b"pid 4242 on otherhost: embatch plan --family-id x\n")
         .unwrap();

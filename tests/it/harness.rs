@@ -192,7 +192,7 @@ impl TestEnv {
             if let Ok(runs) = fs_err::read_dir(family.path()) {
                 found.extend(
                     runs.filter_map(Result::ok)
-                        .filter(|e| e.file_name() != embatch::lock::PLAN_LOCK_FILE)
+                        .filter(|e| e.file_name() != embatch::run::layout::PLAN_LOCK_FILE)
                         .map(|e| e.path()),
                 );
             }

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use embatch::emulator::{EmulatorConfig, Faults, vectors};
-use embatch::state::StateKind;
-use embatch::store::{self, RunFile};
+use embatch::run::state::StateKind;
+use embatch::run::store::{self, RunFile};
 use uuid::Uuid;
 
 use crate::advance::advance_until_finished;
@@ -148,7 +148,7 @@ async fn a_chunk_edited_after_plan_gets_the_vector_of_its_new_content() {
         failed.contains(&format!("{}\tstale\ttrue", ids[2])),
         "{failed}"
     );
-    let embatch::state::BatchState::Ingested(first) = &run.batches[0].state else {
+    let embatch::run::state::BatchState::Ingested(first) = &run.batches[0].state else {
         panic!()
     };
     assert_eq!((first.counts.ingested, first.counts.stale), (5, 1));
@@ -205,7 +205,7 @@ async fn existing_embeddings_are_kept_unless_overwrite() {
         .unwrap()
         .get(0);
     assert_eq!(kept, marker);
-    let embatch::state::BatchState::Ingested(i) = &load(&run_dir).batches[0].state else {
+    let embatch::run::state::BatchState::Ingested(i) = &load(&run_dir).batches[0].state else {
         panic!()
     };
     assert_eq!((i.counts.ingested, i.counts.already_present), (2, 1));
@@ -384,7 +384,7 @@ async fn ingest_never_spends_and_a_crash_mid_ingest_resumes() {
         .exec(&["ingest", "--run-dir", dir, "--update-chunk-size", "10"])
         .await;
     assert_eq!(run.code, 0, "{run:#?}");
-    let embatch::state::BatchState::Ingested(i) = &load(&run_dir).batches[0].state else {
+    let embatch::run::state::BatchState::Ingested(i) = &load(&run_dir).batches[0].state else {
         panic!()
     };
     assert_eq!(
@@ -663,7 +663,7 @@ async fn ingest_redownload_overwrite_writes_an_ingested_run_again() {
     assert!(run.stderr.contains("5 written"), "{run:#?}");
     assert!(env.emu().counters().downloads > downloads);
     assert_eq!(assert_embedded_exactly(&env, family, 1536).await, 5);
-    let embatch::state::BatchState::Ingested(i) = &load(&run_dir).batches[0].state else {
+    let embatch::run::state::BatchState::Ingested(i) = &load(&run_dir).batches[0].state else {
         panic!()
     };
     assert_eq!(i.counts.ingested, 5);

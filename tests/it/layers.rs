@@ -20,7 +20,6 @@ const LAYERS: &[(&str, &[&str])] = &[
             "tokens",
             "request",
             "sharder",
-            "state",
             "tsv",
             "output",
             "crashpoint",
@@ -29,8 +28,11 @@ const LAYERS: &[(&str, &[&str])] = &[
             "printer",
         ],
     ),
-    // The run folder: run.json and its serde types, the lock, finding runs.
-    ("run", &["store", "lock", "runs"]),
+    // The run folder: its layout, run.json and its serde types, the state machine, the lock,
+    // finding runs.
+    ("run", &["run", "runs"]),
+    // Reading a run back.
+    ("report", &["status"]),
     // The outside world: the database, the batch provider, and the emulator of it.
     ("services", &["pg", "provider", "emulator"]),
     // Validated settings of each command (they name pg's source settings and the printer's).
@@ -40,8 +42,6 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The stages of a run.
     ("plan", &["plan"]),
     ("advance", &["advance", "ingest", "evidence"]),
-    // Reading a run back.
-    ("report", &["status"]),
     // Arguments, dispatch, and the test support that drives the whole.
     ("top", &["cli", "crate", "testkit"]),
 ];

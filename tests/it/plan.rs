@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use embatch::store;
+use embatch::run::store;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -649,7 +649,7 @@ async fn submit_dry_run_writes_files_only() {
         saved
             .batches
             .iter()
-            .all(|b| b.state.kind() == embatch::state::StateKind::Planned)
+            .all(|b| b.state.kind() == embatch::run::state::StateKind::Planned)
     );
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use embatch::emulator::{EmulatorConfig, Faults};
-use embatch::store::{self, RunFile};
+use embatch::run::store::{self, RunFile};
 use uuid::Uuid;
 
 use crate::harness::{Run, TestEnv, count_embedded_exactly};

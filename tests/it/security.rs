@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use embatch::emulator::{EmulatorConfig, Faults};
-use embatch::store;
+use embatch::run::store;
 use embatch::testkit::pgtemp::ThrowawayPostgres;
 use uuid::Uuid;
 
@@ -698,7 +698,7 @@ async fn an_output_line_for_a_chunk_outside_the_batch_is_refused_and_counted() {
     assert!(other.is_none(), "a chunk of another family was written");
     assert_eq!(count_embedded_exactly(&env, family, 1536).await, 2);
     let saved = store::load(&run_dir).unwrap();
-    let embatch::state::BatchState::Ingested(ingested) = &saved.batches[0].state else {
+    let embatch::run::state::BatchState::Ingested(ingested) = &saved.batches[0].state else {
         panic!("not ingested: {:?}", saved.batches[0].state.kind());
     };
     assert_eq!(ingested.anomalies.unknown_custom_id, 2);

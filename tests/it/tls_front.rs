@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use embatch::emulator::EmulatorConfig;
-use embatch::store;
+use embatch::run::store;
 use embatch::testkit::pgtemp::ThrowawayPostgres;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -368,7 +368,7 @@ async fn tls_refusals_are_clear_and_leave_nothing_behind() {
     assert!(run.stderr.contains(cases[0].2), "{run:#?}");
     assert_eq!(
         store::load(&run_dir).unwrap().batches[0].state.kind(),
-        embatch::state::StateKind::Downloaded
+        embatch::run::state::StateKind::Downloaded
     );
     assert_eq!(
         count_embedded_exactly(&env, family.parse().unwrap(), 1536).await,

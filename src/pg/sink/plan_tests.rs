@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::tests::fresh_database;
 use super::*;
-use crate::store::IdType;
+use crate::run::store::IdType;
 
 const DIMENSIONS: usize = 1536;
 

@@ -3,7 +3,7 @@ use sha2::{Digest as _, Sha256};
 use tokio_postgres::NoTls;
 
 use super::*;
-use crate::store::IdType;
+use crate::run::store::IdType;
 use crate::testkit::pgtemp::ThrowawayPostgres;
 
 async fn fresh_url() -> String {

@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 
 use super::{ApiClient, ApiError, Batch, ByteObserver, ClockReading, FileObject};
 use crate::provider::{BatchProvider, RemoteBatch, RemoteFile};
-use crate::state::{RemoteError, RemoteSnapshot, RequestCounts};
+use crate::run::state::{RemoteError, RemoteSnapshot, RequestCounts};
 
 /// Unix seconds → a time (the provider's timestamps; now for one out of range).
 fn from_unix(seconds: i64) -> DateTime<Utc> {

@@ -1438,7 +1438,10 @@ fn a_batch_is_translated_at_the_seam() {
     assert_eq!(remote.id, "batch_1");
     assert_eq!(remote.created_at.timestamp(), 1_790_000_000);
     assert_eq!(remote.metadata["embatch_batch"], "batch_001");
-    assert_eq!(remote.snapshot.status, crate::state::RemoteStatus::Failed);
+    assert_eq!(
+        remote.snapshot.status,
+        crate::run::state::RemoteStatus::Failed
+    );
     assert_eq!(remote.snapshot.request_counts.failed, 2);
     assert_eq!(remote.snapshot.error_file_id.as_deref(), Some("file-err"));
     assert_eq!(

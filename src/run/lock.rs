@@ -14,12 +14,9 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::run::layout::{LOCK_FILE, PLAN_LOCK_FILE};
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
-
-pub const LOCK_FILE: &str = "run.lock";
-/// The family lock's file, in the family's folder under the runs dir.
-pub const PLAN_LOCK_FILE: &str = "plan.lock";
 
 /// How long a plan waits for another plan of the same family before it gives up (exit 75).
 /// Long enough for a small plan started a moment earlier to finish, so overlapping cron jobs

@@ -11,13 +11,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::models::EncodingFormat;
+use crate::run::layout::{BACKUP_FILE, RUN_FILE};
+use crate::run::state::{BatchState, StateKind};
 use crate::sharder::BatchLimits;
-use crate::state::{BatchState, StateKind};
 
 /// Bumped on every change of the on-disk shape; older versions load through a migration.
 pub const SCHEMA_VERSION: u32 = 1;
-pub const RUN_FILE: &str = "run.json";
-pub const BACKUP_FILE: &str = "run.json.bak";
 
 /// What `plan` does with an input over the token limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -344,7 +343,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<RunFile, StoreError> {
     Ok(run)
 }
 
-/// `batch_` followed by at least three ASCII digits (what `plan::batch_name` makes).
+/// `batch_` followed by at least three ASCII digits (what `layout::batch_name` makes).
 fn is_batch_name(name: &str) -> bool {
     name.strip_prefix("batch_")
         .is_some_and(|digits| digits.len() >= 3 && digits.bytes().all(|b| b.is_ascii_digit()))
