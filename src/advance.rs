@@ -39,6 +39,11 @@ use crate::run::layout::{BATCH_JSON, ERRORS_FILE, INPUT_FILE, OUTPUT_FILE, batch
 use crate::run::state::{BatchState, Event, RemoteError, RemoteSnapshot, RequestCounts, StateKind};
 use crate::run::store::{self, RunFile};
 
+mod decide;
+
+pub use decide::Goal;
+use decide::{Action, Clocks, decide};
+
 /// How long the provider keeps an uploaded input file (DESIGN.md §5: not its 30-day default).
 pub const INPUT_FILE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Batches are looked for back to this long before the run was created (clock skew).
@@ -57,30 +62,6 @@ const NOTABLE_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 /// How many times in a row one call reconnects to the database after a transient fault
 /// (1 s, 2 s, 4 s apart) before it exits 75.
 pub const MAX_DB_RECONNECTS: u32 = 3;
-
-/// How far `advance` goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Goal {
-    /// Every step there is: upload, create, poll, download, ingest, plan retries.
-    Done,
-    /// Stop once every batch is submitted (`submit`).
-    Submitted,
-    /// Poll, download and ingest what is complete; never upload, create or retry, so it never
-    /// spends money (`ingest`).
-    IngestOnly,
-    /// Only poll what is submitted (`status --refresh`): no upload, no creation, no download.
-    RefreshOnly,
-}
-
-impl Goal {
-    fn creates(self) -> bool {
-        matches!(self, Goal::Done | Goal::Submitted)
-    }
-
-    fn ingests(self) -> bool {
-        matches!(self, Goal::Done | Goal::IngestOnly)
-    }
-}
 
 /// `embatch advance` (and `submit`): returns `Done` when the run is finished.
 pub async fn advance(
@@ -409,56 +390,25 @@ impl Stepper {
         format!("waiting: {}", parts.join(" · "))
     }
 
-    /// One transition of batch `idx`, if one is possible now.
+    /// One transition of batch `idx`, if one is possible now (`decide` says which).
     async fn step(&mut self, idx: usize, goal: Goal) -> anyhow::Result<Progress> {
-        let now = Utc::now();
-        // The provider's expiry times are on its clock.
-        let provider_now = self.provider_now();
-        let cancelled = self.run.cancelled;
-        let creating = goal.creates() && !cancelled;
-        match &self.run.batches[idx].state {
-            BatchState::Planned(_) if creating => self.upload(idx).await,
-            BatchState::Uploaded(up) if creating => {
-                if up.file_expires_at.is_some_and(|t| t <= provider_now)
-                    && up.create_started.is_none()
-                {
-                    self.expire_input(idx).await?;
-                    return Ok(Progress::Moved);
-                }
-                if up.create_started.is_none() && !self.fits_in_flight(idx) {
-                    return Ok(Progress::Wait);
-                }
-                self.create(idx).await
+        let clocks = Clocks {
+            now: Utc::now(),
+            // The provider's expiry times are on its clock.
+            provider_now: self.provider_now(),
+        };
+        match decide(&self.run, idx, goal, self.opts.max_enqueued_tokens, clocks) {
+            Action::Upload => self.upload(idx).await,
+            Action::ExpireInput => {
+                self.expire_input(idx).await?;
+                Ok(Progress::Moved)
             }
-            BatchState::Queued(q) if creating => {
-                let nothing_in_flight = !self
-                    .run
-                    .batches
-                    .iter()
-                    .any(|b| b.state.kind() == StateKind::Submitted);
-                if q.create_started.is_none() && q.not_before > now && !nothing_in_flight {
-                    return Ok(Progress::Wait);
-                }
-                if q.file_expires_at.is_some_and(|t| t <= provider_now)
-                    && q.create_started.is_none()
-                {
-                    self.expire_input(idx).await?;
-                    return Ok(Progress::Moved);
-                }
-                self.create(idx).await
-            }
-            BatchState::Submitted(_) => self.poll(idx).await,
-            BatchState::Completed(_) | BatchState::Expired(_) if goal.ingests() => {
-                self.download(idx).await
-            }
-            BatchState::Cancelled(c) if c.done.is_some() && goal.ingests() => {
-                self.download(idx).await
-            }
-            BatchState::Downloaded(_) if goal.ingests() => self.ingest(idx).await,
-            BatchState::Ingested(i) if goal.ingests() && !i.remote_files_deleted => {
-                self.clean_up(idx).await
-            }
-            _ => Ok(Progress::Wait),
+            Action::Create => self.create(idx).await,
+            Action::Poll => self.poll(idx).await,
+            Action::Download => self.download(idx).await,
+            Action::Ingest => self.ingest(idx).await,
+            Action::CleanUp => self.clean_up(idx).await,
+            Action::Wait => Ok(Progress::Wait),
         }
     }
 
@@ -548,28 +498,6 @@ impl Stepper {
             expires_at.to_rfc3339(),
             why.join("; "),
         )
-    }
-
-    /// Whether creating batch `idx` keeps the tokens in flight under `--max-enqueued-tokens`
-    /// (each batch counted as the larger of its tokens and bytes/4). A batch alone over the
-    /// bound is still created when nothing else is in flight, or it would never run.
-    fn fits_in_flight(&self, idx: usize) -> bool {
-        let Some(bound) =
-            self.opts
-                .max_enqueued_tokens
-                .or(self.run.settings.limits.max_enqueued_tokens)
-        else {
-            return true;
-        };
-        let estimate = |b: &crate::run::store::BatchRecord| b.tokens.max(b.bytes.div_ceil(4));
-        let in_flight: u64 = self
-            .run
-            .batches
-            .iter()
-            .filter(|b| b.state.kind() == StateKind::Submitted)
-            .map(estimate)
-            .sum();
-        in_flight == 0 || in_flight + estimate(&self.run.batches[idx]) <= bound
     }
 
     /// Ingested: delete the remote input, output and error files (unless kept).
