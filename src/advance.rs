@@ -33,10 +33,10 @@ use crate::pg::conn::DbFault;
 use crate::run::lock::RunLock;
 
 use crate::printer::Printer;
-use crate::provider::openai::{self as api, ApiClient, ApiError};
+use crate::provider::{ApiError, BatchProvider, RemoteBatch, RemoteFile};
 use crate::run::layout;
 use crate::run::layout::{BATCH_JSON, ERRORS_FILE, INPUT_FILE, OUTPUT_FILE, batch_dir};
-use crate::run::state::{BatchState, Event, RemoteError, RemoteSnapshot, RequestCounts, StateKind};
+use crate::run::state::{BatchState, Event, RemoteError, StateKind};
 use crate::run::store::{self, RunFile};
 
 mod decide;
@@ -223,7 +223,7 @@ fn is_transient(err: &anyhow::Error) -> bool {
 pub(crate) struct Stepper {
     pub(crate) run_dir: PathBuf,
     pub(crate) run: RunFile,
-    pub(crate) api: ApiClient,
+    pub(crate) api: Box<dyn BatchProvider>,
     pub(crate) printer: Printer,
     pub(crate) opts: AdvanceOptions,
     pub(crate) database: Database,
@@ -260,7 +260,7 @@ impl Stepper {
         }
         let lock = RunLock::acquire(run_dir, command)?;
         let run = store::load(run_dir)?;
-        let api = crate::provider::batch_client(&global.api)?;
+        let api = Box::new(crate::provider::batch_client(&global.api)?);
         let stepper = Stepper {
             run_dir: run_dir.to_path_buf(),
             run,
@@ -447,11 +447,11 @@ impl Stepper {
     fn unusable_upload_message(
         &self,
         idx: usize,
-        file: &api::FileObject,
+        file: &RemoteFile,
         expires_at: DateTime<Utc>,
     ) -> String {
         let name = self.name(idx);
-        let created_at = from_unix(file.created_at);
+        let created_at = file.created_at;
         let mut why = Vec::new();
         match self.api.clock_reading() {
             Some(reading) => {
@@ -570,7 +570,7 @@ impl Stepper {
         let observer = bar.clone();
         let uploaded = self
             .api
-            .upload_file_observed(
+            .upload(
                 &path,
                 &filename,
                 INPUT_FILE_TTL,
@@ -584,7 +584,7 @@ impl Stepper {
                 self.apply(idx, uploaded_event(&file))?;
                 self.printer
                     .verbose(&format!("{}: uploaded as {}", self.name(idx), file.id));
-                if let Some(expires_at) = file.expires_at.map(from_unix)
+                if let Some(expires_at) = file.expires_at
                     && expires_at <= self.provider_now()
                 {
                     let message = self.unusable_upload_message(idx, &file, expires_at);
@@ -619,7 +619,7 @@ impl Stepper {
     async fn adopt_upload(&mut self, idx: usize) -> anyhow::Result<bool> {
         let filename = self.upload_filename(idx);
         let size = self.run.batches[idx].bytes;
-        let mut found: Vec<api::FileObject> = self
+        let mut found: Vec<RemoteFile> = self
             .api
             .find_files_named(&filename)
             .await?
@@ -666,14 +666,7 @@ impl Stepper {
     async fn adopt_batch(&mut self, idx: usize, submission: u32) -> anyhow::Result<bool> {
         let wanted = self.metadata(idx, submission);
         let not_before = self.adoption_cutoff().await? - ADOPTION_SLACK;
-        let found = self
-            .api
-            .find_batches(not_before, |b| {
-                wanted
-                    .iter()
-                    .all(|(key, value)| b.metadata_value(key) == Some(value.as_str()))
-            })
-            .await?;
+        let found = self.api.find_batches(not_before, &wanted).await?;
         // Newest first: with the create mark, at most one should exist.
         let Some(batch) = found.into_iter().next() else {
             return Ok(false);
@@ -697,7 +690,7 @@ impl Stepper {
             // Adoption may be this call's first request: one cheap read shows the provider's
             // clock. A server without a Date header leaves the skew unknown (zero).
             self.api
-                .list_batches(None, 1)
+                .read_clock()
                 .await
                 .context("could not list batches to look for one created earlier")?;
         }
@@ -712,14 +705,14 @@ impl Stepper {
     }
 
     /// A remote batch exists for batch `idx` (created now or adopted): save what we know.
-    fn record_created(&mut self, idx: usize, batch: &api::Batch) -> anyhow::Result<()> {
+    fn record_created(&mut self, idx: usize, batch: &RemoteBatch) -> anyhow::Result<()> {
         self.write_batch_json(idx, batch)?;
         self.apply(
             idx,
             Event::BatchCreated {
                 batch_id: batch.id.clone(),
-                at: from_unix(batch.created_at),
-                remote: snapshot(batch),
+                at: batch.created_at,
+                remote: batch.snapshot.clone(),
             },
         )
     }
@@ -839,7 +832,7 @@ impl Stepper {
             .with_context(|| format!("could not read batch {batch_id}"))?;
         self.write_batch_json(idx, &batch)?;
         let before = self.run.batches[idx].state.clone();
-        let remote = snapshot(&batch);
+        let remote = batch.snapshot.clone();
         let stuck = matches!(remote.status.as_str(), "validating" | "finalizing")
             && remote.expires_at.is_some_and(|t| t < self.provider_now());
         self.apply(idx, Event::Polled(remote))?;
@@ -847,7 +840,7 @@ impl Stepper {
             self.printer.warn(&format!(
                 "{}: batch {batch_id} is still `{}` past its expiry time; the provider may be stuck (check it in the OpenAI dashboard, or `embatch cancel` the run)",
                 self.name(idx),
-                batch.status
+                batch.snapshot.status
             ));
         }
         let after = &self.run.batches[idx].state;
@@ -880,7 +873,7 @@ impl Stepper {
             let observer = bar.clone();
             let downloaded = self
                 .api
-                .download_file_observed(
+                .download_file(
                     file_id,
                     &dir.join(name),
                     std::sync::Arc::new(move |n| observer.set_position(n)),
@@ -912,12 +905,12 @@ impl Stepper {
             .await
             .with_context(|| format!("could not cancel batch {batch_id}"))?;
         self.write_batch_json(idx, &batch)?;
-        self.apply(idx, Event::Polled(snapshot(&batch)))
+        self.apply(idx, Event::Polled(batch.snapshot))
     }
 
     /// `batch.json`: the last Batch object seen from the API.
-    fn write_batch_json(&self, idx: usize, batch: &api::Batch) -> anyhow::Result<()> {
-        let mut json = serde_json::to_vec_pretty(batch)?;
+    fn write_batch_json(&self, idx: usize, batch: &RemoteBatch) -> anyhow::Result<()> {
+        let mut json = batch.record.clone().into_bytes();
         json.push(b'\n');
         store::write_atomic(&self.dir(idx).join(BATCH_JSON), &json)?;
         Ok(())
@@ -943,11 +936,11 @@ impl Stepper {
     }
 }
 
-fn uploaded_event(file: &api::FileObject) -> Event {
+fn uploaded_event(file: &RemoteFile) -> Event {
     Event::FileUploaded {
         file_id: file.id.clone(),
-        at: from_unix(file.created_at),
-        file_expires_at: file.expires_at.map(from_unix),
+        at: file.created_at,
+        file_expires_at: file.expires_at,
     }
 }
 
@@ -962,43 +955,6 @@ fn human_duration(d: chrono::Duration) -> String {
         (d.num_minutes(), "minutes")
     };
     format!("{n} {unit}")
-}
-
-fn from_unix(seconds: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp(seconds, 0).unwrap_or_else(Utc::now)
-}
-
-/// What the state machine keeps of a Batch object.
-pub fn snapshot(batch: &api::Batch) -> RemoteSnapshot {
-    RemoteSnapshot {
-        status: batch.status.as_str().into(),
-        request_counts: batch
-            .request_counts
-            .as_ref()
-            .map(|c| RequestCounts {
-                total: c.total,
-                completed: c.completed,
-                failed: c.failed,
-            })
-            .unwrap_or_default(),
-        output_file_id: batch.output_file_id.clone(),
-        error_file_id: batch.error_file_id.clone(),
-        expires_at: batch.expires_at.map(from_unix),
-        errors: batch
-            .errors
-            .as_ref()
-            .map(|e| {
-                e.data
-                    .iter()
-                    .map(|d| RemoteError {
-                        code: d.code.clone(),
-                        message: d.message.clone(),
-                        line: d.line,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
 }
 
 #[cfg(test)]

@@ -166,15 +166,19 @@ impl Stepper {
         {
             let Some(file_id) = file_id else { continue };
             let path = dir.join(file_name);
-            match self.api.download_file(&file_id, &path).await {
+            match self
+                .api
+                .download_file(&file_id, &path, std::sync::Arc::new(|_| {}))
+                .await
+            {
                 Ok(_) => {}
-                Err(crate::provider::openai::ApiError::NotFound { .. }) if path.exists() => {
+                Err(crate::provider::ApiError::NotFound { .. }) if path.exists() => {
                     self.printer.warn(&format!(
                         "{name}: the provider no longer has {file_name} ({file_id}); ingesting the local copy {}",
                         path.display()
                     ));
                 }
-                Err(crate::provider::openai::ApiError::NotFound { .. }) => bail!(
+                Err(crate::provider::ApiError::NotFound { .. }) => bail!(
                     "batch {name} cannot be ingested again: the provider no longer has its {file_name} ({file_id}; embatch deletes it after an ingest unless --keep-remote-files) and the local copy {} is gone too",
                     path.display()
                 ),
