@@ -243,6 +243,10 @@ pub async fn cancel(
             Err(err) => failures.push(format!("{}: {err:#}", stepper.name(idx))),
         }
     }
+    // Batches ingested before the cancel whose retries were not planned yet.
+    if let Err(err) = stepper.drop_retries() {
+        failures.push(format!("{err:#}"));
+    }
     stepper.report();
     if !failures.is_empty() {
         const SHOWN: usize = 3;
@@ -436,8 +440,12 @@ impl Stepper {
         while idx < self.run.batches.len() {
             while let Progress::Moved = self.step(idx, goal).await? {}
             idx += 1;
-            if idx == self.run.batches.len() && goal == Goal::Done && !self.run.cancelled {
-                self.plan_retries().await?;
+            if idx == self.run.batches.len() && goal == Goal::Done {
+                if self.run.cancelled {
+                    self.drop_retries()?;
+                } else {
+                    self.plan_retries().await?;
+                }
             }
         }
         Ok(())
@@ -1059,6 +1067,56 @@ impl Stepper {
             StateKind::Submitted => self.cancel_remote(idx).await,
             _ => Ok(()),
         }
+    }
+
+    /// A cancelled run plans no retries: the retryable failures of its ingested batches that
+    /// have no retry batch yet are given up instead. Their lines of `failed_chunk_ids.tsv` say
+    /// `retryable false` (the reason kept, as an ingest of a cancelled run writes them) before
+    /// the batch is marked done, so a crash in between only repeats the rewrite.
+    fn drop_retries(&mut self) -> anyhow::Result<()> {
+        for idx in 0..self.run.batches.len() {
+            let BatchState::Ingested(ingested) = &self.run.batches[idx].state else {
+                continue;
+            };
+            if ingested.retries_planned {
+                continue;
+            }
+            if ingested.to_retry > 0 {
+                self.give_up_failures(idx)?;
+            }
+            self.apply(idx, Event::RetriesDropped)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites `failed_chunk_ids.tsv` of batch `idx` with every line `retryable false`
+    /// (streamed, into a temp file renamed over it).
+    fn give_up_failures(&self, idx: usize) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let dir = self.dir(idx);
+        let path = dir.join(crate::ingest::FAILED_FILE);
+        let reader = std::io::BufReader::new(fs_err::File::open(&path)?);
+        // tempfile creates the file with mode 0600.
+        let temp = tempfile::Builder::new()
+            .prefix(".tmp-failed-")
+            .tempfile_in(&dir)
+            .with_context(|| format!("could not write a file in {}", dir.display()))?;
+        let mut out = std::io::BufWriter::new(temp.as_file());
+        crate::tsv::write_record(&mut out, &["id", "reason", "retryable"])?;
+        crate::tsv::for_each_record(reader, |fields| {
+            let id = fields.first().map_or("", String::as_str);
+            let reason = fields.get(1).map_or("", String::as_str);
+            crate::tsv::write_record(&mut out, &[id, reason, "false"])
+        })
+        .with_context(|| format!("could not read {}", path.display()))?;
+        out.flush()?;
+        drop(out);
+        temp.as_file().sync_all()?;
+        temp.persist(&path)
+            .map_err(|err| err.error)
+            .with_context(|| format!("could not replace {}", path.display()))?;
+        store::sync_dir(&dir)?;
+        Ok(())
     }
 
     /// Asks the provider to cancel the submitted batch `idx`, and records its answer.

@@ -621,3 +621,58 @@ async fn a_failed_remote_cancel_leaves_the_others_cancelled_and_cancel_runs_agai
     assert_eq!(remote.status, "cancelling");
     assert_eq!(env.emu().counters().batch_creations, 1);
 }
+
+/// Issue 14 (found by the campaign): a run cancelled while an ingested batch's retryable
+/// failures had no retry batch yet never finished — a cancelled run plans no retries, and the
+/// batch waited for one. They are given up instead (reported with their reason, not
+/// retryable), and the run finishes.
+#[tokio::test]
+async fn cancel_gives_up_retries_not_yet_planned_and_the_run_finishes() {
+    let (env, run_dir) = planned(10, &[], EmulatorConfig::default()).await;
+    let dir = run_dir.to_str().unwrap();
+    env.emu().set_faults(Faults {
+        expire_after_fraction: Some(0.5),
+        ..Faults::default()
+    });
+    let killed = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("EMBATCH_CRASH_AT", "before_download:1")],
+        )
+        .await;
+    assert!(killed.killed(), "{killed:#?}");
+    // `ingest` never plans retries: the expired half waits for a retry batch.
+    let ingested = env.exec(&["ingest", "--run-dir", dir]).await;
+    assert_eq!(ingested.code, 0, "{ingested:#?}");
+    let BatchState::Ingested(before) = &load(&run_dir).batches[0].state else {
+        panic!("{:?}", load(&run_dir).batches[0].state)
+    };
+    assert_eq!((before.to_retry, before.retries_planned), (5, false));
+
+    let cancelled = env.exec(&["cancel", "--run-dir", dir]).await;
+    assert_eq!(cancelled.code, 0, "{cancelled:#?}");
+    let run = load(&run_dir);
+    assert!(run.cancelled && run.is_finished());
+    assert_eq!(run.batches.len(), 1, "no retry batch after a cancel");
+    let BatchState::Ingested(after) = &run.batches[0].state else {
+        unreachable!()
+    };
+    assert_eq!(
+        (after.counts.ingested, after.counts.failed, after.to_retry),
+        (5, 5, 0)
+    );
+    let failed = read(run_dir.join("batches/batch_001/failed_chunk_ids.tsv"));
+    let lines: Vec<&str> = failed.lines().skip(1).collect();
+    assert_eq!(lines.len(), 5, "{failed}");
+    assert!(
+        lines.iter().all(|l| l.ends_with("\texpired\tfalse")),
+        "{failed}"
+    );
+    let status = env.exec(&["status", "--run-dir", dir, "--json"]).await;
+    let view: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(view["finished"], true, "{view}");
+    assert_eq!(view["totals"]["failed"], 5, "{view}");
+    assert_eq!(view["totals"]["pending"], 0, "{view}");
+    assert_eq!(advance(&env, &run_dir).await.code, 0);
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}

@@ -377,7 +377,10 @@ async fn a_damaged_chunk_list_of_an_unfinished_run_still_holds_all_its_chunks() 
         let again = env.plan(family, &[]);
         assert_one_line_error(
             &again,
-            &["nothing new to plan", "8 pending chunks are held by the run"],
+            &[
+                "nothing new to plan",
+                "8 pending chunks are held by the run",
+            ],
             "plan beside a run whose chunks.tsv is damaged",
         );
         assert_eq!(env.run_folders().len(), 1, "no second run folder");
