@@ -91,7 +91,7 @@ const TWO_SPELLINGS_ENABLED: bool = false;
 /// dropped, or fails on bytes that are not UTF-8 without naming the file. Switch on once the
 /// evidence files of DESIGN.md §9 (checked before ingest, rebuilt from `input.jsonl`) are
 /// merged.
-const DAMAGED_CHUNKS_ENABLED: bool = true;
+const DAMAGED_CHUNKS_ENABLED: bool = false;
 /// A product bug the campaign found (issue 14): `cancel` moves a `planned` batch whose upload
 /// happened but was never recorded (a kill or a lost answer right after the upload) to
 /// `cancelled` without adopting or deleting that file, so the chunks' text stays on the
