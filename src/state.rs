@@ -341,6 +341,9 @@ pub enum Event {
     IngestAgain { has_output: bool, has_errors: bool },
     /// The retry batch for this batch's retryable failures is planned.
     RetriesPlanned,
+    /// The run is cancelled before this batch's retryable failures got their retry batch:
+    /// they are given up (reported with their reason, not retried) and the batch is done.
+    RetriesDropped,
     /// The remote input, output and error files are deleted.
     RemoteFilesDeleted,
     /// The user cancelled the run; for a submitted batch, the remote cancel was requested and
@@ -622,6 +625,16 @@ impl BatchState {
                 retries_planned: true,
                 ..i
             }),
+            // Failures already in a retry batch stay there.
+            (S::Ingested(i), E::RetriesDropped) if !i.retries_planned => S::Ingested(Ingested {
+                counts: IngestCounts {
+                    failed: i.counts.failed + i.to_retry,
+                    ..i.counts
+                },
+                to_retry: 0,
+                retries_planned: true,
+                ..i
+            }),
             (S::Ingested(i), E::RemoteFilesDeleted) => S::Ingested(Ingested {
                 remote_files_deleted: true,
                 ..i
@@ -795,6 +808,7 @@ mod tests {
                 }
             }),
             Just(Event::RetriesPlanned),
+            Just(Event::RetriesDropped),
             Just(Event::RemoteFilesDeleted),
             (any::<bool>(), any::<bool>()).prop_map(|(o, e)| Event::IngestAgain {
                 has_output: o,
@@ -1010,6 +1024,43 @@ mod tests {
             BatchState::Uploaded(up) => assert_eq!(up.submission, 2),
             other => panic!("expected uploaded, got {other:?}"),
         }
+    }
+
+    /// A cancelled run gives up the retryable failures that have no retry batch yet: they
+    /// count as failed and the batch is done; failures already in a retry batch stay there.
+    #[test]
+    fn dropped_retries_count_as_failed_and_finish_the_batch() {
+        let done = RemoteDone {
+            input_file_id: "file-in".to_owned(),
+            batch_id: "batch_1".to_owned(),
+            submission: 1,
+            remote: snapshot("expired", vec![]),
+        };
+        let outcome = IngestOutcome {
+            counts: IngestCounts {
+                ingested: 4,
+                failed: 1,
+                ..IngestCounts::default()
+            },
+            to_retry: 3,
+            ..IngestOutcome::default()
+        };
+        let ingested = BatchState::Expired(done)
+            .apply(Event::FilesDownloaded {
+                has_output: true,
+                has_errors: true,
+            })
+            .and_then(|s| s.apply(Event::ResultsIngested { outcome }))
+            .unwrap();
+        assert!(!ingested.is_done());
+        let dropped = ingested.clone().apply(Event::RetriesDropped).unwrap();
+        assert!(dropped.is_done());
+        let BatchState::Ingested(i) = &dropped else {
+            unreachable!()
+        };
+        assert_eq!((i.counts.ingested, i.counts.failed, i.to_retry), (4, 4, 0));
+        let planned = ingested.apply(Event::RetriesPlanned).unwrap();
+        assert!(planned.apply(Event::RetriesDropped).is_err());
     }
 
     /// `ingest --redownload` of an ingested batch ingests it again, and a retry batch

@@ -98,13 +98,13 @@ const DAMAGED_CHUNKS_ENABLED: bool = false;
 /// provider until the file expires. Off, such a file (named `embatch-<run>-<batch>.jsonl`
 /// after a batch cancelled before its file id was known) is counted, not a violation; switch
 /// on once `cancel` adopts and deletes it.
-const CANCELLED_UPLOADS_CHECKED: bool = false;
+const CANCELLED_UPLOADS_CHECKED: bool = true;
 /// A product bug the campaign found (issue 14): `cancel` of a run with a batch that finished
 /// remotely since the last poll fails (exit 1, "could not cancel batch …: Cannot cancel a
 /// batch with status 'completed'") instead of recording the finished batch and going on. Off,
 /// that exit of `cancel` is counted as explained (the final phase runs `cancel` again);
 /// switch on once `cancel` takes a refusal for a finished batch as its answer.
-const CANCEL_OF_FINISHED_BATCH_CHECKED: bool = false;
+const CANCEL_OF_FINISHED_BATCH_CHECKED: bool = true;
 
 // ------------------------------------------------------------------------------- the model
 
@@ -1360,6 +1360,11 @@ impl<'a> Sequence<'a> {
             self.plan_failed_loudly = true;
         }
         let dir = PathBuf::from(exit.stdout.lines().next()?.trim());
+        // `submit` whose chunks are all held by one run planned but not submitted goes on
+        // with that run and prints its folder: not a new run, nor its own rival.
+        if let Some(known) = self.runs.iter().position(|r| r.dir == dir) {
+            return Some(known);
+        }
         let run = match load(&dir) {
             Ok(run) => run,
             Err(err) => {
@@ -1639,7 +1644,9 @@ impl<'a> Sequence<'a> {
                             self.add_planned_run(&what, &ea, first, rivals.clone(), false, audit);
                         let ib = self.add_planned_run(&what, &eb, second, rivals, false, audit);
                         // Planned at the same moment: each is the other's rival.
-                        if let (Some(ia), Some(ib)) = (ia, ib) {
+                        if let (Some(ia), Some(ib)) = (ia, ib)
+                            && ia != ib
+                        {
                             self.runs[ia].rivals.push(ib);
                             self.runs[ib].rivals.push(ia);
                         }
