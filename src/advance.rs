@@ -36,7 +36,7 @@ use crate::printer::Printer;
 use crate::provider::{ApiError, BatchProvider, RemoteBatch, RemoteFile};
 use crate::run::layout;
 use crate::run::layout::{BATCH_JSON, ERRORS_FILE, INPUT_FILE, OUTPUT_FILE, batch_dir};
-use crate::run::state::{BatchState, Event, RemoteError, StateKind};
+use crate::run::state::{BatchState, Event, RemoteError, RemoteStatus, StateKind};
 use crate::run::store::{self, RunFile};
 
 mod decide;
@@ -159,6 +159,12 @@ pub async fn advance(
 
 /// `embatch cancel`: no more creations or retries; remote batches are cancelled and followed
 /// until the provider finishes them (their partial output is still fetched).
+///
+/// Every batch is tried, whatever happens to the others: a batch that could not be cancelled
+/// keeps its state (so `cancel` can be run again) and the call ends with an error naming each
+/// one; the rest are cancelled in the same call. Nothing the run uploaded is left on the
+/// provider for a batch that will never be created: an upload whose file id was never saved is
+/// adopted first, and the input file of a batch cancelled before creation is deleted.
 pub async fn cancel(
     global: &Global,
     run_dir: &Path,
@@ -173,23 +179,45 @@ pub async fn cancel(
     )?;
     stepper.run.cancelled = true;
     stepper.save()?;
+    let mut failures: Vec<String> = Vec::new();
     for idx in 0..stepper.run.batches.len() {
-        match stepper.run.batches[idx].state.kind() {
-            StateKind::Planned | StateKind::Uploaded | StateKind::Queued => {
-                // A creation may be in flight from a crashed advance: adopt it so that it is
-                // cancelled remotely too, instead of left running unseen.
-                stepper.adopt_pending(idx).await?;
-                if stepper.run.batches[idx].state.kind() != StateKind::Submitted {
-                    stepper.apply(idx, Event::CancelRequested)?;
-                    continue;
-                }
-                stepper.cancel_remote(idx).await?;
+        match stepper.cancel_batch(idx).await {
+            Ok(()) => {}
+            // The key or the account is refused: every other batch would be refused the same.
+            Err(err)
+                if err
+                    .downcast_ref::<ApiError>()
+                    .is_some_and(|e| matches!(e, ApiError::Auth { .. } | ApiError::Quota)) =>
+            {
+                stepper.report();
+                return Err(err);
             }
-            StateKind::Submitted => stepper.cancel_remote(idx).await?,
-            _ => {}
+            Err(err) => failures.push(format!("{}: {err:#}", stepper.name(idx))),
         }
     }
+    // Batches ingested before the cancel whose retries were not planned yet.
+    if let Err(err) = stepper.drop_retries() {
+        failures.push(format!("{err:#}"));
+    }
     stepper.report();
+    if !failures.is_empty() {
+        const SHOWN: usize = 3;
+        let mut listed = failures
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        if failures.len() > SHOWN {
+            listed.push_str(&format!("; and {} more", failures.len() - SHOWN));
+        }
+        anyhow::bail!(
+            "could not cancel {} batch{} of the run ({listed}); the run is marked cancelled and its other batches are cancelled, run `embatch cancel --run-dir {}` again to cancel the rest",
+            failures.len(),
+            if failures.len() == 1 { "" } else { "es" },
+            run_dir.display()
+        );
+    }
     Ok(if stepper.is_finished(Goal::Done) {
         ExitStatus::Done
     } else {
@@ -365,8 +393,12 @@ impl Stepper {
         while idx < self.run.batches.len() {
             while let Progress::Moved = self.step(idx, goal).await? {}
             idx += 1;
-            if idx == self.run.batches.len() && goal == Goal::Done && !self.run.cancelled {
-                self.plan_retries().await?;
+            if idx == self.run.batches.len() && goal == Goal::Done {
+                if self.run.cancelled {
+                    self.drop_retries()?;
+                } else {
+                    self.plan_retries().await?;
+                }
             }
         }
         Ok(())
@@ -557,8 +589,8 @@ impl Stepper {
         // Never upload a file other than the one planned, nor one whose vectors could not be
         // matched to their chunks (DESIGN.md §9).
         let batch = &self.run.batches[idx];
-        crate::evidence::check_input(&self.run_dir, &self.run, batch)?;
-        crate::evidence::ensure_chunks(&self.run_dir, &self.run, batch, None, &self.printer)?;
+        crate::run::evidence::check_input(&self.run_dir, &self.run, batch)?;
+        crate::run::evidence::ensure_chunks(&self.run_dir, &self.run, batch, None, &self.printer)?;
         let filename = self.upload_filename(idx);
         self.apply(idx, Event::UploadStarted { at: Utc::now() })?;
         *self.uploads.entry(idx).or_insert(0) += 1;
@@ -895,15 +927,130 @@ impl Stepper {
         Ok(Progress::Moved)
     }
 
+    /// Cancels batch `idx` for `cancel`: one never created is cancelled here (its uploaded
+    /// input file deleted), one created is cancelled remotely, one finished is left as it is.
+    async fn cancel_batch(&mut self, idx: usize) -> anyhow::Result<()> {
+        // An upload may have happened unrecorded (a kill or a lost answer right after it):
+        // adopt it, so that its file is deleted below instead of keeping the chunks' text on
+        // the provider until it expires.
+        if let BatchState::Planned(planned) = &self.run.batches[idx].state
+            && planned.upload_started.is_some()
+        {
+            self.adopt_upload(idx).await?;
+        }
+        // A creation may be in flight from a crashed advance: adopt it so that it is cancelled
+        // remotely too, instead of left running unseen.
+        self.adopt_pending(idx).await?;
+        match self.run.batches[idx].state.kind() {
+            StateKind::Planned => self.apply(idx, Event::CancelRequested),
+            StateKind::Uploaded | StateKind::Queued => {
+                // Never created, never will be: its input file is of no more use.
+                if let Some(file_id) = self.run.batches[idx]
+                    .state
+                    .input_file_id()
+                    .map(str::to_owned)
+                {
+                    // A file already gone is not an error (the client maps 404 to Ok).
+                    self.api.delete_file(&file_id).await.with_context(|| {
+                        format!("could not delete its uploaded input file {file_id}")
+                    })?;
+                }
+                self.apply(idx, Event::CancelRequested)
+            }
+            StateKind::Submitted => self.cancel_remote(idx).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// A cancelled run plans no retries: the retryable failures of its ingested batches that
+    /// have no retry batch yet are given up instead. Their lines of `failed_chunk_ids.tsv` say
+    /// `retryable false` (the reason kept, as an ingest of a cancelled run writes them) before
+    /// the batch is marked done, so a crash in between only repeats the rewrite.
+    fn drop_retries(&mut self) -> anyhow::Result<()> {
+        for idx in 0..self.run.batches.len() {
+            let BatchState::Ingested(ingested) = &self.run.batches[idx].state else {
+                continue;
+            };
+            if ingested.retries_planned {
+                continue;
+            }
+            if ingested.to_retry > 0 {
+                self.give_up_failures(idx)?;
+            }
+            self.apply(idx, Event::RetriesDropped)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites `failed_chunk_ids.tsv` of batch `idx` with every line `retryable false`
+    /// (streamed, into a temp file renamed over it).
+    fn give_up_failures(&self, idx: usize) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let dir = self.dir(idx);
+        let path = dir.join(crate::run::layout::FAILED_FILE);
+        let reader = std::io::BufReader::new(fs_err::File::open(&path)?);
+        // tempfile creates the file with mode 0600.
+        let temp = tempfile::Builder::new()
+            .prefix(".tmp-failed-")
+            .tempfile_in(&dir)
+            .with_context(|| format!("could not write a file in {}", dir.display()))?;
+        let mut out = std::io::BufWriter::new(temp.as_file());
+        crate::tsv::write_record(&mut out, &["id", "reason", "retryable"])?;
+        crate::tsv::for_each_record(reader, |fields| {
+            let id = fields.first().map_or("", String::as_str);
+            let reason = fields.get(1).map_or("", String::as_str);
+            crate::tsv::write_record(&mut out, &[id, reason, "false"])
+        })
+        .with_context(|| format!("could not read {}", path.display()))?;
+        out.flush()?;
+        drop(out);
+        temp.as_file().sync_all()?;
+        temp.persist(&path)
+            .map_err(|err| err.error)
+            .with_context(|| format!("could not replace {}", path.display()))?;
+        store::sync_dir(&dir)?;
+        Ok(())
+    }
+
+    /// Asks the provider to cancel the submitted batch `idx`, and records its answer.
     async fn cancel_remote(&mut self, idx: usize) -> anyhow::Result<()> {
         let Some(batch_id) = self.run.batches[idx].state.batch_id().map(str::to_owned) else {
             return Ok(());
         };
-        let batch = self
-            .api
-            .cancel_batch(&batch_id)
-            .await
-            .with_context(|| format!("could not cancel batch {batch_id}"))?;
+        let batch = match self.api.cancel_batch(&batch_id).await {
+            Ok(batch) => batch,
+            Err(ApiError::BadRequest { status, message }) => {
+                // The provider refuses to cancel a batch that ended since the last poll
+                // (completed, failed, expired, cancelled): how it ended is the answer.
+                let batch = self.api.get_batch(&batch_id).await.with_context(|| {
+                    format!("could not read batch {batch_id} after the provider refused to cancel it (HTTP {status}: {message})")
+                })?;
+                let remote_status = batch.snapshot.status.clone();
+                if matches!(
+                    remote_status,
+                    RemoteStatus::Validating | RemoteStatus::InProgress | RemoteStatus::Finalizing
+                ) {
+                    // Still running, not cancelling yet.
+                    self.write_batch_json(idx, &batch)?;
+                    self.apply(idx, Event::Polled(batch.snapshot))?;
+                    anyhow::bail!(
+                        "the provider refused to cancel batch {batch_id} (HTTP {status}: {message}) although it is still `{remote_status}`"
+                    );
+                }
+                if remote_status != RemoteStatus::Cancelling {
+                    self.printer.info(&format!(
+                        "{}: batch {batch_id} had already ended (`{remote_status}`); advance fetches what it returned",
+                        self.name(idx)
+                    ));
+                }
+                batch
+            }
+            Err(err) => {
+                return Err(
+                    anyhow::Error::from(err).context(format!("could not cancel batch {batch_id}"))
+                );
+            }
+        };
         self.write_batch_json(idx, &batch)?;
         self.apply(idx, Event::Polled(batch.snapshot))
     }

@@ -247,7 +247,7 @@ impl Stepper {
         // chunks.tsv decides which paid vector goes where: it must be the file planned.
         let kept = dir.join(OUTPUT_FILE);
         let kept = downloaded.has_output.then_some(kept.as_path());
-        crate::evidence::ensure_chunks(&self.run_dir, &self.run, batch, kept, &self.printer)?;
+        crate::run::evidence::ensure_chunks(&self.run_dir, &self.run, batch, kept, &self.printer)?;
         let mut chunks = load_chunks(&dir.join(CHUNKS_FILE))?;
 
         let dims = self.run.settings.dimensions as usize;

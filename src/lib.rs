@@ -13,7 +13,6 @@ pub mod cli;
 pub mod config;
 pub mod crashpoint;
 pub mod emulator;
-pub mod evidence;
 pub mod exit;
 pub mod ingest;
 pub mod interrupt;
@@ -43,35 +42,50 @@ use crate::printer::Printer;
 
 /// `plan`, then the run folder as the only stdout line (none when nothing is pending).
 ///
-/// When every pending chunk is held by a run planned but never submitted (by `plan` or
-/// `submit --dry-run`), nothing new is planned: with `continue_unsubmitted` (`submit`, `run`)
-/// that run is the one to go on with, and its folder is printed; otherwise (`plan`, `submit
-/// --dry-run`) it is an error naming the command that submits it — never a silent exit 0.
+/// When every pending chunk is held by runs planned but never submitted (by `plan`, `submit
+/// --dry-run`, or a `submit` whose advance stopped before creating anything), nothing new is
+/// planned: with `continue_unsubmitted` (`submit`, `run`) those runs are the ones to go on
+/// with, oldest first, and their folders are printed, one per line; otherwise (`plan`, `submit
+/// --dry-run`) it is an error naming the command that submits each — never a silent exit 0.
 async fn plan_and_print(
     config: &Config,
     plan_cfg: &config::PlanConfig,
     printer: &Printer,
     now: chrono::DateTime<chrono::Utc>,
     continue_unsubmitted: bool,
-) -> anyhow::Result<Option<std::path::PathBuf>> {
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
     match plan::plan(&config.global, plan_cfg, printer, now).await? {
         plan::PlanOutcome::Planned { run_dir } => {
             printer.data(&run_dir.display().to_string());
-            Ok(Some(run_dir))
+            Ok(vec![run_dir])
         }
-        plan::PlanOutcome::NothingToDo => Ok(None),
+        plan::PlanOutcome::NothingToDo => Ok(Vec::new()),
         plan::PlanOutcome::HeldByUnsubmitted {
             family_id,
             chunks,
-            runs,
+            mut runs,
         } => match runs.as_slice() {
-            [run_dir] if continue_unsubmitted => {
+            _ if continue_unsubmitted => {
+                // Oldest first by `created_at` (folder names only carry the second).
+                runs.sort_by_cached_key(|dir| {
+                    (
+                        crate::run::store::load(dir).map(|run| run.created_at).ok(),
+                        dir.clone(),
+                    )
+                });
+                let dirs: Vec<String> = runs.iter().map(|d| d.display().to_string()).collect();
+                let held_by = match dirs.as_slice() {
+                    [one] => format!("the run {one}"),
+                    _ => format!("the runs {}", dirs.join(", ")),
+                };
                 printer.info(&format!(
-                    "nothing new to plan for family {family_id}: its {chunks} pending chunks are held by the run {}, planned but not submitted yet; going on with that run",
-                    run_dir.display()
+                    "nothing new to plan for family {family_id}: its {chunks} pending chunks are held by {held_by}, planned but not submitted yet; going on with {}",
+                    if runs.len() == 1 { "that run" } else { "those runs, oldest first" }
                 ));
-                printer.data(&run_dir.display().to_string());
-                Ok(Some(run_dir.clone()))
+                for dir in &dirs {
+                    printer.data(dir);
+                }
+                Ok(runs)
             }
             [run_dir] => bail!(
                 "nothing new to plan for family {family_id}: its {chunks} pending chunks are held by the run {}, planned but not submitted yet; submit it with: {}",
@@ -89,6 +103,27 @@ async fn plan_and_print(
             }
         },
     }
+}
+
+/// Advances each run in turn (those `submit` or `run` planned or goes on with): done only when
+/// every one is; the first error stops the rest, which the next call takes up again.
+async fn advance_each(
+    config: &Config,
+    run_dirs: &[std::path::PathBuf],
+    goal: advance::Goal,
+    opts: &advance::AdvanceOptions,
+    command: &str,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
+    let mut status = ExitStatus::Done;
+    for run_dir in run_dirs {
+        if advance::advance(&config.global, run_dir, goal, opts, command, printer).await?
+            == ExitStatus::NotYet
+        {
+            status = ExitStatus::NotYet;
+        }
+    }
+    Ok(status)
 }
 
 /// The async runtime `command` runs on.
@@ -123,21 +158,20 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                 // Fail on a missing key before planning, not after.
                 provider::batch_client(&config.global.api)?;
             }
-            let Some(run_dir) =
-                plan_and_print(&config, &submit.plan, &printer, now, !submit.dry_run).await?
-            else {
-                return Ok(ExitStatus::Done);
-            };
+            let run_dirs =
+                plan_and_print(&config, &submit.plan, &printer, now, !submit.dry_run).await?;
             if submit.dry_run {
-                printer.info(&format!(
-                    "dry run: batch files written, no API called; submit this run with: {}",
-                    plan::advance_command(&run_dir)
-                ));
+                for run_dir in &run_dirs {
+                    printer.info(&format!(
+                        "dry run: batch files written, no API called; submit this run with: {}",
+                        plan::advance_command(run_dir)
+                    ));
+                }
                 return Ok(ExitStatus::Done);
             }
-            advance::advance(
-                &config.global,
-                &run_dir,
+            advance_each(
+                &config,
+                &run_dirs,
                 advance::Goal::Submitted,
                 &submit.opts,
                 "embatch submit",
@@ -147,13 +181,10 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         }
         Command::Run(run_cfg) => {
             provider::batch_client(&config.global.api)?;
-            let Some(run_dir) = plan_and_print(&config, &run_cfg.plan, &printer, now, true).await?
-            else {
-                return Ok(ExitStatus::Done);
-            };
-            advance::advance(
-                &config.global,
-                &run_dir,
+            let run_dirs = plan_and_print(&config, &run_cfg.plan, &printer, now, true).await?;
+            advance_each(
+                &config,
+                &run_dirs,
                 advance::Goal::Done,
                 &run_cfg.opts,
                 "embatch run",

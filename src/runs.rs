@@ -3,15 +3,18 @@
 //!
 //! Read-only over existing runs; creating a run folder is the plan's job.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::run::store::{self, RunFile, StoreError};
+use crate::run::evidence;
+use crate::run::store::{self, BatchRecord, FileDigest, RunFile, StoreError};
 use crate::tsv;
 
 /// Characters kept as they are in a family's folder name; the rest is percent-encoded.
@@ -291,10 +294,16 @@ fn id_digest(chunk_id: &str) -> u128 {
     u128::from_le_bytes(first)
 }
 
-/// Reads the `chunks.tsv` of every batch of every unfinished run in `family_dirs` (the folders
+/// Reads the chunk ids of every batch of every unfinished run in `family_dirs` (the folders
 /// of one family, under every spelling its id was planned under).
-/// A run whose `run.json` cannot be read is an error: it may hold chunks, and guessing could
-/// pay twice for them.
+///
+/// Only from evidence that is intact (DESIGN.md §9): a batch's `chunks.tsv` when it matches
+/// the digest `run.json` recorded, else the custom_ids of its `input.jsonl` when that one
+/// matches; in a run planned before digests were recorded, `chunks.tsv` when it is complete
+/// and well formed. A truncated or garbled list would let the new plan take chunks that run
+/// still holds, and pay for them twice: when neither file is intact, this is an error naming
+/// the file and the way out. Nothing is written (the plan does not hold that run's lock).
+/// A run whose `run.json` cannot be read is an error too: it may hold chunks.
 pub fn held_chunks(family_dirs: &[PathBuf]) -> anyhow::Result<HeldChunks> {
     let mut held = HeldChunks::default();
     for found in find_runs_in(family_dirs)? {
@@ -319,30 +328,100 @@ pub fn held_chunks(family_dirs: &[PathBuf]) -> anyhow::Result<HeldChunks> {
                     .all(|b| b.state.kind() == crate::run::state::StateKind::Planned),
         });
         for batch in &run.batches {
-            let path = found
-                .dir
-                .join("batches")
-                .join(&batch.name)
-                .join("chunks.tsv");
-            let file = fs_err::File::open(&path).map_err(|err| {
+            let mut add = |id: &str| {
+                held.by_digest.insert(id_digest(id), run_idx);
+            };
+            read_held_ids(&found.dir, batch, &mut add).map_err(|problem| {
                 anyhow::anyhow!(
-                    "{err}: the unfinished run {} no longer knows which chunks it holds; \
-                     restore that file, or cancel the run (embatch cancel --run-dir {}), \
-                     or pass --force to plan without checking",
+                    "{problem}: the unfinished run {} no longer shows which chunks it holds, and planning them again could pay twice for them; restore that file from a copy, or cancel the run (embatch cancel --run-dir {}), or pass --force to plan without checking",
                     found.dir.display(),
                     found.dir.display()
                 )
             })?;
-            let reader = std::io::BufReader::new(file);
-            tsv::for_each_record(reader, |fields| {
-                if let Some(id) = fields.first() {
-                    held.by_digest.insert(id_digest(id), run_idx);
-                }
-                Ok(())
-            })?;
         }
     }
     Ok(held)
+}
+
+/// Calls `add` with the id of every chunk `batch` holds, from whichever of its evidence files
+/// is intact (see [`held_chunks`]); otherwise `Err` says which file is damaged and how.
+fn read_held_ids(
+    run_dir: &Path,
+    batch: &BatchRecord,
+    add: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    // The names `plan` gives them (not imported: `plan` depends on this module).
+    let dir = run_dir.join("batches").join(&batch.name);
+    let chunks_path = dir.join("chunks.tsv");
+    let input_path = dir.join("input.jsonl");
+    let Some(files) = &batch.files else {
+        // Planned before digests were recorded: only a complete, well-formed list is taken.
+        evidence::check_unrecorded(&chunks_path, batch.requests).map_err(|problem| {
+            format!(
+                "{} {problem} (its run was planned before embatch recorded digests of its files)",
+                chunks_path.display()
+            )
+        })?;
+        return read_chunk_list(&chunks_path, add);
+    };
+    let found = evidence::digest_if_present(&chunks_path, FileDigest::CHUNKS_HEADER_LINES)
+        .map_err(|err| format!("{err:#}"))?;
+    if found.as_ref() == Some(&files.chunks) {
+        return read_chunk_list(&chunks_path, add);
+    }
+    let input = evidence::digest_if_present(&input_path, 0).map_err(|err| format!("{err:#}"))?;
+    if input.as_ref() == Some(&files.input) {
+        return read_custom_ids(&input_path, add);
+    }
+    Err(format!(
+        "{} {}, and {} {} too",
+        chunks_path.display(),
+        evidence::damage(found.as_ref(), &files.chunks),
+        input_path.display(),
+        evidence::damage(input.as_ref(), &files.input)
+    ))
+}
+
+/// The ids of a `chunks.tsv` (its first column). Streams.
+fn read_chunk_list(path: &Path, add: &mut dyn FnMut(&str)) -> Result<(), String> {
+    let file = fs_err::File::open(path).map_err(|err| err.to_string())?;
+    tsv::for_each_record(std::io::BufReader::new(file), |fields| {
+        if let Some(id) = fields.first() {
+            add(id);
+        }
+        Ok(())
+    })
+    .map_err(|err| format!("{} cannot be read ({err})", path.display()))
+}
+
+/// The custom_id of every request line of an `input.jsonl`: the chunk ids, as `chunks.tsv`
+/// lists them. Streams, one line at a time.
+fn read_custom_ids(path: &Path, add: &mut dyn FnMut(&str)) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct RequestLine<'a> {
+        #[serde(borrow)]
+        custom_id: Cow<'a, str>,
+    }
+    let file = fs_err::File::open(path).map_err(|err| err.to_string())?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut line = Vec::with_capacity(64 * 1024);
+    let mut line_no = 0u64;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(err) => return Err(format!("{} cannot be read ({err})", path.display())),
+        }
+        line_no += 1;
+        let request: RequestLine = serde_json::from_slice(&line).map_err(|err| {
+            format!(
+                "line {line_no} of {} is not a request line ({err})",
+                path.display()
+            )
+        })?;
+        add(&request.custom_id);
+    }
 }
 
 /// The one-line human form of a run summary.

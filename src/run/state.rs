@@ -413,6 +413,9 @@ pub enum Event {
     IngestAgain { has_output: bool, has_errors: bool },
     /// The retry batch for this batch's retryable failures is planned.
     RetriesPlanned,
+    /// The run is cancelled before this batch's retryable failures got their retry batch:
+    /// they are given up (reported with their reason, not retried) and the batch is done.
+    RetriesDropped,
     /// The remote input, output and error files are deleted.
     RemoteFilesDeleted,
     /// The user cancelled the run; for a submitted batch, the remote cancel was requested and
@@ -689,6 +692,16 @@ impl BatchState {
                 retries_planned,
             }),
             (S::Ingested(i), E::RetriesPlanned) => S::Ingested(Ingested {
+                retries_planned: true,
+                ..i
+            }),
+            // Failures already in a retry batch stay there.
+            (S::Ingested(i), E::RetriesDropped) if !i.retries_planned => S::Ingested(Ingested {
+                counts: IngestCounts {
+                    failed: i.counts.failed + i.to_retry,
+                    ..i.counts
+                },
+                to_retry: 0,
                 retries_planned: true,
                 ..i
             }),

@@ -471,3 +471,207 @@ async fn a_lost_answer_to_cancel_is_retried_harmlessly() {
         "{remote:?}"
     );
 }
+
+/// Issue 14: `cancel` after a kill that left an upload unrecorded (`planned` with its upload
+/// mark) or a batch uploaded but never created: the uploaded file is found and deleted, so
+/// none of the run's text stays on the provider.
+#[tokio::test]
+async fn cancel_deletes_uploads_of_batches_never_created() {
+    for crash in ["after_upload:1", "before_create:1"] {
+        let (env, run_dir) = planned(3, &[], EmulatorConfig::default()).await;
+        let dir = run_dir.to_str().unwrap();
+        let killed = env
+            .exec_env(
+                &["advance", "--run-dir", dir],
+                &[("EMBATCH_CRASH_AT", crash)],
+            )
+            .await;
+        assert!(killed.killed(), "{crash}: {killed:#?}");
+        assert_eq!(env.emu().files().len(), 1, "{crash}: the upload happened");
+        let cancelled = env.exec(&["cancel", "--run-dir", dir]).await;
+        assert_eq!(cancelled.code, 0, "{crash}: {cancelled:#?}");
+        let run = load(&run_dir);
+        assert!(run.cancelled && run.is_finished(), "{crash}");
+        assert_eq!(states(&run_dir), [StateKind::Cancelled], "{crash}");
+        assert!(
+            env.emu().files().is_empty(),
+            "{crash}: the run's upload was left on the provider: {:?}",
+            env.emu().files()
+        );
+        let counters = env.emu().counters();
+        assert_eq!(
+            (counters.uploads, counters.batch_creations),
+            (1, 0),
+            "{crash}: {counters:?}"
+        );
+    }
+}
+
+/// Issue 14: `cancel` of a run whose submitted batch completed remotely since the last poll.
+/// The provider refuses that cancel (HTTP 400); `cancel` records the batch as completed, goes
+/// on with the other batches in the same call, and a later `advance` ingests the output.
+#[tokio::test]
+async fn cancel_records_a_batch_that_finished_since_the_last_poll_and_cancels_the_rest() {
+    let config = EmulatorConfig {
+        stage_duration: std::time::Duration::from_secs(600),
+        ..EmulatorConfig::default()
+    };
+    let (env, run_dir) = planned(9, &["--max-requests-per-batch", "3"], config).await;
+    let dir = run_dir.to_str().unwrap();
+    // batch_001 is created; the kill lands when batch_002 is about to be uploaded.
+    let killed = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("EMBATCH_CRASH_AT", "before_upload:2")],
+        )
+        .await;
+    assert!(killed.killed(), "{killed:#?}");
+    assert_eq!(
+        states(&run_dir),
+        [StateKind::Submitted, StateKind::Planned, StateKind::Planned]
+    );
+    let batch_id = load(&run_dir).batches[0]
+        .state
+        .batch_id()
+        .unwrap()
+        .to_owned();
+    env.emu().force_status(&batch_id, "completed");
+
+    let cancelled = env.exec(&["cancel", "--run-dir", dir]).await;
+    // Not an error; 75: the completed batch's output still waits for advance.
+    assert_eq!(cancelled.code, 75, "{cancelled:#?}");
+    assert!(!cancelled.stderr.contains("error"), "{cancelled:#?}");
+    assert_eq!(
+        states(&run_dir),
+        [
+            StateKind::Completed,
+            StateKind::Cancelled,
+            StateKind::Cancelled
+        ]
+    );
+    assert!(load(&run_dir).cancelled);
+
+    advance_until_finished(&env, &run_dir, 3).await;
+    let run = load(&run_dir);
+    let BatchState::Ingested(ingested) = &run.batches[0].state else {
+        panic!("{:?}", run.batches[0].state)
+    };
+    assert_eq!(ingested.counts.ingested, 3);
+    assert_eq!(run.batches.len(), 3, "no retry batch after a cancel");
+    let counters = env.emu().counters();
+    assert_eq!(counters.batch_creations, 1, "{counters:?}");
+    assert!(env.emu().files().is_empty(), "{:?}", env.emu().files());
+}
+
+/// Issue 14: a batch whose remote cancel fails does not stop `cancel` from cancelling the
+/// others in the same call; the call exits 1 naming it, and running `cancel` again finishes.
+#[tokio::test]
+async fn a_failed_remote_cancel_leaves_the_others_cancelled_and_cancel_runs_again() {
+    let config = EmulatorConfig {
+        stage_duration: std::time::Duration::from_secs(600),
+        ..EmulatorConfig::default()
+    };
+    let (env, run_dir) = planned(9, &["--max-requests-per-batch", "3"], config).await;
+    let dir = run_dir.to_str().unwrap();
+    let killed = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("EMBATCH_CRASH_AT", "before_upload:2")],
+        )
+        .await;
+    assert!(killed.killed(), "{killed:#?}");
+    // The provider does not know batch_001's remote batch (as if deleted): its cancel fails.
+    let mut run = load(&run_dir);
+    let BatchState::Submitted(submitted) = &mut run.batches[0].state else {
+        panic!("{:?}", run.batches[0].state)
+    };
+    let real_id = std::mem::replace(&mut submitted.batch_id, "batch_unknown".to_owned());
+    store::save(&run_dir, &run).unwrap();
+
+    let failed = env.exec(&["cancel", "--run-dir", dir]).await;
+    failed.assert_error(
+        "could not cancel 1 batch of the run (batch_001: could not cancel batch batch_unknown",
+    );
+    assert!(
+        failed
+            .stderr
+            .contains(&format!("run `embatch cancel --run-dir {dir}` again")),
+        "{failed:#?}"
+    );
+    assert_eq!(
+        states(&run_dir),
+        [
+            StateKind::Submitted,
+            StateKind::Cancelled,
+            StateKind::Cancelled
+        ]
+    );
+    assert!(load(&run_dir).cancelled);
+
+    let mut run = load(&run_dir);
+    let BatchState::Submitted(submitted) = &mut run.batches[0].state else {
+        unreachable!()
+    };
+    submitted.batch_id = real_id;
+    store::save(&run_dir, &run).unwrap();
+    let again = env.exec(&["cancel", "--run-dir", dir]).await;
+    assert_eq!(again.code, 75, "{again:#?}");
+    let remote = load(&run_dir).batches[0].state.remote().cloned().unwrap();
+    assert_eq!(remote.status.as_str(), "cancelling");
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}
+
+/// Issue 14 (found by the campaign): a run cancelled while an ingested batch's retryable
+/// failures had no retry batch yet never finished — a cancelled run plans no retries, and the
+/// batch waited for one. They are given up instead (reported with their reason, not
+/// retryable), and the run finishes.
+#[tokio::test]
+async fn cancel_gives_up_retries_not_yet_planned_and_the_run_finishes() {
+    let (env, run_dir) = planned(10, &[], EmulatorConfig::default()).await;
+    let dir = run_dir.to_str().unwrap();
+    env.emu().set_faults(Faults {
+        expire_after_fraction: Some(0.5),
+        ..Faults::default()
+    });
+    let killed = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("EMBATCH_CRASH_AT", "before_download:1")],
+        )
+        .await;
+    assert!(killed.killed(), "{killed:#?}");
+    // `ingest` never plans retries: the expired half waits for a retry batch.
+    let ingested = env.exec(&["ingest", "--run-dir", dir]).await;
+    assert_eq!(ingested.code, 0, "{ingested:#?}");
+    let BatchState::Ingested(before) = &load(&run_dir).batches[0].state else {
+        panic!("{:?}", load(&run_dir).batches[0].state)
+    };
+    assert_eq!((before.to_retry, before.retries_planned), (5, false));
+
+    let cancelled = env.exec(&["cancel", "--run-dir", dir]).await;
+    assert_eq!(cancelled.code, 0, "{cancelled:#?}");
+    let run = load(&run_dir);
+    assert!(run.cancelled && run.is_finished());
+    assert_eq!(run.batches.len(), 1, "no retry batch after a cancel");
+    let BatchState::Ingested(after) = &run.batches[0].state else {
+        unreachable!()
+    };
+    assert_eq!(
+        (after.counts.ingested, after.counts.failed, after.to_retry),
+        (5, 5, 0)
+    );
+    let failed = read(run_dir.join("batches/batch_001/failed_chunk_ids.tsv"));
+    let lines: Vec<&str> = failed.lines().skip(1).collect();
+    assert_eq!(lines.len(), 5, "{failed}");
+    assert!(
+        lines.iter().all(|l| l.ends_with("\texpired\tfalse")),
+        "{failed}"
+    );
+    let status = env.exec(&["status", "--run-dir", dir, "--json"]).await;
+    let view: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(view["finished"], true, "{view}");
+    assert_eq!(view["totals"]["failed"], 5, "{view}");
+    assert_eq!(view["totals"]["pending"], 0, "{view}");
+    assert_eq!(advance(&env, &run_dir).await.code, 0);
+    assert_eq!(env.emu().counters().batch_creations, 1);
+}

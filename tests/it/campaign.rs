@@ -35,9 +35,6 @@
 //! minimal one; its seed is kept in `proptest-regressions/campaign.txt` and replayed first.
 //! Timing makes a replay close to, not exactly, the original: a kill after 120 ms lands where
 //! the machine's speed puts it.
-//!
-//! Two actions wait for product fixes and are switched off by a constant until those land:
-//! [`TWO_SPELLINGS_ENABLED`] and [`DAMAGED_CHUNKS_ENABLED`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -79,32 +76,6 @@ const SHRINK_REPEATS: usize = 3;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
 /// Advances allowed in the final phase before the run counts as stuck.
 const MAX_FINAL_ADVANCES: usize = 80;
-/// Issue 14 (a): `TwoPlans` starts its two `submit`s at once under different spellings of the
-/// family id (hyphens, none, upper case, braces). Today two spellings are two families to
-/// embatch (two runs folders, two sets of held chunks) and two plans at once race between
-/// reading the held chunks and renaming the run into place: both pay for the same chunks.
-/// Switch on once the canonical family id and the family plan lock (DESIGN.md §9) are merged.
-/// Off, `TwoPlans` runs its two `submit`s one after the other under the canonical spelling.
-const TWO_SPELLINGS_ENABLED: bool = false;
-/// Issue 14 (b): `Damage` truncates or garbles a not yet ingested batch's `chunks.tsv`. Today
-/// ingest skips the lines it cannot match (a warning, exit 0) and their paid vectors are
-/// dropped, or fails on bytes that are not UTF-8 without naming the file. Switch on once the
-/// evidence files of DESIGN.md §9 (checked before ingest, rebuilt from `input.jsonl`) are
-/// merged.
-const DAMAGED_CHUNKS_ENABLED: bool = false;
-/// A product bug the campaign found (issue 14): `cancel` moves a `planned` batch whose upload
-/// happened but was never recorded (a kill or a lost answer right after the upload) to
-/// `cancelled` without adopting or deleting that file, so the chunks' text stays on the
-/// provider until the file expires. Off, such a file (named `embatch-<run>-<batch>.jsonl`
-/// after a batch cancelled before its file id was known) is counted, not a violation; switch
-/// on once `cancel` adopts and deletes it.
-const CANCELLED_UPLOADS_CHECKED: bool = false;
-/// A product bug the campaign found (issue 14): `cancel` of a run with a batch that finished
-/// remotely since the last poll fails (exit 1, "could not cancel batch …: Cannot cancel a
-/// batch with status 'completed'") instead of recording the finished batch and going on. Off,
-/// that exit of `cancel` is counted as explained (the final phase runs `cancel` again);
-/// switch on once `cancel` takes a refusal for a finished batch as its answer.
-const CANCEL_OF_FINISHED_BATCH_CHECKED: bool = false;
 
 // ------------------------------------------------------------------------------- the model
 
@@ -442,33 +413,23 @@ fn spelling() -> impl Strategy<Value = Spelling> {
     ]
 }
 
-/// The two plans of `Action::TwoPlans`: any two spellings, mostly at once, while
-/// [`TWO_SPELLINGS_ENABLED`]; else the canonical spelling twice, one after the other.
+/// The two plans of `Action::TwoPlans`: any two spellings of the family id (hyphens, none,
+/// upper case, braces), mostly at once, so they race between reading the held chunks and
+/// renaming the run into place (the family lock of DESIGN.md §9 must order them).
 fn two_plans() -> BoxedStrategy<Action> {
-    if TWO_SPELLINGS_ENABLED {
-        (
-            spelling(),
-            spelling(),
-            prop_oneof![3 => (0u16..40).prop_map(Some), 1 => Just(None)],
-            0u8..=6,
-        )
-            .prop_map(|(first, second, gap_ms, new_rows)| Action::TwoPlans {
-                first,
-                second,
-                gap_ms,
-                new_rows,
-            })
-            .boxed()
-    } else {
-        (0u8..=6)
-            .prop_map(|new_rows| Action::TwoPlans {
-                first: Spelling::Canonical,
-                second: Spelling::Canonical,
-                gap_ms: None,
-                new_rows,
-            })
-            .boxed()
-    }
+    (
+        spelling(),
+        spelling(),
+        prop_oneof![3 => (0u16..40).prop_map(Some), 1 => Just(None)],
+        0u8..=6,
+    )
+        .prop_map(|(first, second, gap_ms, new_rows)| Action::TwoPlans {
+            first,
+            second,
+            gap_ms,
+            new_rows,
+        })
+        .boxed()
 }
 
 fn damage_kind() -> impl Strategy<Value = DamageKind> {
@@ -586,14 +547,13 @@ fn action() -> impl Strategy<Value = Action> {
                 .boxed(),
         ),
     ];
-    if DAMAGED_CHUNKS_ENABLED {
-        options.push((
-            2,
-            (any::<u8>(), any::<u8>(), damage_kind())
-                .prop_map(|(batch, line, how)| Action::Damage { batch, line, how })
-                .boxed(),
-        ));
-    }
+    // A truncated or garbled `chunks.tsv` of a batch not yet ingested (DESIGN.md §9).
+    options.push((
+        2,
+        (any::<u8>(), any::<u8>(), damage_kind())
+            .prop_map(|(batch, line, how)| Action::Damage { batch, line, how })
+            .boxed(),
+    ));
     proptest::strategy::Union::new_weighted(options)
 }
 
@@ -743,8 +703,6 @@ struct Stats {
     deleted_after_write: u64,
     /// Termination rounds that hit a connection inside an ingest statement.
     mid_ingest_terminations: u64,
-    /// Files left by `cancel` (see [`CANCELLED_UPLOADS_CHECKED`]).
-    orphaned_by_cancel: u64,
     exit_codes: BTreeMap<String, u64>,
     embedded: u64,
     reported: u64,
@@ -795,7 +753,6 @@ impl Stats {
         self.deleted_reported += s.deleted_reported;
         self.deleted_after_write += s.deleted_after_write;
         self.mid_ingest_terminations += s.mid_ingest_terminations;
-        self.orphaned_by_cancel += s.orphaned_by_cancel;
         for (k, n) in &s.exit_codes {
             *self.exit_codes.entry(k.clone()).or_default() += n;
         }
@@ -882,10 +839,9 @@ impl Stats {
         );
         let _ = writeln!(
             out,
-            "  cancels {} ({} run again at the end, {} uploads left by cancel), ingests {}, chunks.tsv damaged {} ({} loud failures, {} restored)",
+            "  cancels {} ({} run again at the end), ingests {}, chunks.tsv damaged {} ({} loud failures, {} restored)",
             self.cancels,
             self.cancel_reruns,
-            self.orphaned_by_cancel,
             self.ingests,
             self.damaged_files,
             self.damage_loud_failures,
@@ -961,6 +917,9 @@ enum Cut {
     /// The emulator answers 429 or 500 to some requests and the command does not retry
     /// (`cancel` has no "run it again later" exit).
     Api,
+    /// A `plan` whose pending chunks are all held by runs planned but never submitted: it
+    /// refuses by design (issue 14, item 9), naming the runs and the command that submits each.
+    HeldByUnsubmitted,
 }
 
 /// A running `embatch` command.
@@ -1259,6 +1218,10 @@ impl<'a> Sequence<'a> {
                     true
                 }
                 Cut::Api => true,
+                Cut::HeldByUnsubmitted => {
+                    exit.stderr.contains("nothing new to plan")
+                        && exit.stderr.contains("planned but not submitted yet")
+                }
             };
         let loud = exit.code == Some(1) && !explained && self.names_damaged(&exit.stderr);
         if loud {
@@ -1355,11 +1318,22 @@ impl<'a> Sequence<'a> {
         reembed: bool,
         audit_seq_at_plan: i64,
     ) -> Option<usize> {
-        self.judge(what, exit, false, Cut::None);
+        // Only `plan` (here: `plan --reembed`) refuses; `submit` goes on with such runs.
+        let cut = if reembed {
+            Cut::HeldByUnsubmitted
+        } else {
+            Cut::None
+        };
+        self.judge(what, exit, false, cut);
         if exit.code == Some(1) && self.names_damaged(&exit.stderr) {
             self.plan_failed_loudly = true;
         }
         let dir = PathBuf::from(exit.stdout.lines().next()?.trim());
+        // `submit` whose chunks are all held by runs planned but not submitted goes on with
+        // them and prints their folders, oldest first: not a new run, nor its own rival.
+        if let Some(known) = self.runs.iter().position(|r| r.dir == dir) {
+            return Some(known);
+        }
         let run = match load(&dir) {
             Ok(run) => run,
             Err(err) => {
@@ -1421,14 +1395,7 @@ impl<'a> Sequence<'a> {
                 cancel_rerun = true;
                 self.stats.cancel_reruns += 1;
                 let exit = Sequence::finish(self.spawn_on_run("cancel", run)).await;
-                let known = !CANCEL_OF_FINISHED_BATCH_CHECKED
-                    && exit.stderr.contains("Cannot cancel a batch with status");
-                self.judge(
-                    &format!("{what} (cancel again)"),
-                    &exit,
-                    false,
-                    if known { Cut::Api } else { Cut::None },
-                );
+                self.judge(&format!("{what} (cancel again)"), &exit, false, Cut::None);
             }
             let pause = u64::from(self.scenario.stage_ms / 2).clamp(20, 250);
             tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -1639,7 +1606,9 @@ impl<'a> Sequence<'a> {
                             self.add_planned_run(&what, &ea, first, rivals.clone(), false, audit);
                         let ib = self.add_planned_run(&what, &eb, second, rivals, false, audit);
                         // Planned at the same moment: each is the other's rival.
-                        if let (Some(ia), Some(ib)) = (ia, ib) {
+                        if let (Some(ia), Some(ib)) = (ia, ib)
+                            && ia != ib
+                        {
                             self.runs[ia].rivals.push(ib);
                             self.runs[ib].rivals.push(ia);
                         }
@@ -1691,9 +1660,7 @@ impl<'a> Sequence<'a> {
             Action::Cancel => {
                 let exit = Sequence::finish(self.spawn_on_run("cancel", self.current)).await;
                 let api_faults = self.faults_on.contains(&FaultKind::RateLimit)
-                    || self.faults_on.contains(&FaultKind::ServerError)
-                    || (!CANCEL_OF_FINISHED_BATCH_CHECKED
-                        && exit.stderr.contains("Cannot cancel a batch with status"));
+                    || self.faults_on.contains(&FaultKind::ServerError);
                 self.judge(
                     &what,
                     &exit,
@@ -2100,25 +2067,9 @@ impl<'a> Sequence<'a> {
                 known.insert(id, ingested);
             }
         }
-        // `embatch-<run>-<batch>.jsonl` of batches cancelled before their file id was known.
-        let cancelled_unknown: HashSet<String> = runs
-            .iter()
-            .flat_map(|run| {
-                run.batches
-                    .iter()
-                    .filter(|b| {
-                        matches!(&b.state, BatchState::Cancelled(c) if c.input_file_id.is_none())
-                    })
-                    .map(|b| format!("embatch-{}-{}.jsonl", run.run_id, b.name))
-            })
-            .collect();
         for file in self.env.emu().files() {
             let id = file["id"].as_str().unwrap_or_default();
-            let filename = file["filename"].as_str().unwrap_or_default();
             match known.get(id) {
-                None if !CANCELLED_UPLOADS_CHECKED && cancelled_unknown.contains(filename) => {
-                    self.stats.orphaned_by_cancel += 1;
-                }
                 None => {
                     self.stats.violations.orphan_files += 1;
                     self.notes

@@ -321,19 +321,24 @@ async fn a_lost_chunk_list_of_an_unfinished_run_blocks_a_new_plan_with_the_way_o
     let run_dir = env.plan(family, &[]).run_dir();
     let dir = run_dir.to_str().unwrap();
     let chunks = run_dir.join("batches/batch_001/chunks.tsv");
+    let input = run_dir.join("batches/batch_001/input.jsonl");
     fs_err::remove_file(&chunks).unwrap();
+    let planned_input = bytes_of(&input).unwrap();
+    fs_err::write(&input, &planned_input[..planned_input.len() / 2]).unwrap();
     let before = bytes_of(run_dir.join("run.json"));
 
-    // The unfinished run may hold every chunk of the family: planning them again could pay twice.
+    // The unfinished run may hold every chunk of the family: planning them again could pay
+    // twice, and neither of its evidence files tells which it holds.
     let again = env.plan(family, &[]);
     assert_one_line_error(
         &again,
         &[
-            &chunks.display().to_string(),
+            &format!("{} is missing", chunks.display()),
+            &format!("{} differs from the file planned", input.display()),
             &format!("embatch cancel --run-dir {dir}"),
             "--force",
         ],
-        "plan beside a run that lost chunks.tsv",
+        "plan beside a run that lost chunks.tsv and input.jsonl",
     );
     assert_eq!(bytes_of(run_dir.join("run.json")), before);
     assert_eq!(env.run_folders().len(), 1, "no second run folder");
@@ -341,6 +346,85 @@ async fn a_lost_chunk_list_of_an_unfinished_run_blocks_a_new_plan_with_the_way_o
     // --force plans anyway, as the message says.
     let forced = env.plan(family, &["--force"]).run_dir();
     assert_eq!(store::load(&forced).unwrap().plan.chunks, 4);
+}
+
+/// Issue 14: plan's held-chunk check reads another run's `chunks.tsv` only when it is the
+/// file planned; a truncated or garbled one is not trusted, the ids come from that batch's
+/// intact `input.jsonl`, and nothing is written into that run's folder.
+#[tokio::test]
+async fn a_damaged_chunk_list_of_an_unfinished_run_still_holds_all_its_chunks() {
+    let env = TestEnv::new().await;
+    let (family, _) = family_of(&env, 1, 8).await;
+    let run_dir = env
+        .plan(family, &["--max-requests-per-batch", "4"])
+        .run_dir();
+    let chunks = run_dir.join("batches/batch_002/chunks.tsv");
+    let planned = bytes_of(&chunks).unwrap();
+    // The header and one record: three of the batch's chunks are no longer listed.
+    let cut = planned
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(1)
+        .map(|(i, _)| i + 1)
+        .unwrap();
+    let mut garbled = planned.clone();
+    // Inside the last id: one chunk of the batch is listed under an id no chunk has.
+    let at = planned.len() - 80;
+    garbled[at] = if garbled[at] == b'0' { b'1' } else { b'0' };
+    for damaged in [planned[..cut].to_vec(), garbled] {
+        fs_err::write(&chunks, &damaged).unwrap();
+        let again = env.plan(family, &[]);
+        assert_one_line_error(
+            &again,
+            &[
+                "nothing new to plan",
+                "8 pending chunks are held by the run",
+            ],
+            "plan beside a run whose chunks.tsv is damaged",
+        );
+        assert_eq!(env.run_folders().len(), 1, "no second run folder");
+        assert_eq!(bytes_of(&chunks), Some(damaged), "left as found");
+    }
+}
+
+/// A run planned before the digests were recorded: a short `chunks.tsv` cannot be checked
+/// against anything, so a new plan beside it is refused with the way out.
+#[tokio::test]
+async fn a_short_chunk_list_of_an_unfinished_run_without_digests_blocks_a_new_plan() {
+    let env = TestEnv::new().await;
+    let (family, _) = family_of(&env, 1, 5).await;
+    let run_dir = env.plan(family, &[]).run_dir();
+    let dir = run_dir.to_str().unwrap();
+    let run_json = run_dir.join("run.json");
+    let mut value: Value = serde_json::from_str(&read(&run_json)).unwrap();
+    value["batches"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("files")
+        .expect("the digests were recorded");
+    fs_err::write(&run_json, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    let chunks = run_dir.join("batches/batch_001/chunks.tsv");
+    let short: String = read(&chunks)
+        .lines()
+        .take(3)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs_err::write(&chunks, short).unwrap();
+
+    let again = env.plan(family, &[]);
+    assert_one_line_error(
+        &again,
+        &[
+            &chunks.display().to_string(),
+            "lists 2 chunks; the batch has 5 requests",
+            "planned before embatch recorded digests",
+            &format!("embatch cancel --run-dir {dir}"),
+            "--force",
+        ],
+        "plan beside an old run with a short chunks.tsv",
+    );
+    assert_eq!(env.run_folders().len(), 1, "no second run folder");
 }
 
 // ------------------------------------------------------------------------------------------

@@ -329,6 +329,64 @@ async fn after_a_dry_run_plan_names_the_command_and_submit_submits_that_run() {
 }
 
 #[tokio::test]
+async fn submit_goes_on_with_every_unsubmitted_run_that_holds_the_chunks_oldest_first() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (family, _) = family_of(&env, 1, 3).await;
+    let family_text = family.to_string();
+    let dry_run = ["submit", "--family-id", &family_text, "--dry-run"];
+    let first = env.exec(&dry_run).await.run_dir();
+    // New chunks arrive and are planned by a second dry run: two runs now wait for `advance`.
+    env.client
+        .execute(
+            "INSERT INTO knowledge_chunks (id, equipment_family_id, content)
+             VALUES ($1, $2, 'Chunk added later: check the belt tension.')",
+            &[&Uuid::from_u128(family.as_u128() + 100), &family],
+        )
+        .await
+        .unwrap();
+    let second = env.exec(&dry_run).await.run_dir();
+    assert_ne!(first, second);
+
+    // `plan` names both and the command for each.
+    let plan = env.exec(&["plan", "--family-id", &family_text]).await;
+    plan.assert_error("held by runs planned but not submitted yet");
+    for dir in [&first, &second] {
+        assert!(
+            plan.stderr
+                .contains(&format!("embatch advance --run-dir {}", dir.display())),
+            "{plan:#?}"
+        );
+    }
+
+    // `submit` goes on with both, oldest first, and submits every batch of each.
+    let submit = env.exec(&["submit", "--family-id", &family_text]).await;
+    assert_eq!(submit.code, 0, "{submit:#?}");
+    let printed: Vec<PathBuf> = submit.stdout.lines().map(PathBuf::from).collect();
+    assert_eq!(printed, [first.clone(), second.clone()], "{submit:#?}");
+    for dir in [&first, &second] {
+        let saved = store::load(dir).unwrap();
+        assert!(
+            saved
+                .batches
+                .iter()
+                .all(|b| b.state.kind() != StateKind::Planned),
+            "{}: {:?}",
+            dir.display(),
+            saved.batches
+        );
+    }
+    assert_eq!(env.emu().counters().batch_creations, 2);
+    let mut folders = env.run_folders();
+    folders.sort();
+    let mut expected = [first, second];
+    expected.sort();
+    assert_eq!(folders, expected);
+}
+
+#[tokio::test]
 async fn run_after_a_dry_run_finishes_that_run() {
     let env = TestEnv::new()
         .await

@@ -41,7 +41,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("realtime", &["realtime"]),
     // The stages of a run.
     ("plan", &["plan"]),
-    ("advance", &["advance", "ingest", "evidence"]),
+    ("advance", &["advance", "ingest"]),
     // Arguments, dispatch, and the test support that drives the whole.
     ("top", &["cli", "crate", "testkit"]),
 ];

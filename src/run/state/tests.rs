@@ -70,6 +70,7 @@ fn event_strategy() -> impl Strategy<Value = Event> {
             }
         }),
         Just(Event::RetriesPlanned),
+        Just(Event::RetriesDropped),
         Just(Event::RemoteFilesDeleted),
         (any::<bool>(), any::<bool>()).prop_map(|(o, e)| Event::IngestAgain {
             has_output: o,
@@ -285,6 +286,43 @@ fn an_input_file_expired_while_queued_keeps_the_submission_count() {
         BatchState::Uploaded(up) => assert_eq!(up.submission, 2),
         other => panic!("expected uploaded, got {other:?}"),
     }
+}
+
+/// A cancelled run gives up the retryable failures that have no retry batch yet: they
+/// count as failed and the batch is done; failures already in a retry batch stay there.
+#[test]
+fn dropped_retries_count_as_failed_and_finish_the_batch() {
+    let done = RemoteDone {
+        input_file_id: "file-in".to_owned(),
+        batch_id: "batch_1".to_owned(),
+        submission: 1,
+        remote: snapshot("expired", vec![]),
+    };
+    let outcome = IngestOutcome {
+        counts: IngestCounts {
+            ingested: 4,
+            failed: 1,
+            ..IngestCounts::default()
+        },
+        to_retry: 3,
+        ..IngestOutcome::default()
+    };
+    let ingested = BatchState::Expired(done)
+        .apply(Event::FilesDownloaded {
+            has_output: true,
+            has_errors: true,
+        })
+        .and_then(|s| s.apply(Event::ResultsIngested { outcome }))
+        .unwrap();
+    assert!(!ingested.is_done());
+    let dropped = ingested.clone().apply(Event::RetriesDropped).unwrap();
+    assert!(dropped.is_done());
+    let BatchState::Ingested(i) = &dropped else {
+        unreachable!()
+    };
+    assert_eq!((i.counts.ingested, i.counts.failed, i.to_retry), (4, 4, 0));
+    let planned = ingested.apply(Event::RetriesPlanned).unwrap();
+    assert!(planned.apply(Event::RetriesDropped).is_err());
 }
 
 /// `ingest --redownload` of an ingested batch ingests it again, and a retry batch

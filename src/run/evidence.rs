@@ -152,7 +152,10 @@ impl WayOut<'_> {
 }
 
 /// The file's digest, or `None` when it does not exist.
-fn digest_if_present(path: &Path, header_lines: u64) -> anyhow::Result<Option<FileDigest>> {
+pub(crate) fn digest_if_present(
+    path: &Path,
+    header_lines: u64,
+) -> anyhow::Result<Option<FileDigest>> {
     match FileDigest::of_file(path, header_lines) {
         Ok(digest) => Ok(Some(digest)),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -161,7 +164,7 @@ fn digest_if_present(path: &Path, header_lines: u64) -> anyhow::Result<Option<Fi
 }
 
 /// How a file differs from its recorded digest, for messages.
-fn damage(found: Option<&FileDigest>, planned: &FileDigest) -> String {
+pub(crate) fn damage(found: Option<&FileDigest>, planned: &FileDigest) -> String {
     match found {
         None => "is missing".to_owned(),
         Some(found) => format!(
@@ -230,7 +233,7 @@ fn rebuild_chunks(input_path: &Path, dir: &Path) -> anyhow::Result<tempfile::Nam
 
 /// A `chunks.tsv` without a recorded digest: its header, then exactly `requests` records of an
 /// id, a 64-digit lowercase hex sha256 and a token count. `Err` says what is wrong.
-fn check_unrecorded(path: &Path, requests: u64) -> Result<(), String> {
+pub(crate) fn check_unrecorded(path: &Path, requests: u64) -> Result<(), String> {
     let file = match fs_err::File::open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
