@@ -592,7 +592,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         let (time, rss) = run_child(&plan_args)?;
         plan_times.push(time.as_secs_f64());
         plan_rss = plan_rss.max(rss);
-        run_dir = embatch::runs::find_runs(&runs_dir, Some(FAMILY))?
+        run_dir = embatch::run::folders::find_runs(&runs_dir, Some(FAMILY))?
             .pop()
             .map(|found| found.dir)
             .context("the plan created no run")?;
@@ -732,7 +732,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "base64",
     ]);
     run_child(&hnsw_plan)?;
-    let hnsw_run = embatch::runs::find_runs(&runs_dir, Some(HNSW_FAMILY))?
+    let hnsw_run = embatch::run::folders::find_runs(&runs_dir, Some(HNSW_FAMILY))?
         .pop()
         .map(|found| found.dir)
         .context("the HNSW plan created no run")?;

@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         .concat(),
     )
     .await?;
-    let run_dir = embatch::runs::find_runs(&runs_dir, Some(&family))?
+    let run_dir = embatch::run::folders::find_runs(&runs_dir, Some(&family))?
         .pop()
         .map(|found| found.dir)
         .context("the plan created no run")?;

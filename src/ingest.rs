@@ -19,13 +19,13 @@ use crate::pg::sink::{RowOutcome, Sink, VectorRow};
 use crate::pg::source::{self, ChunkRow, quote_ident, quote_qualified};
 use crate::plan::{Numbering, RunWriter};
 use crate::request::RequestTemplate;
+use crate::run::folders::HeldChunks;
 use crate::run::layout::{CHUNKS_FILE, ERRORS_FILE, FAILED_FILE, OUTPUT_FILE, RETRY_SKIPPED_FILE};
 use crate::run::state::{
     BatchState, Event, IngestCounts, IngestFile, IngestOutcome, IngestProgress, LineAnomalies,
     Terminal,
 };
 use crate::run::store::OnTooLong;
-use crate::runs::HeldChunks;
 use crate::tsv;
 
 /// The database side of a stepper, connected on first need.

@@ -25,7 +25,6 @@ pub mod provider;
 pub mod realtime;
 pub mod request;
 pub mod run;
-pub mod runs;
 pub mod sharder;
 pub mod status;
 #[cfg(any(test, feature = "testkit"))]
@@ -276,8 +275,10 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             Ok(ExitStatus::Done)
         }
         Command::Runs(runs_cfg) => {
-            let found = runs::find_runs(&config.global.runs_dir, runs_cfg.family_id.as_deref())?;
-            let summaries: Vec<runs::RunSummary> = found.iter().map(runs::summarize).collect();
+            let found =
+                run::folders::find_runs(&config.global.runs_dir, runs_cfg.family_id.as_deref())?;
+            let summaries: Vec<run::folders::RunSummary> =
+                found.iter().map(run::folders::summarize).collect();
             if runs_cfg.json {
                 printer.data(&serde_json::to_string_pretty(&summaries)?);
             } else if summaries.is_empty() {
@@ -287,7 +288,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
                 ));
             } else {
                 for s in &summaries {
-                    printer.data(&runs::summary_line(s));
+                    printer.data(&run::folders::summary_line(s));
                 }
             }
             Ok(ExitStatus::Done)

@@ -27,11 +27,13 @@ use crate::pg::conn::DbTarget;
 use crate::pg::source::{self, ChunkRow, FamilyIdType, PendingRow, Source};
 use crate::printer::Printer;
 use crate::request::RequestTemplate;
-use crate::run::layout::{CHUNKS_FILE, INPUT_FILE, SKIPPED_FILE, batch_dir, batch_name};
+use crate::run::folders::{self, HeldChunks};
+use crate::run::layout::{
+    self, CHUNKS_FILE, INPUT_FILE, PARTIAL_PREFIX, SKIPPED_FILE, batch_dir, batch_name,
+};
 use crate::run::lock::{self, FamilyLock};
 use crate::run::state::{BatchState, Planned};
 use crate::run::store::{self, BatchRecord, OnTooLong, PlanSummary, RunFile, RunSettings};
-use crate::runs::{self, HeldChunks};
 use crate::sharder::{BatchTally, ItemSize, Placement, Sharder};
 use crate::tokens;
 use crate::tsv;
@@ -192,7 +194,7 @@ async fn plan_uninterrupted(
     let dims = models::choose_dimensions(&cfg.model, source.dimensions, cfg.dimensions)?;
     let identity = source::database_identity(&client).await?;
 
-    let family_dir = runs::family_dir(&global.runs_dir, &family);
+    let family_dir = layout::family_dir(&global.runs_dir, &family);
     create_family_dir(&global.runs_dir, &family_dir)?;
     // From reading the held chunks until the run is in place, no other plan of the family
     // runs, on this machine or another one using the same database.
@@ -215,7 +217,7 @@ async fn plan_uninterrupted(
             &client,
         )
         .await?;
-        runs::held_chunks(&dirs)?
+        folders::held_chunks(&dirs)?
     };
 
     let (name, partial_dir) = reserve_partial_dir(&family_dir, now)?;
@@ -426,7 +428,7 @@ async fn folders_of_family(
     if family_type.is_verbatim() {
         return Ok(dirs);
     }
-    let candidates: Vec<(PathBuf, String)> = runs::family_folders(runs_dir)?
+    let candidates: Vec<(PathBuf, String)> = folders::family_folders(runs_dir)?
         .into_iter()
         .filter(|(dir, id)| dir != family_dir && !family_type.is_surely_canonical(id))
         .collect();
@@ -451,10 +453,10 @@ async fn folders_of_family(
 fn reserve_partial_dir(
     family_dir: &Path,
     now: DateTime<Utc>,
-) -> anyhow::Result<(runs::RunName, PathBuf)> {
+) -> anyhow::Result<(layout::RunName, PathBuf)> {
     for _ in 0..16 {
-        let name = runs::run_name(now, rand::random());
-        let partial = family_dir.join(format!(".partial-{}", name.folder));
+        let name = layout::run_name(now, rand::random());
+        let partial = family_dir.join(format!("{PARTIAL_PREFIX}{}", name.folder));
         if family_dir.join(&name.folder).exists() {
             continue;
         }

@@ -516,9 +516,11 @@ impl FamilyIdType {
             None => true,
             // Only the exact canonical forms: Postgres 16 also reads `0x1A` or `1_000` as
             // integers, and those are asked about.
-            Some("uuid") => crate::runs::parse_pg_uuid(id).is_some_and(|u| u.to_string() == id),
+            Some("uuid") => {
+                crate::run::folders::parse_pg_uuid(id).is_some_and(|u| u.to_string() == id)
+            }
             Some("bigint" | "integer" | "smallint") => {
-                crate::runs::parse_decimal_int(id).as_deref() == Some(id)
+                crate::run::folders::parse_decimal_int(id).as_deref() == Some(id)
             }
             Some(_) => false,
         }

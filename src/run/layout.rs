@@ -10,6 +10,14 @@
 
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, Utc};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+/// Every run folder's name starts so.
+pub const RUN_PREFIX: &str = "run_";
+/// A run folder being planned is named so until it is complete.
+pub const PARTIAL_PREFIX: &str = ".partial-";
+
 /// The state machine: the one source of truth, written atomically by `store`.
 pub const RUN_FILE: &str = "run.json";
 /// The previous `run.json`.
@@ -37,6 +45,47 @@ pub const ERRORS_FILE: &str = "errors.jsonl";
 pub const FAILED_FILE: &str = "failed_chunk_ids.tsv";
 /// Chunks a retry batch left out: id, reason.
 pub const RETRY_SKIPPED_FILE: &str = "retry_skipped.tsv";
+
+/// Characters kept as they are in a family's folder name; the rest is percent-encoded.
+const FAMILY_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'.').remove(b'_').remove(b'-');
+
+/// `<runs-dir>/<family id, percent-encoded if not [A-Za-z0-9._-]>`.
+pub fn family_dir(runs_dir: &Path, family_id: &str) -> PathBuf {
+    let mut name = utf8_percent_encode(family_id, FAMILY_ESCAPE).to_string();
+    // `.` and `..` are valid ids but not usable folder names.
+    if name == "." || name == ".." {
+        name = name.replace('.', "%2E");
+    }
+    runs_dir.join(name)
+}
+
+/// The family id a folder under the runs dir was named after (the inverse of
+/// [`family_dir`]); `None` for a name no family id gives.
+pub fn family_folder_id(folder_name: &str) -> Option<String> {
+    let id = percent_decode_str(folder_name)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    // Only names that family_dir writes: anything else is not a family folder.
+    let runs_dir = Path::new("");
+    (family_dir(runs_dir, &id) == runs_dir.join(folder_name)).then_some(id)
+}
+
+/// A new run's id and folder name, from the clock and a random suffix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunName {
+    /// `20261124T104500Z-7f3a`
+    pub run_id: String,
+    /// `run_20261124_104500_7f3a`
+    pub folder: String,
+}
+
+pub fn run_name(now: DateTime<Utc>, suffix: u16) -> RunName {
+    RunName {
+        run_id: format!("{}-{suffix:04x}", now.format("%Y%m%dT%H%M%SZ")),
+        folder: format!("{RUN_PREFIX}{}_{suffix:04x}", now.format("%Y%m%d_%H%M%S")),
+    }
+}
 
 /// The folder of batch `name` (`batch_001`) of the run in `run_dir`.
 pub fn batch_dir(run_dir: &Path, name: &str) -> PathBuf {

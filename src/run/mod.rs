@@ -6,6 +6,7 @@
 //! Nothing here talks to the database or the provider. Only `store` writes `run.json`.
 
 pub mod evidence;
+pub mod folders;
 pub mod layout;
 pub mod lock;
 pub mod state;

@@ -1,5 +1,5 @@
-//! The runs dir: where run folders live, how they are named, and finding them again
-//! (`embatch runs`, and the chunks that unfinished runs still hold).
+//! The runs dir: the family folders and the run folders in them, found again (`embatch runs`,
+//! and the chunks that unfinished runs still hold). Their names are `layout`'s.
 //!
 //! Read-only over existing runs; creating a run folder is the plan's job.
 
@@ -9,38 +9,13 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::run::evidence;
+use crate::run::layout::{self, CHUNKS_FILE, INPUT_FILE, RUN_PREFIX, family_folder_id};
 use crate::run::store::{self, BatchRecord, FileDigest, RunFile, StoreError};
 use crate::tsv;
-
-/// Characters kept as they are in a family's folder name; the rest is percent-encoded.
-const FAMILY_ESCAPE: &AsciiSet = &NON_ALPHANUMERIC.remove(b'.').remove(b'_').remove(b'-');
-
-/// `<runs-dir>/<family id, percent-encoded if not [A-Za-z0-9._-]>`.
-pub fn family_dir(runs_dir: &Path, family_id: &str) -> PathBuf {
-    let mut name = utf8_percent_encode(family_id, FAMILY_ESCAPE).to_string();
-    // `.` and `..` are valid ids but not usable folder names.
-    if name == "." || name == ".." {
-        name = name.replace('.', "%2E");
-    }
-    runs_dir.join(name)
-}
-
-/// The family id a folder under the runs dir was named after (the inverse of
-/// [`family_dir`]); `None` for a name no family id gives.
-pub fn family_folder_id(folder_name: &str) -> Option<String> {
-    let id = percent_decode_str(folder_name)
-        .decode_utf8()
-        .ok()?
-        .into_owned();
-    // Only names that family_dir writes: anything else is not a family folder.
-    let runs_dir = Path::new("");
-    (family_dir(runs_dir, &id) == runs_dir.join(folder_name)).then_some(id)
-}
 
 /// Every family folder under `runs_dir`, with the family id it was named after.
 pub fn family_folders(runs_dir: &Path) -> std::io::Result<Vec<(PathBuf, String)>> {
@@ -122,22 +97,6 @@ pub fn parse_decimal_int(text: &str) -> Option<String> {
     })
 }
 
-/// A new run's id and folder name, from the clock and a random suffix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunName {
-    /// `20261124T104500Z-7f3a`
-    pub run_id: String,
-    /// `run_20261124_104500_7f3a`
-    pub folder: String,
-}
-
-pub fn run_name(now: DateTime<Utc>, suffix: u16) -> RunName {
-    RunName {
-        run_id: format!("{}-{suffix:04x}", now.format("%Y%m%dT%H%M%SZ")),
-        folder: format!("run_{}_{suffix:04x}", now.format("%Y%m%d_%H%M%S")),
-    }
-}
-
 /// A run folder found under the runs dir, with its `run.json` or why it could not be read.
 pub struct FoundRun {
     pub dir: PathBuf,
@@ -182,7 +141,7 @@ pub fn find_runs_in(family_dirs: &[PathBuf]) -> std::io::Result<Vec<FoundRun>> {
         };
         for entry in entries.filter_map(Result::ok) {
             let path = entry.path();
-            let is_run = entry.file_name().to_string_lossy().starts_with("run_");
+            let is_run = entry.file_name().to_string_lossy().starts_with(RUN_PREFIX);
             if is_run && path.is_dir() {
                 let run = store::load(&path);
                 found.push(FoundRun { dir: path, run });
@@ -350,10 +309,9 @@ fn read_held_ids(
     batch: &BatchRecord,
     add: &mut dyn FnMut(&str),
 ) -> Result<(), String> {
-    // The names `plan` gives them (not imported: `plan` depends on this module).
-    let dir = run_dir.join("batches").join(&batch.name);
-    let chunks_path = dir.join("chunks.tsv");
-    let input_path = dir.join("input.jsonl");
+    let dir = layout::batch_dir(run_dir, &batch.name);
+    let chunks_path = dir.join(CHUNKS_FILE);
+    let input_path = dir.join(INPUT_FILE);
     let Some(files) = &batch.files else {
         // Planned before digests were recorded: only a complete, well-formed list is taken.
         evidence::check_unrecorded(&chunks_path, batch.requests).map_err(|problem| {
@@ -448,6 +406,7 @@ pub fn summary_line(s: &RunSummary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::layout::{family_dir, run_name};
 
     #[test]
     fn family_dirs_are_percent_encoded() {
