@@ -565,7 +565,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let copy_out_s = median(copy_out_times);
     // The tables are built first (plan builds them while it connects); the first of the runs
     // is the one a fresh process like plan's sees, reported besides the median.
-    embatch::tokens::warm_up();
+    embatch::plan::tokens::warm_up();
     let library_count: fn(&str) -> usize = |text| bpe_openai::cl100k_base().count(text);
     let tokenize_runs: Vec<f64> = (0..5)
         .map(|_| tokenize_two_threads(&texts, library_count).as_secs_f64())
@@ -574,7 +574,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let tokenize_s = median(tokenize_runs);
     let counter_s = median(
         (0..5)
-            .map(|_| tokenize_two_threads(&texts, embatch::tokens::count_tokens).as_secs_f64())
+            .map(|_| {
+                tokenize_two_threads(&texts, embatch::plan::tokens::count_tokens).as_secs_f64()
+            })
             .collect(),
     );
     drop(texts);

@@ -99,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let mean_tokens = contents
         .iter()
-        .map(|c| embatch::tokens::count_tokens(c))
+        .map(|c| embatch::plan::tokens::count_tokens(c))
         .sum::<usize>() as f64
         / contents.len().max(1) as f64;
 

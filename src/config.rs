@@ -7,10 +7,10 @@ use std::sync::Arc;
 use crate::models::EncodingFormat;
 use crate::pg::conn::{DbError, DbTarget};
 use crate::pg::source::SourceConfig;
+use crate::plan::sharder::BatchLimits;
 use crate::printer::OutputSettings;
 use crate::provider::ApiSettings;
 use crate::run::store::OnTooLong;
-use crate::sharder::BatchLimits;
 
 /// Options shared by every command.
 #[derive(Debug, Clone)]

@@ -17,8 +17,8 @@ use crate::advance::{Progress, Stepper};
 use crate::output::{FailReason, LineOutcome, parse_line_bytes};
 use crate::pg::sink::{RowOutcome, Sink, VectorRow};
 use crate::pg::source::{self, ChunkRow, quote_ident, quote_qualified};
+use crate::plan::request::RequestTemplate;
 use crate::plan::{Numbering, RunWriter};
-use crate::request::RequestTemplate;
 use crate::run::folders::HeldChunks;
 use crate::run::layout::{CHUNKS_FILE, ERRORS_FILE, FAILED_FILE, OUTPUT_FILE, RETRY_SKIPPED_FILE};
 use crate::run::state::{

@@ -23,13 +23,10 @@ pub mod plan;
 pub mod printer;
 pub mod provider;
 pub mod realtime;
-pub mod request;
 pub mod run;
-pub mod sharder;
 pub mod status;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
-pub mod tokens;
 pub mod tsv;
 
 use anyhow::bail;

@@ -256,7 +256,7 @@ fn inputs(input: Option<&Value>) -> Result<Vec<Input>, RequestError> {
         }
         Ok(Input {
             text: text.to_owned(),
-            n_tokens: crate::tokens::count_tokens(text),
+            n_tokens: crate::plan::tokens::count_tokens(text),
         })
     };
     let from_tokens = |tokens: &[Value]| -> Result<Input, RequestError> {

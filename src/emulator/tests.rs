@@ -216,7 +216,7 @@ async fn batch_round_trip_gives_the_deterministic_vectors_in_float_and_base64() 
             );
             assert_eq!(
                 response["body"]["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
-                crate::tokens::count_tokens(&text)
+                crate::plan::tokens::count_tokens(&text)
             );
         }
         assert_eq!(seen.len(), 6);

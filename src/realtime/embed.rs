@@ -24,10 +24,10 @@ use crate::models::{self, DimensionChoice};
 use crate::pg::conn::DbTarget;
 use crate::pg::sink::{RowOutcome, Sink, SinkError, VectorRow};
 use crate::pg::source::{Source, quote_ident, quote_qualified};
+use crate::plan::tokens::{MAX_INPUT_TOKENS, count_tokens};
 use crate::printer::Printer;
 use crate::provider::{ApiError, BatchProvider};
 use crate::run::store::{IdType, SourceSettings};
-use crate::tokens::{MAX_INPUT_TOKENS, count_tokens};
 
 /// The provider's limits on one `/v1/embeddings` request (the OpenAPI description of
 /// `CreateEmbeddingRequest.input`: at most 2048 inputs, 8192 tokens each — we keep 8191, see

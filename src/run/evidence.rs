@@ -16,10 +16,10 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::plan::tokens;
 use crate::printer::Printer;
 use crate::run::layout::{CHUNKS_FILE, INPUT_FILE, batch_dir};
 use crate::run::store::{self, BatchRecord, FileDigest, OnTooLong, RunFile};
-use crate::tokens;
 use crate::tsv;
 
 const CHUNKS_HEADER: &str = "id\tsha256\ttokens";
@@ -350,7 +350,7 @@ mod tests {
     #[test]
     fn a_rebuilt_chunk_list_is_what_plan_writes() {
         use crate::models::EncodingFormat;
-        use crate::request::RequestTemplate;
+        use crate::plan::request::RequestTemplate;
         let dir = tempfile::tempdir().unwrap();
         let template = RequestTemplate {
             model: "text-embedding-3-small".to_owned(),

@@ -11,9 +11,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::models::EncodingFormat;
+use crate::plan::sharder::BatchLimits;
 use crate::run::layout::{BACKUP_FILE, RUN_FILE};
 use crate::run::state::{BatchState, StateKind};
-use crate::sharder::BatchLimits;
 
 /// Bumped on every change of the on-disk shape; older versions load through a migration.
 pub const SCHEMA_VERSION: u32 = 1;

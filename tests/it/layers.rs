@@ -17,9 +17,9 @@ const LAYERS: &[(&str, &[&str])] = &[
         "core",
         &[
             "models",
-            "tokens",
-            "request",
-            "sharder",
+            "plan::tokens",
+            "plan::request",
+            "plan::sharder",
             "tsv",
             "output",
             "crashpoint",
@@ -51,7 +51,7 @@ const KNOWN_CYCLES: &[(&str, &str)] = &[("advance", "ingest")];
 
 /// The emulator is a product module of its own: it uses nothing of the product but the token
 /// counter.
-const EMULATOR_MAY_USE: &[&str] = &["tokens"];
+const EMULATOR_MAY_USE: &[&str] = &["plan::tokens"];
 
 #[test]
 fn imports_point_down_the_pipeline_and_never_loop() {

@@ -99,7 +99,7 @@ async fn plan_writes_the_run_folder_and_skips_what_cannot_be_sent() {
         assert_eq!(row[1], db_hash);
         assert_eq!(
             row[2].parse::<usize>().unwrap(),
-            embatch::tokens::count_tokens(
+            embatch::plan::tokens::count_tokens(
                 lines.iter().find(|l| l["custom_id"] == row[0]).unwrap()["body"]["input"]
                     .as_str()
                     .unwrap()
@@ -505,7 +505,7 @@ async fn on_too_long_truncate_and_fail() {
     let lines = jsonl(&run.run_dir().join("batches/batch_001/input.jsonl"));
     let input = lines[0]["body"]["input"].as_str().unwrap();
     assert!(long.starts_with(input));
-    let n = embatch::tokens::count_tokens(input);
+    let n = embatch::plan::tokens::count_tokens(input);
     assert!(n <= 8191 && n > 8000, "{n}");
 }
 

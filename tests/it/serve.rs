@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use embatch::emulator::vectors::embedding;
 use embatch::emulator::{EmulatorConfig, Faults};
-use embatch::tokens::count_tokens;
+use embatch::plan::tokens::count_tokens;
 use uuid::Uuid;
 
 use crate::harness::TestEnv;
