@@ -9,7 +9,7 @@ use crate::pg::conn::{DbError, DbTarget};
 use crate::pg::source::SourceConfig;
 use crate::plan::sharder::BatchLimits;
 use crate::printer::OutputSettings;
-use crate::provider::ApiSettings;
+use crate::provider::connect::ApiSettings;
 use crate::run::store::OnTooLong;
 
 /// Options shared by every command.

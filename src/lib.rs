@@ -14,7 +14,6 @@ pub mod config;
 pub mod crashpoint;
 pub mod emulator;
 pub mod exit;
-pub mod ingest;
 pub mod interrupt;
 pub mod models;
 pub mod output;
@@ -152,7 +151,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         Command::Submit(submit) => {
             if !submit.dry_run {
                 // Fail on a missing key before planning, not after.
-                provider::batch_client(&config.global.api)?;
+                provider::connect::batch_client(&config.global.api)?;
             }
             let run_dirs =
                 plan_and_print(&config, &submit.plan, &printer, now, !submit.dry_run).await?;
@@ -176,7 +175,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             .await
         }
         Command::Run(run_cfg) => {
-            provider::batch_client(&config.global.api)?;
+            provider::connect::batch_client(&config.global.api)?;
             let run_dirs = plan_and_print(&config, &run_cfg.plan, &printer, now, true).await?;
             advance_each(
                 &config,

@@ -19,7 +19,7 @@ use crate::models::{DEFAULT_MODEL, EncodingFormat};
 use crate::pg::source::SourceConfig;
 use crate::plan::sharder::BatchLimits;
 use crate::printer::OutputSettings;
-use crate::provider::ApiSettings;
+use crate::provider::connect::ApiSettings;
 use crate::run::store::OnTooLong;
 
 const AFTER_HELP: &str = "Exit codes: 0 done, 75 not done yet (run again later, or the run is locked), 2 usage error, 1 any other error.";

@@ -15,7 +15,6 @@
 //! plan holds the family lock (`lock::FamilyLock`), so two plans of one family never take the
 //! same chunk. SIGINT or SIGTERM removes the partial folder and cancels the query.
 
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -38,49 +37,13 @@ pub mod sharder;
 pub mod tokens;
 mod writer;
 
-pub use writer::Numbering;
+pub use writer::{Numbering, SkipReason};
 pub(crate) use writer::{RunWriter, Written};
+use writer::{create_private_dir, make_private_dir};
 
 /// Rows prepared per round by one worker thread: ~400 KB of text, far more work than handing
 /// a round over, and little memory.
 const ROWS_PER_ROUND: usize = 512;
-
-/// Why a chunk is never sent (the `reason` of `skipped.tsv`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SkipReason {
-    Empty,
-    TooLong,
-    TooLargeForBatch,
-}
-
-impl SkipReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::Empty => "empty",
-            SkipReason::TooLong => "too_long",
-            SkipReason::TooLargeForBatch => "too_large_for_batch",
-        }
-    }
-}
-
-/// Creates a folder (and its missing parents) readable by its owner only.
-pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    make_private_dir(path, true)
-}
-
-fn make_private_dir(path: &Path, recursive: bool) -> std::io::Result<()> {
-    // fs-err has no DirBuilder: name the folder in the error ourselves.
-    std::fs::DirBuilder::new()
-        .recursive(recursive)
-        .mode(0o700)
-        .create(path)
-        .map_err(|err| {
-            std::io::Error::new(
-                err.kind(),
-                format!("failed to create directory `{}`: {err}", path.display()),
-            )
-        })
-}
 
 /// The outcome of a plan: the run folder, or why there is none.
 pub enum PlanOutcome {

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::ops::Range;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
@@ -21,7 +22,42 @@ use crate::run::state::{BatchState, Planned};
 use crate::run::store::{self, BatchRecord, OnTooLong};
 use crate::tsv;
 
-use super::{SkipReason, create_private_dir};
+/// Why a chunk is never sent (the `reason` of `skipped.tsv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SkipReason {
+    Empty,
+    TooLong,
+    TooLargeForBatch,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Empty => "empty",
+            SkipReason::TooLong => "too_long",
+            SkipReason::TooLargeForBatch => "too_large_for_batch",
+        }
+    }
+}
+
+/// Creates a folder (and its missing parents) readable by its owner only.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    make_private_dir(path, true)
+}
+
+pub(super) fn make_private_dir(path: &Path, recursive: bool) -> std::io::Result<()> {
+    // fs-err has no DirBuilder: name the folder in the error ourselves.
+    std::fs::DirBuilder::new()
+        .recursive(recursive)
+        .mode(0o700)
+        .create(path)
+        .map_err(|err| {
+            std::io::Error::new(
+                err.kind(),
+                format!("failed to create directory `{}`: {err}", path.display()),
+            )
+        })
+}
 
 /// What the writer produced.
 pub(crate) struct Written {

@@ -5,68 +5,24 @@
 //! reach `run.json` or the state machine; `batch.json` keeps the provider's own object as
 //! [`RemoteBatch::record`].
 //!
-//! `openai` is the one implementation (the emulator speaks the same protocol). Its error
-//! classes ([`ApiError`]: retryable, unknown outcome, queue limit, not found, …) and its clock
-//! reading are what the seam reports.
+//! `openai` is the one implementation (the emulator speaks the same protocol); `connect` makes
+//! the configured one. The seam's error classes ([`ApiError`]: retryable, unknown outcome,
+//! queue limit, not found, …) and the provider's clock ([`ClockReading`]) are defined here.
 //!
 //! It owns no run folder and no state: callers decide what a failure means for a batch.
 
+pub mod connect;
 pub mod openai;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 
 use crate::run::state::RemoteSnapshot;
-
-pub use openai::{ApiClient, ApiError, ByteObserver, ClientOptions, ClockReading};
-
-/// How to reach the OpenAI API. The key is a secret: never printed, never written.
-#[derive(Debug, Clone)]
-pub struct ApiSettings {
-    pub api_key: Option<String>,
-    pub base_url: String,
-    pub organization: Option<String>,
-    pub project: Option<String>,
-    /// Retries of a read, download or delete after a 429, 5xx or connection error.
-    pub max_retries: usize,
-}
-
-/// The batch path's client for the configured settings, or a message saying what is missing.
-pub fn batch_client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
-    Ok(ApiClient::new(client_options(settings)?)?)
-}
-
-/// The client options of the configured settings (the batch path's retry policy), or a
-/// message saying what is missing.
-pub fn client_options(settings: &ApiSettings) -> anyhow::Result<ClientOptions> {
-    let api_key = settings.api_key.clone().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no OpenAI API key; set OPENAI_API_KEY in the environment or in .env (to try embatch without one, run `embatch emulator` and point OPENAI_BASE_URL at it)"
-        )
-    })?;
-    Ok(ClientOptions {
-        base_url: settings.base_url.clone(),
-        api_key,
-        organization: settings.organization.clone(),
-        project: settings.project.clone(),
-        max_retries: settings.max_retries,
-        ..ClientOptions::default()
-    })
-}
-
-/// The realtime path's client. Its retry policy is the batch path's (429, 5xx and connection
-/// errors, honouring `Retry-After`) with a shorter longest wait: someone is waiting for the
-/// answer.
-pub fn realtime_client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
-    Ok(ApiClient::new(ClientOptions {
-        max_backoff: Duration::from_secs(10),
-        ..client_options(settings)?
-    })?)
-}
 
 /// A file the provider holds (a batch input file).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,4 +118,148 @@ pub trait BatchProvider: Send + Sync {
 
     /// One cheap read, so that [`BatchProvider::clock_reading`] has something to say.
     fn read_clock(&self) -> BoxFuture<'_, Result<(), ApiError>>;
+}
+
+/// Told the number of bytes transferred so far (upload and download progress).
+pub type ByteObserver = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// What went wrong talking to the API. Messages never contain the API key.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401/403: stop at once; never retried.
+    #[error(
+        "the API rejected the key (HTTP {status}): check OPENAI_API_KEY (and --organization/--project)"
+    )]
+    Auth { status: u16 },
+
+    /// 429 `insufficient_quota`: stop at once; never retried.
+    #[error(
+        "the API refused the request for lack of quota (HTTP 429 insufficient_quota): check the plan and billing details of the OpenAI account, then run the command again"
+    )]
+    Quota,
+
+    /// The organisation's enqueued token/request limit for batches was reached: the caller
+    /// parks the batch in `queued`; never retried here.
+    #[error(
+        "the provider's batch queue limit was reached ({message}): the batch waits until other batches finish"
+    )]
+    QueueLimit { message: String },
+
+    /// 429 rate limit: retried (honouring `Retry-After`); returned when the retries run out.
+    #[error("{}", rate_limited_message(*.retry_after))]
+    RateLimited { retry_after: Option<Duration> },
+
+    /// 5xx (or 408): retried for reads; returned when the retries run out.
+    #[error(
+        "the API failed with HTTP {status}: try again later (see status.openai.com if it persists)"
+    )]
+    Server { status: u16 },
+
+    /// No answer: connection refused, reset or closed, or a timeout. Retried for reads.
+    #[error(
+        "could not talk to the API: {message}; check the network and the base URL (--base-url / OPENAI_BASE_URL), then run the command again"
+    )]
+    Connection { message: String },
+
+    /// 404.
+    #[error("the API has no such object: {message}")]
+    NotFound { message: String },
+
+    /// Any other refusal (4xx), with the provider's message.
+    #[error("the API refused the request (HTTP {status}): {message}")]
+    BadRequest { status: u16, message: String },
+
+    /// A call that creates something (upload, batch creation) may or may not have done so:
+    /// the answer was lost. Look for the object before creating it again; never retry blindly.
+    #[error(
+        "the answer to the {what} was lost ({cause}): the object may exist, so look for it before creating it again"
+    )]
+    UnknownOutcome {
+        what: String,
+        #[source]
+        cause: Box<ApiError>,
+    },
+
+    /// A successful answer that does not parse: the base URL probably points at something
+    /// that is not the OpenAI API.
+    #[error(
+        "unexpected answer from the API ({message}): check the base URL (--base-url / OPENAI_BASE_URL)"
+    )]
+    Decode { message: String },
+
+    /// A local file could not be read or written (the error names the file).
+    #[error("{source}: check the disk space and the folder's permissions")]
+    Io {
+        #[from]
+        source: std::io::Error,
+    },
+
+    /// A setting the client cannot use (bad base URL, a key that cannot be a header, …).
+    #[error("{message}")]
+    Config { message: String },
+}
+
+fn rate_limited_message(retry_after: Option<Duration>) -> String {
+    match retry_after {
+        Some(wait) => format!(
+            "the API is rate limiting requests (HTTP 429, retry after {} s): wait and run the command again",
+            wait.as_secs()
+        ),
+        None => "the API is rate limiting requests (HTTP 429): wait and run the command again"
+            .to_owned(),
+    }
+}
+
+impl ApiError {
+    /// True for failures that a later attempt of the same read may not meet: rate limits,
+    /// server errors and lost connections. False for refusals, for [`ApiError::UnknownOutcome`]
+    /// (look first), and for local errors.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ApiError::RateLimited { .. } | ApiError::Server { .. } | ApiError::Connection { .. }
+        )
+    }
+
+    /// True when a create call may have created its object although no answer said so.
+    pub fn is_unknown_outcome(&self) -> bool {
+        matches!(self, ApiError::UnknownOutcome { .. })
+    }
+
+    /// The server's requested wait, if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// The provider's clock as one answer's `Date` header showed it, against this machine's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClockReading {
+    /// The header as sent, for messages.
+    pub date_header: String,
+    pub provider_time: DateTime<Utc>,
+    pub local_time: DateTime<Utc>,
+}
+
+impl ClockReading {
+    /// A reading of header `date` received at `local_time`; `None` when it is not an HTTP
+    /// date.
+    pub fn parse(date: &str, local_time: DateTime<Utc>) -> Option<ClockReading> {
+        let provider_time: DateTime<Utc> = httpdate::parse_http_date(date).ok()?.into();
+        Some(ClockReading {
+            date_header: date.to_owned(),
+            provider_time,
+            local_time,
+        })
+    }
+
+    /// How far the provider's clock is ahead of this machine's (negative: behind). The
+    /// header has whole seconds and the answer took some time to arrive, so a few seconds
+    /// of it mean nothing.
+    pub fn skew(&self) -> chrono::Duration {
+        self.provider_time - self.local_time
+    }
 }

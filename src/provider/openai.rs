@@ -33,6 +33,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
+pub use super::{ApiError, ByteObserver, ClockReading};
+
 /// The provider's base URL when none is configured.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
@@ -49,9 +51,6 @@ const UPLOAD_CHUNK_BYTES: usize = 256 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Options
-
-/// Told the number of bytes transferred so far (upload and download progress).
-pub type ByteObserver = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// How to reach the API and how hard to retry.
 #[derive(Clone)]
@@ -301,118 +300,6 @@ struct ErrorDetail {
 // ---------------------------------------------------------------------------------------------
 // Errors
 
-/// What went wrong talking to the API. Messages never contain the API key.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// 401/403: stop at once; never retried.
-    #[error(
-        "the API rejected the key (HTTP {status}): check OPENAI_API_KEY (and --organization/--project)"
-    )]
-    Auth { status: u16 },
-
-    /// 429 `insufficient_quota`: stop at once; never retried.
-    #[error(
-        "the API refused the request for lack of quota (HTTP 429 insufficient_quota): check the plan and billing details of the OpenAI account, then run the command again"
-    )]
-    Quota,
-
-    /// The organisation's enqueued token/request limit for batches was reached: the caller
-    /// parks the batch in `queued`; never retried here.
-    #[error(
-        "the provider's batch queue limit was reached ({message}): the batch waits until other batches finish"
-    )]
-    QueueLimit { message: String },
-
-    /// 429 rate limit: retried (honouring `Retry-After`); returned when the retries run out.
-    #[error("{}", rate_limited_message(*.retry_after))]
-    RateLimited { retry_after: Option<Duration> },
-
-    /// 5xx (or 408): retried for reads; returned when the retries run out.
-    #[error(
-        "the API failed with HTTP {status}: try again later (see status.openai.com if it persists)"
-    )]
-    Server { status: u16 },
-
-    /// No answer: connection refused, reset or closed, or a timeout. Retried for reads.
-    #[error(
-        "could not talk to the API: {message}; check the network and the base URL (--base-url / OPENAI_BASE_URL), then run the command again"
-    )]
-    Connection { message: String },
-
-    /// 404.
-    #[error("the API has no such object: {message}")]
-    NotFound { message: String },
-
-    /// Any other refusal (4xx), with the provider's message.
-    #[error("the API refused the request (HTTP {status}): {message}")]
-    BadRequest { status: u16, message: String },
-
-    /// A call that creates something (upload, batch creation) may or may not have done so:
-    /// the answer was lost. Look for the object before creating it again; never retry blindly.
-    #[error(
-        "the answer to the {what} was lost ({cause}): the object may exist, so look for it before creating it again"
-    )]
-    UnknownOutcome {
-        what: String,
-        #[source]
-        cause: Box<ApiError>,
-    },
-
-    /// A successful answer that does not parse: the base URL probably points at something
-    /// that is not the OpenAI API.
-    #[error(
-        "unexpected answer from the API ({message}): check the base URL (--base-url / OPENAI_BASE_URL)"
-    )]
-    Decode { message: String },
-
-    /// A local file could not be read or written (the error names the file).
-    #[error("{source}: check the disk space and the folder's permissions")]
-    Io {
-        #[from]
-        source: std::io::Error,
-    },
-
-    /// A setting the client cannot use (bad base URL, a key that cannot be a header, …).
-    #[error("{message}")]
-    Config { message: String },
-}
-
-fn rate_limited_message(retry_after: Option<Duration>) -> String {
-    match retry_after {
-        Some(wait) => format!(
-            "the API is rate limiting requests (HTTP 429, retry after {} s): wait and run the command again",
-            wait.as_secs()
-        ),
-        None => "the API is rate limiting requests (HTTP 429): wait and run the command again"
-            .to_owned(),
-    }
-}
-
-impl ApiError {
-    /// True for failures that a later attempt of the same read may not meet: rate limits,
-    /// server errors and lost connections. False for refusals, for [`ApiError::UnknownOutcome`]
-    /// (look first), and for local errors.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            ApiError::RateLimited { .. } | ApiError::Server { .. } | ApiError::Connection { .. }
-        )
-    }
-
-    /// True when a create call may have created its object although no answer said so.
-    pub fn is_unknown_outcome(&self) -> bool {
-        matches!(self, ApiError::UnknownOutcome { .. })
-    }
-
-    /// The server's requested wait, if it sent one.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            ApiError::RateLimited { retry_after } => *retry_after,
-            _ => None,
-        }
-    }
-}
-
 /// Classifies a non-2xx answer from its status, its `Retry-After` and its body.
 ///
 /// Rules, first match wins:
@@ -548,35 +435,6 @@ pub struct ApiClient {
     retries: Arc<AtomicUsize>,
     /// The last `Date` header seen, with this machine's time when it arrived.
     clock: Arc<Mutex<Option<ClockReading>>>,
-}
-
-/// The provider's clock as one answer's `Date` header showed it, against this machine's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClockReading {
-    /// The header as sent, for messages.
-    pub date_header: String,
-    pub provider_time: DateTime<Utc>,
-    pub local_time: DateTime<Utc>,
-}
-
-impl ClockReading {
-    /// A reading of header `date` received at `local_time`; `None` when it is not an HTTP
-    /// date.
-    pub fn parse(date: &str, local_time: DateTime<Utc>) -> Option<ClockReading> {
-        let provider_time: DateTime<Utc> = httpdate::parse_http_date(date).ok()?.into();
-        Some(ClockReading {
-            date_header: date.to_owned(),
-            provider_time,
-            local_time,
-        })
-    }
-
-    /// How far the provider's clock is ahead of this machine's (negative: behind). The
-    /// header has whole seconds and the answer took some time to arrive, so a few seconds
-    /// of it mean nothing.
-    pub fn skew(&self) -> chrono::Duration {
-        self.provider_time - self.local_time
-    }
 }
 
 // Written by hand so that the key never reaches a log line.
@@ -1339,8 +1197,6 @@ async fn sync_parent(path: &Path) -> Result<(), ApiError> {
 }
 
 mod seam;
-
-pub use seam::{remote_batch, remote_file, snapshot};
 
 #[cfg(test)]
 mod tests;

@@ -458,7 +458,7 @@ pub async fn embed_command(
     cfg: &EmbedConfig,
     printer: &Printer,
 ) -> anyhow::Result<()> {
-    let api = crate::provider::realtime_client(&global.api)?;
+    let api = crate::provider::connect::realtime_client(&global.api)?;
     let target_db = db_target(global)?;
     let client = target_db.connect().await?;
     let target = Target::inspect(&client, &cfg.realtime).await?;

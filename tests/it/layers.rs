@@ -41,13 +41,20 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("realtime", &["realtime"]),
     // The stages of a run.
     ("plan", &["plan"]),
-    ("advance", &["advance", "ingest"]),
+    ("advance", &["advance"]),
     // Arguments, dispatch, and the test support that drives the whole.
     ("top", &["cli", "crate", "testkit"]),
 ];
 
-/// Import cycles that exist today and are to be broken; nothing else may loop.
-const KNOWN_CYCLES: &[(&str, &str)] = &[("advance", "ingest")];
+/// Import cycles that exist today and are to be broken; nothing else may loop. `advance` keeps
+/// its ingest connections (`ingest::DbContext`) in its stepper, and ingest is written as more
+/// methods of that stepper: the one loop left in the pipeline, inside one folder.
+/// The emulator's server (`emulator`) and its handlers (`emulator::routes`) share the server's
+/// state types, defined in the former.
+const KNOWN_CYCLES: &[(&str, &str)] = &[
+    ("advance", "advance::ingest"),
+    ("emulator", "emulator::routes"),
+];
 
 /// The emulator is a product module of its own: it uses nothing of the product but the token
 /// counter.
@@ -62,7 +69,22 @@ fn imports_point_down_the_pipeline_and_never_loop() {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (module, path) in &files {
         let text = fs_err::read_to_string(path).unwrap();
-        for reference in references(&production_code(&text)) {
+        let code = production_code(&text);
+        // A parent naming its own child by a relative path (`ingest::DbContext`) is an edge too.
+        for child in children(&code) {
+            let child_module = if module == "crate" {
+                child.clone()
+            } else {
+                format!("{module}::{child}")
+            };
+            if modules.contains(&child_module) && mentions(&code, &format!("{child}::")) {
+                edges
+                    .entry(module.clone())
+                    .or_default()
+                    .insert(child_module);
+            }
+        }
+        for reference in references(&code) {
             let absolute = match reference.strip_prefix("super::") {
                 Some(rest) => format!("{}::{rest}", parent(module)),
                 None => reference.clone(),
@@ -185,6 +207,28 @@ fn production_code(text: &str) -> String {
         code.push('\n');
     }
     code
+}
+
+/// The modules a file declares (`mod x;`, `pub mod x;`, `pub(crate) mod x;`).
+fn children(code: &str) -> Vec<String> {
+    code.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let rest = line
+                .strip_prefix("pub(crate) mod ")
+                .or_else(|| line.strip_prefix("pub mod "))
+                .or_else(|| line.strip_prefix("mod "))?;
+            Some(rest.strip_suffix(';')?.to_owned())
+        })
+        .collect()
+}
+
+/// Whether `code` uses `path` as a relative path (not as the tail of a longer one).
+fn mentions(code: &str, path: &str) -> bool {
+    code.match_indices(path).any(|(at, _)| {
+        let before = code[..at].chars().next_back();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+    })
 }
 
 /// Every path that starts with `crate::` or `super::`, with `{…}` groups expanded.

@@ -1434,7 +1434,7 @@ fn a_batch_is_translated_at_the_seam() {
         "metadata": {"embatch_batch": "batch_001"}
     }))
     .unwrap();
-    let remote = remote_batch(&wire).unwrap();
+    let remote = seam::remote_batch(&wire).unwrap();
     assert_eq!(remote.id, "batch_1");
     assert_eq!(remote.created_at.timestamp(), 1_790_000_000);
     assert_eq!(remote.metadata["embatch_batch"], "batch_001");

@@ -40,6 +40,8 @@ use crate::run::state::{BatchState, Event, RemoteError, RemoteStatus, StateKind}
 use crate::run::store::{self, RunFile};
 
 mod decide;
+mod ingest;
+mod retry;
 
 pub use decide::Goal;
 use decide::{Action, Clocks, decide};
@@ -256,7 +258,7 @@ pub(crate) struct Stepper {
     pub(crate) opts: AdvanceOptions,
     pub(crate) database: Database,
     /// Connected on first need: polling and downloading need no database.
-    pub(crate) db: Option<crate::ingest::DbContext>,
+    pub(crate) db: Option<ingest::DbContext>,
     /// Uploads made by this call, per batch index (bounded by [`MAX_UPLOADS_PER_BATCH`]).
     uploads: BTreeMap<usize, u32>,
     /// This call connected to the database at least once: failing to reach it later is a
@@ -288,7 +290,7 @@ impl Stepper {
         }
         let lock = RunLock::acquire(run_dir, command)?;
         let run = store::load(run_dir)?;
-        let api = Box::new(crate::provider::batch_client(&global.api)?);
+        let api = Box::new(crate::provider::connect::batch_client(&global.api)?);
         let stepper = Stepper {
             run_dir: run_dir.to_path_buf(),
             run,
