@@ -27,7 +27,7 @@
 //! five (it swings most with other load on the machine); the seed-style reference runs once,
 //! on at most `--seed-rows` rows (its rate does not depend on N).
 //!
-//! The text is prose whose vocabulary grows as a real manual's (`sample::Vocabulary`: about
+//! The text is prose whose vocabulary grows as a real manual's (`testkit::sample::Vocabulary`: about
 //! 60,000 distinct pre-tokenizer pieces in 10 MB, like the vim manual); `--corpus templates`
 //! uses the demo's template sentences instead, a few hundred words repeated, the text of the
 //! figures before the token counter remembered pieces. `--plan-only` stops after

@@ -1,12 +1,17 @@
 //! embatch: embed Postgres text chunks in bulk through the OpenAI Batch API into pgvector.
 //!
 //! # Layout
-//! `cli` turns arguments into a `config::Config`; [`run`] dispatches to one module per
-//! command (`plan`, `status`, `runs`, `advance`; `embed` and `serve` for the realtime path,
-//! which never touches runs). The pure core — `sharder`, `state`, `models`, `request`,
-//! `tokens`, `tsv` — does no I/O; `store` and `lock` own the run folder's files; `source` and
-//! `db` own the database; `printer` owns the terminal; `testkit` (only with the `testkit` feature, which the
-//! tests, the demo and the benchmark enable) starts a throwaway Postgres and makes sample text. See `ARCHITECTURE.md` for the invariants.
+//! Folders follow the pipeline, bottom up: the pure core (`models`, `output`, `tsv`, and
+//! `plan`'s `tokens`, `request`, `sharder`); `run` (the state machine, `run.json`'s store, the
+//! lock, the folder `layout`, the file `evidence`, the run `folders`); `pg` (connection and TLS,
+//! the source, the sink) and `provider` (the `BatchProvider` seam and its OpenAI client);
+//! `config`; then the stages: `plan`, `advance` (the loop, `decide`, ingest, retries) and the
+//! realtime path (`realtime`: `embed`, `serve`), which never touches a run; `status` reads a
+//! run back. `cli` turns arguments into a `config::Config` and [`run()`] dispatches; `emulator`
+//! serves `embatch emulator`. `testkit` (only with the `testkit` feature, which the tests, the
+//! demo and the benchmark enable) starts a throwaway Postgres and makes sample text.
+//! `ARCHITECTURE.md` maps DESIGN.md's sections to these modules and lists the invariants;
+//! `tests/it/layers.rs` checks that imports point down this order.
 
 pub mod advance;
 pub mod cli;

@@ -7,6 +7,11 @@
 //! call whose answer was lost — the object is looked for and adopted before anything is created
 //! again. This module decides nothing about legality: `state::BatchState::apply` does.
 //!
+//! Its parts: `decide` (pure: which step a batch takes next, for a goal and the two clocks),
+//! the remote steps here (through the `provider::BatchProvider` seam), `ingest` (output lines
+//! to rows, two writer connections, in-order checkpoints) and `retry` (retry batches, written
+//! with plan's writer).
+//!
 //! Clocks: the provider's timestamps (a file's or a batch's `created_at` and `expires_at`) are
 //! compared with the provider's time — this machine's time plus the skew its last `Date`
 //! header showed — never with this machine's clock alone, so a clock a month off on either

@@ -12,7 +12,7 @@
 //!   each thread remembers the counts of the short pieces it met ([`MEMO_CAPACITY`] at most),
 //!   and prose repeats its words.
 //! - Most of a chunk is ASCII. There the pre-tokenizer's pattern reduces to byte classes, and
-//!   [`split`] cuts pieces without the regex engine (which also takes and returns a shared
+//!   `split` cuts pieces without the regex engine (which also takes and returns a shared
 //!   cache on every piece); a piece that a non-ASCII character could change is cut by
 //!   `bpe-openai`'s own splitter.
 //!

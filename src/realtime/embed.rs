@@ -4,7 +4,7 @@
 //! It owns looking chunks up by id, deciding whether each can be sent ([`Readiness`]), packing
 //! the sendable ones into requests within the API's limits ([`pack_requests`], pure), checking
 //! the vectors that come back, and writing them through the batch ingest's own
-//! [`Sink`](crate::pg::sink::Sink) — so a realtime write obeys exactly the same rules: the column's
+//! [`Sink`] — so a realtime write obeys exactly the same rules: the column's
 //! dimension, the content hash read before the call (a chunk edited meanwhile is `stale`, never
 //! given the old text's vector), and only where the embedding is NULL unless overwriting.
 //!
