@@ -13,3 +13,4 @@ mod security;
 mod serve;
 mod status;
 mod tls_front;
+mod version;
