@@ -27,7 +27,7 @@ const AFTER_HELP: &str = "Exit codes: 0 done, 75 not done yet (run again later, 
 #[derive(Debug, Parser)]
 #[command(
     name = "embatch",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("EMBATCH_COMMIT"), ")"),
     about = "Embed Postgres text chunks in bulk through the OpenAI Batch API into pgvector",
     long_about = "Embed the pending text chunks of one family through the OpenAI Batch API (half the price of the realtime endpoint) and write the vectors into a pgvector column. Each run is a crash-safe state machine in run.json.",
     after_help = AFTER_HELP

@@ -14,3 +14,4 @@ mod security;
 mod serve;
 mod status;
 mod tls_front;
+mod version;
