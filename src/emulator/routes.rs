@@ -23,7 +23,7 @@ use sha2::Digest as _;
 
 use super::batches::{self, BatchFaults, BatchRecord, Status};
 use super::embeddings::{self, RequestError};
-use super::{ConnectionKill, LostAnswer, Shared};
+use super::state::{ConnectionKill, LostAnswer, Shared};
 
 /// The provider's cap on any uploaded file.
 const MAX_UPLOAD_BYTES: usize = 512 * 1024 * 1024;
@@ -308,7 +308,7 @@ async fn upload_file(
         };
         let id = state.add_file(filename, &purpose, content, expires_at);
         state.counters.uploads += 1;
-        let mut file_json = state.file(&id).map(super::StoredFile::to_json);
+        let mut file_json = state.file(&id).map(super::state::StoredFile::to_json);
         if let (Some(json), Some(claimed)) =
             (file_json.as_mut(), state.faults.upload_answer_expires_at)
         {
@@ -398,7 +398,7 @@ async fn list_files(
     };
     let mut state = shared.lock();
     state.purge_expired_files();
-    let mut files: Vec<&super::StoredFile> = state
+    let mut files: Vec<&super::state::StoredFile> = state
         .files
         .iter()
         .filter(|file| {
