@@ -214,6 +214,15 @@ impl DbError {
     }
 }
 
+/// Whether an error without a server answer means the connection is gone (closed, or cut by
+/// an I/O error). Any other such error is ours (a value that cannot be encoded): permanent.
+pub fn connection_lost(error: &tokio_postgres::Error) -> bool {
+    error.is_closed()
+        || error
+            .source()
+            .is_some_and(|cause| cause.is::<std::io::Error>())
+}
+
 /// What a database error means to a command that can be run again from its saved state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DbFault {
@@ -249,12 +258,7 @@ impl DbFault {
 
     fn of_postgres(error: &tokio_postgres::Error) -> Option<DbFault> {
         let Some(db_error) = error.as_db_error() else {
-            // No answer from the server: the connection is gone, or an I/O error cut it. An
-            // error without either is ours (a value that cannot be encoded): permanent.
-            let io = error
-                .source()
-                .is_some_and(|cause| cause.is::<std::io::Error>());
-            return (error.is_closed() || io).then(|| {
+            return connection_lost(error).then(|| {
                 DbFault::Transient(if error.is_closed() {
                     "the connection was closed".to_owned()
                 } else {

@@ -77,11 +77,7 @@ impl SinkError {
             SinkError::Db { source, .. } => match source.code() {
                 // No server error: a lost connection, or a value that could not be encoded
                 // (which will not encode next time either).
-                None => {
-                    source.is_closed()
-                        || std::error::Error::source(source)
-                            .is_some_and(|cause| cause.is::<std::io::Error>())
-                }
+                None => crate::pg::conn::connection_lost(source),
                 Some(code) => {
                     let class = &code.code()[..2];
                     matches!(class, "08" | "40" | "53" | "57") && *code != SqlState::QUERY_CANCELED

@@ -195,23 +195,19 @@ struct RequestBody<'a> {
     input: Cow<'a, str>,
 }
 
-/// Writes, into a temp file beside `input_path`, the `chunks.tsv` that `plan` wrote for these
-/// requests: id = custom_id, sha256 of the input text's UTF-8, its tokens. Streams.
-fn rebuild_chunks(input_path: &Path, dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+/// Calls `each(custom_id, input text)` for every request line of an `input.jsonl`, in order,
+/// one line at a time. A line that is not a request line is an error naming it.
+pub(crate) fn for_each_request(
+    input_path: &Path,
+    mut each: impl FnMut(&str, &str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut reader = BufReader::with_capacity(1 << 20, fs_err::File::open(input_path)?);
-    // tempfile creates the file with mode 0600.
-    let temp = tempfile::Builder::new()
-        .prefix(".tmp-chunks-")
-        .tempfile_in(dir)
-        .with_context(|| format!("could not write a file in {}", dir.display()))?;
-    let mut out = BufWriter::new(temp.as_file());
-    tsv::write_record(&mut out, &["id", "sha256", "tokens"])?;
     let mut line = Vec::with_capacity(64 * 1024);
     let mut line_no = 0u64;
     loop {
         line.clear();
         if reader.read_until(b'\n', &mut line)? == 0 {
-            break;
+            return Ok(());
         }
         line_no += 1;
         let request: RequestLine = serde_json::from_slice(&line).with_context(|| {
@@ -220,11 +216,26 @@ fn rebuild_chunks(input_path: &Path, dir: &Path) -> anyhow::Result<tempfile::Nam
                 input_path.display()
             )
         })?;
-        let input = request.body.input.as_ref();
+        each(&request.custom_id, &request.body.input)?;
+    }
+}
+
+/// Writes, into a temp file beside `input_path`, the `chunks.tsv` that `plan` wrote for these
+/// requests: id = custom_id, sha256 of the input text's UTF-8, its tokens. Streams.
+fn rebuild_chunks(input_path: &Path, dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+    // tempfile creates the file with mode 0600.
+    let temp = tempfile::Builder::new()
+        .prefix(".tmp-chunks-")
+        .tempfile_in(dir)
+        .with_context(|| format!("could not write a file in {}", dir.display()))?;
+    let mut out = BufWriter::new(temp.as_file());
+    tsv::write_record(&mut out, &["id", "sha256", "tokens"])?;
+    for_each_request(input_path, |custom_id, input| {
         let hash = hex::encode(Sha256::digest(input.as_bytes()));
         let n_tokens = tokens::count_tokens(input).to_string();
-        tsv::write_record(&mut out, &[&request.custom_id, &hash, &n_tokens])?;
-    }
+        tsv::write_record(&mut out, &[custom_id, &hash, &n_tokens])?;
+        Ok(())
+    })?;
     out.flush()?;
     drop(out);
     temp.as_file().sync_all()?;

@@ -3,13 +3,12 @@
 //!
 //! Read-only over existing runs; creating a run folder is the plan's job.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::run::evidence;
@@ -329,7 +328,12 @@ fn read_held_ids(
     }
     let input = evidence::digest_if_present(&input_path, 0).map_err(|err| format!("{err:#}"))?;
     if input.as_ref() == Some(&files.input) {
-        return read_custom_ids(&input_path, add);
+        // The custom_ids of the requests: the chunk ids, as `chunks.tsv` lists them.
+        return evidence::for_each_request(&input_path, |custom_id, _| {
+            add(custom_id);
+            Ok(())
+        })
+        .map_err(|err| format!("{err:#}"));
     }
     Err(format!(
         "{} {}, and {} {} too",
@@ -350,36 +354,6 @@ fn read_chunk_list(path: &Path, add: &mut dyn FnMut(&str)) -> Result<(), String>
         Ok(())
     })
     .map_err(|err| format!("{} cannot be read ({err})", path.display()))
-}
-
-/// The custom_id of every request line of an `input.jsonl`: the chunk ids, as `chunks.tsv`
-/// lists them. Streams, one line at a time.
-fn read_custom_ids(path: &Path, add: &mut dyn FnMut(&str)) -> Result<(), String> {
-    #[derive(Deserialize)]
-    struct RequestLine<'a> {
-        #[serde(borrow)]
-        custom_id: Cow<'a, str>,
-    }
-    let file = fs_err::File::open(path).map_err(|err| err.to_string())?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut line = Vec::with_capacity(64 * 1024);
-    let mut line_no = 0u64;
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(err) => return Err(format!("{} cannot be read ({err})", path.display())),
-        }
-        line_no += 1;
-        let request: RequestLine = serde_json::from_slice(&line).map_err(|err| {
-            format!(
-                "line {line_no} of {} is not a request line ({err})",
-                path.display()
-            )
-        })?;
-        add(&request.custom_id);
-    }
 }
 
 /// The one-line human form of a run summary.
