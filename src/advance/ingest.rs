@@ -9,24 +9,26 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use tokio_postgres::Client;
 
-use super::{Progress, Stepper};
 use crate::output::{FailReason, LineOutcome, parse_line_bytes};
+use crate::pg::conn::DbTarget;
 use crate::pg::sink::{RowOutcome, Sink, VectorRow};
 use crate::pg::source::{self, quote_ident};
+use crate::printer::Printer;
 use crate::run::layout::{CHUNKS_FILE, ERRORS_FILE, FAILED_FILE, OUTPUT_FILE};
 use crate::run::state::{
-    BatchState, Event, IngestCounts, IngestFile, IngestOutcome, IngestProgress, LineAnomalies,
-    Terminal,
+    Downloaded, IngestCounts, IngestFile, IngestOutcome, IngestProgress, LineAnomalies, Terminal,
 };
+use crate::run::store::RunFile;
 use crate::tsv;
 
 /// The database side of a stepper, connected on first need.
 pub(crate) struct DbContext {
-    pub(super) client: Client,
+    client: Client,
     sink: Sink,
     /// A second connection, so that two transactions of an ingest do their work at once.
     second: Option<(Client, Sink)>,
@@ -78,398 +80,316 @@ impl Report {
     }
 }
 
-impl Stepper {
-    /// Connects to the run's database (once), checks it is the one the run was planned
-    /// against, and warns about vector indexes that make updates slow.
-    pub(super) async fn database(&mut self) -> anyhow::Result<&mut DbContext> {
-        if self.db.is_none() {
-            let target = self
-                .database
-                .target()
-                .context("this run writes to the database it was planned against")?;
-            let client = target.connect().await?;
-            self.db_reached = true;
-            let identity = source::database_identity(&client).await?;
-            let planned = &self.run.database;
-            let same_system = match (&planned.system_identifier, &identity.system_identifier) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            };
-            if !same_system || planned.database != identity.database {
-                bail!(
-                    "this run was planned against database `{}` (system {}), but DATABASE_URL points at `{}` (system {}); point DATABASE_URL at the run's database",
-                    planned.database,
-                    planned.system_identifier.as_deref().unwrap_or("unknown"),
-                    identity.database,
-                    identity.system_identifier.as_deref().unwrap_or("unknown"),
-                );
-            }
-            let source = &self.run.settings.source;
-            let indexes = crate::pg::sink::ann_indexes(&client, source).await?;
-            for index in &indexes {
-                self.printer.warn(&format!(
-                    "column {} has a {} index ({}): updates run about 100 times slower with it; drop it before the backfill and build it afterwards (`DROP INDEX {}` … `CREATE INDEX … USING {}`)",
-                    source.embedding_column,
-                    index.method,
-                    index.name,
-                    quote_ident(&index.name),
-                    index.method
-                ));
-            }
-            let overwrite = self.opts.overwrite || self.run.settings.reembed;
-            let sink = Sink::prepare(&client, source, overwrite).await?;
-            // Best effort: with one connection ingest is only slower.
-            let second = match target.connect().await {
-                Ok(other) => match Sink::prepare(&other, source, overwrite).await {
-                    Ok(other_sink) => Some((other, other_sink)),
-                    Err(_) => None,
-                },
-                Err(_) => None,
-            };
-            self.db = Some(DbContext {
-                client,
-                sink,
-                second,
-            });
-        }
-        self.db
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("internal error: no database connection"))
-    }
-
-    /// `ingest --redownload` of an ingested batch: Ingested → Downloaded, its output and error
-    /// files fetched again (or, when the provider's copy is gone, the local copy kept), so
-    /// that the next step writes its vectors again (over existing ones with `--overwrite`).
-    /// A batch whose output is gone everywhere is refused with the reason.
-    pub(crate) async fn ingest_again(&mut self, idx: usize) -> anyhow::Result<()> {
-        let BatchState::Ingested(ingested) = &self.run.batches[idx].state else {
-            return Ok(());
+impl DbContext {
+    /// Takes a connection to the run's database: checks it is the one the run was planned
+    /// against, warns about vector indexes that make updates slow, prepares the sink, and opens
+    /// a second connection when it can.
+    pub(crate) async fn open(
+        client: Client,
+        target: &DbTarget,
+        run: &RunFile,
+        overwrite: bool,
+        printer: &Printer,
+    ) -> anyhow::Result<DbContext> {
+        let identity = source::database_identity(&client).await?;
+        let planned = &run.database;
+        let same_system = match (&planned.system_identifier, &identity.system_identifier) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
         };
-        let name = self.name(idx).to_owned();
-        let Some(done) = ingested.done.clone() else {
+        if !same_system || planned.database != identity.database {
             bail!(
-                "batch {name} cannot be ingested again: run.json does not record which files the provider returned for it"
+                "this run was planned against database `{}` (system {}), but DATABASE_URL points at `{}` (system {}); point DATABASE_URL at the run's database",
+                planned.database,
+                planned.system_identifier.as_deref().unwrap_or("unknown"),
+                identity.database,
+                identity.system_identifier.as_deref().unwrap_or("unknown"),
             );
-        };
-        let dir = self.dir(idx);
-        let mut has = [false, false];
-        for (slot, (file_id, file_name)) in [
-            (done.remote.output_file_id, OUTPUT_FILE),
-            (done.remote.error_file_id, ERRORS_FILE),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let Some(file_id) = file_id else { continue };
-            let path = dir.join(file_name);
-            match self
-                .api
-                .download_file(&file_id, &path, std::sync::Arc::new(|_| {}))
-                .await
-            {
-                Ok(_) => {}
-                Err(crate::provider::ApiError::NotFound { .. }) if path.exists() => {
-                    self.printer.warn(&format!(
-                        "{name}: the provider no longer has {file_name} ({file_id}); ingesting the local copy {}",
-                        path.display()
-                    ));
-                }
-                Err(crate::provider::ApiError::NotFound { .. }) => bail!(
-                    "batch {name} cannot be ingested again: the provider no longer has its {file_name} ({file_id}; embatch deletes it after an ingest unless --keep-remote-files) and the local copy {} is gone too",
-                    path.display()
-                ),
-                Err(err) => {
-                    return Err(anyhow::Error::from(err)
-                        .context(format!("could not download {file_name} of {name}")));
-                }
-            }
-            has[slot] = true;
         }
-        if has == [false, false] {
-            // The provider returned nothing for it: there is nothing to write again.
-            return Ok(());
-        }
-        self.printer.info(&format!("{name}: ingesting it again"));
-        self.apply(
-            idx,
-            Event::IngestAgain {
-                has_output: has[0],
-                has_errors: has[1],
-            },
-        )
-    }
-
-    /// Downloaded → Ingested.
-    pub(crate) async fn ingest(&mut self, idx: usize) -> anyhow::Result<Progress> {
-        let BatchState::Downloaded(downloaded) = self.run.batches[idx].state.clone() else {
-            return Ok(Progress::Wait);
-        };
-        self.database().await?;
-        let Some(db) = self.db.take() else {
-            bail!("internal error: no database connection");
-        };
-        // On an error the connections are dropped; the next need connects again.
-        let (outcome, db) = self.ingest_with(db, idx, &downloaded).await?;
-        self.db = Some(db);
-        let name = self.name(idx).to_owned();
-        let c = outcome.counts;
-        self.printer.info(&format!(
-            "{name}: {} written, {} already present, {} stale, {} failed, {} to retry",
-            c.ingested, c.already_present, c.stale, c.failed, outcome.to_retry
-        ));
-        let a = outcome.anomalies;
-        if a.unknown_custom_id + a.repeated_custom_id + a.unparseable > 0 {
-            // Every line is accounted for: these are counted in run.json and shown by status.
-            self.printer.warn(&format!(
-                "{name}: in {} and {ERRORS_FILE}: {} lines with a custom_id not in this batch (refused), {} repeated custom_ids (the first line was kept), {} unparseable lines; a chunk left without a readable line is reported failed (see {FAILED_FILE})",
-                self.dir(idx).join(OUTPUT_FILE).display(),
-                a.unknown_custom_id,
-                a.repeated_custom_id,
-                a.unparseable
+        let source = &run.settings.source;
+        let indexes = crate::pg::sink::ann_indexes(&client, source).await?;
+        for index in &indexes {
+            printer.warn(&format!(
+                "column {} has a {} index ({}): updates run about 100 times slower with it; drop it before the backfill and build it afterwards (`DROP INDEX {}` … `CREATE INDEX … USING {}`)",
+                source.embedding_column,
+                index.method,
+                index.name,
+                quote_ident(&index.name),
+                index.method
             ));
         }
-        self.apply(idx, Event::ResultsIngested { outcome })?;
-        Ok(Progress::Moved)
+        let sink = Sink::prepare(&client, source, overwrite).await?;
+        // Best effort: with one connection ingest is only slower.
+        let second = match target.connect().await {
+            Ok(other) => match Sink::prepare(&other, source, overwrite).await {
+                Ok(other_sink) => Some((other, other_sink)),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        Ok(DbContext {
+            client,
+            sink,
+            second,
+        })
     }
 
-    async fn ingest_with(
-        &mut self,
-        db: DbContext,
-        idx: usize,
-        downloaded: &crate::run::state::Downloaded,
-    ) -> anyhow::Result<(IngestOutcome, DbContext)> {
-        let dir = self.dir(idx);
-        let batch = &self.run.batches[idx];
-        // chunks.tsv decides which paid vector goes where: it must be the file planned.
-        let kept = dir.join(OUTPUT_FILE);
-        let kept = downloaded.has_output.then_some(kept.as_path());
-        crate::run::evidence::ensure_chunks(&self.run_dir, &self.run, batch, kept, &self.printer)?;
-        let mut chunks = load_chunks(&dir.join(CHUNKS_FILE))?;
+    /// The first connection, for reads between ingests (retry planning).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+}
 
-        let dims = self.run.settings.dimensions as usize;
-        let statement_rows = Sink::MAX_ROWS_PER_STATEMENT.min(self.opts.update_chunk_size.max(1));
-        let rows_per_tx = self.opts.update_chunk_size.max(1);
+/// One downloaded batch to ingest: what the ingest needs of its run, owned, so that the caller
+/// stays free to save the checkpoints the ingest reports.
+pub(crate) struct IngestJob {
+    /// The batch's folder (its `chunks.tsv`, output and error files, failure report).
+    pub(crate) dir: PathBuf,
+    pub(crate) name: String,
+    /// The run's folder, named in the command that fetches a lost file again.
+    pub(crate) run_dir: PathBuf,
+    /// Requests in the batch: the length of the progress bar.
+    pub(crate) requests: u64,
+    pub(crate) downloaded: Downloaded,
+    pub(crate) dims: usize,
+    /// Rows per transaction (`--update-chunk-size`).
+    pub(crate) update_chunk_size: usize,
+    /// Attempts remain and the run is not cancelled: retryable failures are retried.
+    pub(crate) retry_allowed: bool,
+    pub(crate) cancelled: bool,
+}
 
-        let resume = downloaded.progress;
-        let failed_path = dir.join(FAILED_FILE);
-        let mut report = Report {
-            failed: open_failed_file(&failed_path, resume.map(|p| p.failed_file_len))?,
-            tally: Tally {
-                counts: resume.map(|p| p.counts).unwrap_or_default(),
-                anomalies: resume.map(|p| p.anomalies).unwrap_or_default(),
-                to_retry: resume.map(|p| p.to_retry).unwrap_or_default(),
-            },
-            retry_allowed: !self.run.cancelled && batch.attempt < self.opts.max_attempts.max(1),
-            cancelled: self.run.cancelled,
-        };
-        let files: Vec<(IngestFile, &str)> = [
-            (IngestFile::Output, downloaded.has_output, OUTPUT_FILE),
-            (IngestFile::Errors, downloaded.has_errors, ERRORS_FILE),
-        ]
-        .into_iter()
-        .filter(|(_, has, _)| *has)
-        .map(|(file, _, name)| (file, name))
-        .collect();
-        // A downloaded file lost before its ingest finished: say how to fetch it again rather
-        // than fail on a bare "no such file" (the remote copy is only deleted after ingest).
-        for (_, name) in &files {
-            let path = dir.join(name);
-            if !path.exists() {
-                bail!(
-                    "{} is missing: batch {} was downloaded but not yet ingested; fetch it again with `embatch ingest --run-dir {} --redownload`",
-                    path.display(),
-                    batch.name,
-                    self.run_dir.display()
-                );
-            }
+/// Where the ingest hands each checkpoint: the caller records it (in `run.json`) before the
+/// next transaction may commit.
+pub(crate) type SaveCheckpoint<'a> = dyn FnMut(IngestProgress) -> anyhow::Result<()> + 'a;
+
+/// Ingests one downloaded batch, resuming from `job.downloaded.progress`. Its `chunks.tsv` must
+/// have been checked against the run's evidence (`run::evidence::ensure_chunks`). After each
+/// committed transaction `save` gets the position and figures to resume from; the connections
+/// come back with the outcome (on an error they are dropped).
+pub(crate) async fn ingest(
+    db: DbContext,
+    job: &IngestJob,
+    printer: &Printer,
+    save: &mut SaveCheckpoint<'_>,
+) -> anyhow::Result<(IngestOutcome, DbContext)> {
+    let dir = &job.dir;
+    let downloaded = &job.downloaded;
+    let mut chunks = load_chunks(&dir.join(CHUNKS_FILE))?;
+
+    let dims = job.dims;
+    let statement_rows = Sink::MAX_ROWS_PER_STATEMENT.min(job.update_chunk_size.max(1));
+    let rows_per_tx = job.update_chunk_size.max(1);
+
+    let resume = downloaded.progress;
+    let failed_path = dir.join(FAILED_FILE);
+    let mut report = Report {
+        failed: open_failed_file(&failed_path, resume.map(|p| p.failed_file_len))?,
+        tally: Tally {
+            counts: resume.map(|p| p.counts).unwrap_or_default(),
+            anomalies: resume.map(|p| p.anomalies).unwrap_or_default(),
+            to_retry: resume.map(|p| p.to_retry).unwrap_or_default(),
+        },
+        retry_allowed: job.retry_allowed,
+        cancelled: job.cancelled,
+    };
+    let files: Vec<(IngestFile, &str)> = [
+        (IngestFile::Output, downloaded.has_output, OUTPUT_FILE),
+        (IngestFile::Errors, downloaded.has_errors, ERRORS_FILE),
+    ]
+    .into_iter()
+    .filter(|(_, has, _)| *has)
+    .map(|(file, _, name)| (file, name))
+    .collect();
+    // A downloaded file lost before its ingest finished: say how to fetch it again rather
+    // than fail on a bare "no such file" (the remote copy is only deleted after ingest).
+    for (_, name) in &files {
+        let path = dir.join(name);
+        if !path.exists() {
+            bail!(
+                "{} is missing: batch {} was downloaded but not yet ingested; fetch it again with `embatch ingest --run-dir {} --redownload`",
+                path.display(),
+                job.name,
+                job.run_dir.display()
+            );
         }
-        // On resume, the lines before the saved position were handled: mark their ids seen so
-        // that "the first line wins" still holds.
-        if let Some(progress) = resume {
-            for (file, name) in &files {
-                let limit = match (*file, progress.file) {
-                    (f, p) if f == p => progress.offset,
-                    (IngestFile::Output, IngestFile::Errors) => u64::MAX,
-                    _ => 0,
-                };
-                mark_seen_before(&dir.join(name), limit, &mut chunks)?;
-            }
-        }
-
-        let bar = self.printer.row_bar("ingesting", batch.requests);
-        let mut writers = Writers::start(db);
-        let mut group: Vec<WriteRow> = Vec::with_capacity(statement_rows);
-        for (file, name) in files {
-            let start = match resume {
-                Some(p) if p.file == file => p.offset,
-                Some(p) if p.file == IngestFile::Errors && file == IngestFile::Output => continue,
+    }
+    // On resume, the lines before the saved position were handled: mark their ids seen so
+    // that "the first line wins" still holds.
+    if let Some(progress) = resume {
+        for (file, name) in &files {
+            let limit = match (*file, progress.file) {
+                (f, p) if f == p => progress.offset,
+                (IngestFile::Output, IngestFile::Errors) => u64::MAX,
                 _ => 0,
             };
-            let path = dir.join(name);
-            // Parsing (most of the CPU for float output) runs on its own thread, a bounded
-            // channel ahead of this loop, so it overlaps with the database's work.
-            let (sender, mut receiver) = tokio::sync::mpsc::channel(PARSED_BATCHES_IN_FLIGHT);
-            let mut parser = Some(tokio::task::spawn_blocking(move || {
-                parse_file(&path, start, dims, sender)
-            }));
-            let mut pending = Vec::new().into_iter();
-            let mut offset = start;
-            let mut at_end = false;
-            // One transaction per `--update-chunk-size` rows, then a checkpoint. Transactions
-            // alternate between the two connections and do their work at the same time, but
-            // each commits only once the one before it is committed and checkpointed, so the
-            // saved offset never claims an uncommitted row and a crash redoes at most one
-            // transaction (the next one is still waiting for its turn and rolls back).
-            while !at_end {
-                let seq = writers.next_seq;
-                writers.make_room(self, idx, &mut report, file).await?;
-                writers.begin().await?;
-                let mut segment = Segment::default();
-                let mut rows_in_tx = 0usize;
-                loop {
-                    let parsed: ParsedLine = match pending.next() {
-                        Some(parsed) => parsed,
-                        None => match receiver.recv().await {
-                            Some(batch) => {
-                                pending = batch.into_iter();
-                                continue;
-                            }
-                            None => {
-                                at_end = true;
-                                break;
-                            }
-                        },
-                    };
-                    offset = parsed.end_offset;
-                    let Some(outcome) = parsed.outcome else {
-                        continue;
-                    };
-                    bar.inc(1);
-                    match outcome {
-                        LineOutcome::Vector { custom_id, vector } => {
-                            match chunks.get_mut(&custom_id) {
-                                None => segment.anomalies.unknown_custom_id += 1,
-                                Some(entry) if entry.seen => {
-                                    segment.anomalies.repeated_custom_id += 1
-                                }
-                                Some(entry) => {
-                                    entry.seen = true;
-                                    group.push(WriteRow {
-                                        id: custom_id,
-                                        vector,
-                                        sha256: entry.sha256.clone(),
-                                    });
-                                }
-                            }
+            mark_seen_before(&dir.join(name), limit, &mut chunks)?;
+        }
+    }
+
+    let bar = printer.row_bar("ingesting", job.requests);
+    let mut writers = Writers::start(db);
+    let mut group: Vec<WriteRow> = Vec::with_capacity(statement_rows);
+    for (file, name) in files {
+        let start = match resume {
+            Some(p) if p.file == file => p.offset,
+            Some(p) if p.file == IngestFile::Errors && file == IngestFile::Output => continue,
+            _ => 0,
+        };
+        let path = dir.join(name);
+        // Parsing (most of the CPU for float output) runs on its own thread, a bounded
+        // channel ahead of this loop, so it overlaps with the database's work.
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(PARSED_BATCHES_IN_FLIGHT);
+        let mut parser = Some(tokio::task::spawn_blocking(move || {
+            parse_file(&path, start, dims, sender)
+        }));
+        let mut pending = Vec::new().into_iter();
+        let mut offset = start;
+        let mut at_end = false;
+        // One transaction per `--update-chunk-size` rows, then a checkpoint. Transactions
+        // alternate between the two connections and do their work at the same time, but
+        // each commits only once the one before it is committed and checkpointed, so the
+        // saved offset never claims an uncommitted row and a crash redoes at most one
+        // transaction (the next one is still waiting for its turn and rolls back).
+        while !at_end {
+            let seq = writers.next_seq;
+            writers.make_room(&mut report, file, save).await?;
+            writers.begin().await?;
+            let mut segment = Segment::default();
+            let mut rows_in_tx = 0usize;
+            loop {
+                let parsed: ParsedLine = match pending.next() {
+                    Some(parsed) => parsed,
+                    None => match receiver.recv().await {
+                        Some(batch) => {
+                            pending = batch.into_iter();
+                            continue;
                         }
-                        LineOutcome::Failed {
-                            custom_id: Some(custom_id),
-                            reason,
-                            detail: _,
-                        } => match chunks.get_mut(&custom_id) {
-                            None => segment.anomalies.unknown_custom_id += 1,
-                            Some(entry) if entry.seen => segment.anomalies.repeated_custom_id += 1,
-                            Some(entry) => {
-                                entry.seen = true;
-                                segment.failed.push((custom_id, reason));
-                            }
-                        },
-                        LineOutcome::Failed {
-                            custom_id: None, ..
-                        } => segment.anomalies.unparseable += 1,
-                    }
-                    if group.len() >= statement_rows {
-                        rows_in_tx += group.len();
-                        writers
-                            .rows(std::mem::replace(
-                                &mut group,
-                                Vec::with_capacity(statement_rows),
-                            ))
-                            .await?;
-                        if rows_in_tx >= rows_per_tx {
+                        None => {
+                            at_end = true;
                             break;
                         }
-                    }
+                    },
+                };
+                offset = parsed.end_offset;
+                let Some(outcome) = parsed.outcome else {
+                    continue;
+                };
+                bar.inc(1);
+                match outcome {
+                    LineOutcome::Vector { custom_id, vector } => match chunks.get_mut(&custom_id) {
+                        None => segment.anomalies.unknown_custom_id += 1,
+                        Some(entry) if entry.seen => segment.anomalies.repeated_custom_id += 1,
+                        Some(entry) => {
+                            entry.seen = true;
+                            group.push(WriteRow {
+                                id: custom_id,
+                                vector,
+                                sha256: entry.sha256.clone(),
+                            });
+                        }
+                    },
+                    LineOutcome::Failed {
+                        custom_id: Some(custom_id),
+                        reason,
+                        detail: _,
+                    } => match chunks.get_mut(&custom_id) {
+                        None => segment.anomalies.unknown_custom_id += 1,
+                        Some(entry) if entry.seen => segment.anomalies.repeated_custom_id += 1,
+                        Some(entry) => {
+                            entry.seen = true;
+                            segment.failed.push((custom_id, reason));
+                        }
+                    },
+                    LineOutcome::Failed {
+                        custom_id: None, ..
+                    } => segment.anomalies.unparseable += 1,
                 }
-                if !group.is_empty() {
+                if group.len() >= statement_rows {
+                    rows_in_tx += group.len();
                     writers
                         .rows(std::mem::replace(
                             &mut group,
                             Vec::with_capacity(statement_rows),
                         ))
                         .await?;
+                    if rows_in_tx >= rows_per_tx {
+                        break;
+                    }
                 }
-                if at_end && let Some(parser) = parser.take() {
-                    // The parser stopped: at the end of the file, or on a read error, which
-                    // must not pass for the end (nothing after it would be ingested).
-                    parser
-                        .await
-                        .context("the output parser stopped unexpectedly")??;
-                }
-                segment.seq = seq;
-                segment.end_offset = offset;
-                writers.commit(segment).await?;
             }
-            // Every transaction of this file committed and checkpointed before the next file.
-            writers.drain(self, idx, &mut report, file).await?;
+            if !group.is_empty() {
+                writers
+                    .rows(std::mem::replace(
+                        &mut group,
+                        Vec::with_capacity(statement_rows),
+                    ))
+                    .await?;
+            }
+            if at_end && let Some(parser) = parser.take() {
+                // The parser stopped: at the end of the file, or on a read error, which
+                // must not pass for the end (nothing after it would be ingested).
+                parser
+                    .await
+                    .context("the output parser stopped unexpectedly")??;
+            }
+            segment.seq = seq;
+            segment.end_offset = offset;
+            writers.commit(segment).await?;
         }
-        let db = writers.stop().await?;
-        bar.finish_and_clear();
-
-        // Chunks no line spoke of.
-        let missing_reason = match downloaded.terminal {
-            Terminal::Expired => FailReason::Expired,
-            Terminal::Cancelled => FailReason::Cancelled,
-            Terminal::Completed => FailReason::BadOutput,
-        };
-        let mut missing: Vec<&String> = chunks
-            .iter()
-            .filter(|(_, entry)| !entry.seen)
-            .map(|(id, _)| id)
-            .collect();
-        missing.sort();
-        for id in missing {
-            report.fail(id, missing_reason)?;
-        }
-        finish_failed_file(report.failed)?;
-        let tally = report.tally;
-        Ok((
-            IngestOutcome {
-                counts: tally.counts,
-                anomalies: tally.anomalies,
-                to_retry: tally.to_retry,
-            },
-            db,
-        ))
+        // Every transaction of this file committed and checkpointed before the next file.
+        writers.drain(&mut report, file, save).await?;
     }
+    let db = writers.stop().await?;
+    bar.finish_and_clear();
 
-    /// After a commit: make the failure report durable, then save where to resume.
-    fn checkpoint(
-        &mut self,
-        idx: usize,
-        report: &mut Report,
-        file: IngestFile,
-        offset: u64,
-    ) -> anyhow::Result<()> {
-        let (failed, tally) = (&mut report.failed, &report.tally);
-        failed.flush()?;
-        failed.get_ref().sync_all()?;
-        let failed_file_len = failed.get_ref().metadata()?.len();
-        crate::crashpoint::crashpoint("ingest_commit");
-        self.apply(
-            idx,
-            Event::IngestCommitted {
-                progress: IngestProgress {
-                    file,
-                    offset,
-                    counts: tally.counts,
-                    anomalies: report.tally.anomalies,
-                    to_retry: tally.to_retry,
-                    failed_file_len,
-                },
-            },
-        )
+    // Chunks no line spoke of.
+    let missing_reason = match downloaded.terminal {
+        Terminal::Expired => FailReason::Expired,
+        Terminal::Cancelled => FailReason::Cancelled,
+        Terminal::Completed => FailReason::BadOutput,
+    };
+    let mut missing: Vec<&String> = chunks
+        .iter()
+        .filter(|(_, entry)| !entry.seen)
+        .map(|(id, _)| id)
+        .collect();
+    missing.sort();
+    for id in missing {
+        report.fail(id, missing_reason)?;
     }
+    finish_failed_file(report.failed)?;
+    let tally = report.tally;
+    Ok((
+        IngestOutcome {
+            counts: tally.counts,
+            anomalies: tally.anomalies,
+            to_retry: tally.to_retry,
+        },
+        db,
+    ))
+}
+
+/// After a commit: make the failure report durable, then hand over where to resume.
+fn checkpoint(
+    report: &mut Report,
+    file: IngestFile,
+    offset: u64,
+    save: &mut SaveCheckpoint<'_>,
+) -> anyhow::Result<()> {
+    let (failed, tally) = (&mut report.failed, &report.tally);
+    failed.flush()?;
+    failed.get_ref().sync_all()?;
+    let failed_file_len = failed.get_ref().metadata()?.len();
+    crate::crashpoint::crashpoint("ingest_commit");
+    save(IngestProgress {
+        file,
+        offset,
+        counts: tally.counts,
+        anomalies: tally.anomalies,
+        to_retry: tally.to_retry,
+        failed_file_len,
+    })
 }
 
 /// Parsed lines sent at once from the parser thread to the writer, and how many such batches
@@ -612,13 +532,12 @@ impl Writers {
     /// Waits until the writer of the next transaction is free.
     async fn make_room(
         &mut self,
-        stepper: &mut Stepper,
-        idx: usize,
         report: &mut Report,
         file: IngestFile,
+        save: &mut SaveCheckpoint<'_>,
     ) -> anyhow::Result<()> {
         while self.in_flight.len() >= self.writers.len() {
-            self.finish_oldest(stepper, idx, report, file).await?;
+            self.finish_oldest(report, file, save).await?;
         }
         Ok(())
     }
@@ -667,10 +586,9 @@ impl Writers {
     /// and gives the next transaction its turn to commit.
     async fn finish_oldest(
         &mut self,
-        stepper: &mut Stepper,
-        idx: usize,
         report: &mut Report,
         file: IngestFile,
+        save: &mut SaveCheckpoint<'_>,
     ) -> anyhow::Result<()> {
         let done = match self.done.recv().await {
             Some(Ok(done)) => done,
@@ -705,7 +623,7 @@ impl Writers {
                 RowOutcome::Deleted => report.fail(&id, FailReason::Deleted)?,
             }
         }
-        stepper.checkpoint(idx, report, file, segment.end_offset)?;
+        checkpoint(report, file, segment.end_offset, save)?;
         if let Some(turn) = self.waiting_turn.take() {
             let _ = turn.send(());
         }
@@ -714,13 +632,12 @@ impl Writers {
 
     async fn drain(
         &mut self,
-        stepper: &mut Stepper,
-        idx: usize,
         report: &mut Report,
         file: IngestFile,
+        save: &mut SaveCheckpoint<'_>,
     ) -> anyhow::Result<()> {
         while !self.in_flight.is_empty() {
-            self.finish_oldest(stepper, idx, report, file).await?;
+            self.finish_oldest(report, file, save).await?;
         }
         Ok(())
     }

@@ -44,6 +44,7 @@ use crate::run::layout::{BATCH_JSON, ERRORS_FILE, INPUT_FILE, OUTPUT_FILE, batch
 use crate::run::state::{BatchState, Event, RemoteError, RemoteStatus, StateKind};
 use crate::run::store::{self, RunFile};
 
+mod database;
 mod decide;
 mod ingest;
 mod retry;
@@ -254,7 +255,8 @@ fn is_transient(err: &anyhow::Error) -> bool {
         .is_some_and(|e| e.is_retryable() || e.is_unknown_outcome())
 }
 
-/// Moves the batches of one loaded run; `ingest.rs` adds the database steps.
+/// Moves the batches of one loaded run; `database.rs` adds the database steps, `retry.rs` the
+/// retry planning.
 pub(crate) struct Stepper {
     pub(crate) run_dir: PathBuf,
     pub(crate) run: RunFile,

@@ -137,7 +137,7 @@ impl Stepper {
         for part in ids.chunks(5000) {
             let part: Vec<&str> = part.iter().map(String::as_str).collect();
             for row in db
-                .client
+                .client()
                 .query(&sql, &[&part])
                 .await
                 .context("could not read the chunks to retry")?
