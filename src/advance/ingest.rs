@@ -57,6 +57,25 @@ struct Report {
 }
 
 impl Report {
+    /// Opens the batch's failure report: new, or cut back to the saved checkpoint's length,
+    /// with the figures saved there.
+    fn open(job: &IngestJob) -> anyhow::Result<Report> {
+        let resume = job.downloaded.progress;
+        Ok(Report {
+            failed: open_failed_file(
+                &job.dir.join(FAILED_FILE),
+                resume.map(|p| p.failed_file_len),
+            )?,
+            tally: Tally {
+                counts: resume.map(|p| p.counts).unwrap_or_default(),
+                anomalies: resume.map(|p| p.anomalies).unwrap_or_default(),
+                to_retry: resume.map(|p| p.to_retry).unwrap_or_default(),
+            },
+            retry_allowed: job.retry_allowed,
+            cancelled: job.cancelled,
+        })
+    }
+
     /// Reports one failed chunk: retried when its reason allows and attempts remain,
     /// otherwise given up (and counted as failed).
     fn fail(&mut self, id: &str, reason: FailReason) -> anyhow::Result<()> {
@@ -173,26 +192,58 @@ pub(crate) async fn ingest(
     printer: &Printer,
     save: &mut SaveCheckpoint<'_>,
 ) -> anyhow::Result<(IngestOutcome, DbContext)> {
-    let dir = &job.dir;
-    let downloaded = &job.downloaded;
-    let mut chunks = load_chunks(&dir.join(CHUNKS_FILE))?;
-
-    let dims = job.dims;
+    let resume = job.downloaded.progress;
+    let mut chunks = load_chunks(&job.dir.join(CHUNKS_FILE))?;
+    let files = files_to_read(job, &mut chunks)?;
     let statement_rows = Sink::MAX_ROWS_PER_STATEMENT.min(job.update_chunk_size.max(1));
-    let rows_per_tx = job.update_chunk_size.max(1);
-
-    let resume = downloaded.progress;
-    let failed_path = dir.join(FAILED_FILE);
-    let mut report = Report {
-        failed: open_failed_file(&failed_path, resume.map(|p| p.failed_file_len))?,
-        tally: Tally {
-            counts: resume.map(|p| p.counts).unwrap_or_default(),
-            anomalies: resume.map(|p| p.anomalies).unwrap_or_default(),
-            to_retry: resume.map(|p| p.to_retry).unwrap_or_default(),
-        },
-        retry_allowed: job.retry_allowed,
-        cancelled: job.cancelled,
+    let mut run = Ingestion {
+        report: Report::open(job)?,
+        chunks,
+        writers: Writers::start(db),
+        group: Vec::with_capacity(statement_rows),
+        statement_rows,
+        rows_per_tx: job.update_chunk_size.max(1),
+        dims: job.dims,
+        bar: printer.row_bar("ingesting", job.requests),
     };
+    for (file, name) in files {
+        let start = match resume {
+            Some(p) if p.file == file => p.offset,
+            Some(p) if p.file == IngestFile::Errors && file == IngestFile::Output => continue,
+            _ => 0,
+        };
+        run.file(job.dir.join(name), file, start, save).await?;
+    }
+    let Ingestion {
+        mut report,
+        chunks,
+        writers,
+        bar,
+        ..
+    } = run;
+    let db = writers.stop().await?;
+    bar.finish_and_clear();
+    fail_unanswered(&chunks, job.downloaded.terminal, &mut report)?;
+    finish_failed_file(report.failed)?;
+    let tally = report.tally;
+    Ok((
+        IngestOutcome {
+            counts: tally.counts,
+            anomalies: tally.anomalies,
+            to_retry: tally.to_retry,
+        },
+        db,
+    ))
+}
+
+/// The files the provider returned for the batch, in the order they are read. On resume, the
+/// ids of the lines before the saved position are marked seen, so that "the first line wins"
+/// still holds.
+fn files_to_read(
+    job: &IngestJob,
+    chunks: &mut HashMap<String, ChunkEntry>,
+) -> anyhow::Result<Vec<(IngestFile, &'static str)>> {
+    let downloaded = &job.downloaded;
     let files: Vec<(IngestFile, &str)> = [
         (IngestFile::Output, downloaded.has_output, OUTPUT_FILE),
         (IngestFile::Errors, downloaded.has_errors, ERRORS_FILE),
@@ -204,7 +255,7 @@ pub(crate) async fn ingest(
     // A downloaded file lost before its ingest finished: say how to fetch it again rather
     // than fail on a bare "no such file" (the remote copy is only deleted after ingest).
     for (_, name) in &files {
-        let path = dir.join(name);
+        let path = job.dir.join(name);
         if !path.exists() {
             bail!(
                 "{} is missing: batch {} was downloaded but not yet ingested; fetch it again with `embatch ingest --run-dir {} --redownload`",
@@ -214,32 +265,70 @@ pub(crate) async fn ingest(
             );
         }
     }
-    // On resume, the lines before the saved position were handled: mark their ids seen so
-    // that "the first line wins" still holds.
-    if let Some(progress) = resume {
+    if let Some(progress) = downloaded.progress {
         for (file, name) in &files {
             let limit = match (*file, progress.file) {
                 (f, p) if f == p => progress.offset,
                 (IngestFile::Output, IngestFile::Errors) => u64::MAX,
                 _ => 0,
             };
-            mark_seen_before(&dir.join(name), limit, &mut chunks)?;
+            mark_seen_before(&job.dir.join(name), limit, chunks)?;
         }
     }
+    Ok(files)
+}
 
-    let bar = printer.row_bar("ingesting", job.requests);
-    let mut writers = Writers::start(db);
-    let mut group: Vec<WriteRow> = Vec::with_capacity(statement_rows);
-    for (file, name) in files {
-        let start = match resume {
-            Some(p) if p.file == file => p.offset,
-            Some(p) if p.file == IngestFile::Errors && file == IngestFile::Output => continue,
-            _ => 0,
-        };
-        let path = dir.join(name);
+/// Reports the chunks no line spoke of, for the reason the batch's end gives.
+fn fail_unanswered(
+    chunks: &HashMap<String, ChunkEntry>,
+    terminal: Terminal,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let reason = match terminal {
+        Terminal::Expired => FailReason::Expired,
+        Terminal::Cancelled => FailReason::Cancelled,
+        Terminal::Completed => FailReason::BadOutput,
+    };
+    let mut missing: Vec<&String> = chunks
+        .iter()
+        .filter(|(_, entry)| !entry.seen)
+        .map(|(id, _)| id)
+        .collect();
+    missing.sort();
+    for id in missing {
+        report.fail(id, reason)?;
+    }
+    Ok(())
+}
+
+/// One ingest under way: its report, the batch's chunks, the writers and the rows gathered for
+/// the next statement.
+struct Ingestion {
+    report: Report,
+    chunks: HashMap<String, ChunkEntry>,
+    writers: Writers,
+    group: Vec<WriteRow>,
+    /// Rows per statement and per transaction.
+    statement_rows: usize,
+    rows_per_tx: usize,
+    dims: usize,
+    bar: indicatif::ProgressBar,
+}
+
+impl Ingestion {
+    /// Reads one file from byte `start` to its end, every transaction committed and
+    /// checkpointed before it returns.
+    async fn file(
+        &mut self,
+        path: PathBuf,
+        file: IngestFile,
+        start: u64,
+        save: &mut SaveCheckpoint<'_>,
+    ) -> anyhow::Result<()> {
         // Parsing (most of the CPU for float output) runs on its own thread, a bounded
         // channel ahead of this loop, so it overlaps with the database's work.
         let (sender, mut receiver) = tokio::sync::mpsc::channel(PARSED_BATCHES_IN_FLIGHT);
+        let dims = self.dims;
         let mut parser = Some(tokio::task::spawn_blocking(move || {
             parse_file(&path, start, dims, sender)
         }));
@@ -252,9 +341,9 @@ pub(crate) async fn ingest(
         // saved offset never claims an uncommitted row and a crash redoes at most one
         // transaction (the next one is still waiting for its turn and rolls back).
         while !at_end {
-            let seq = writers.next_seq;
-            writers.make_room(&mut report, file, save).await?;
-            writers.begin().await?;
+            let seq = self.writers.next_seq;
+            self.writers.make_room(&mut self.report, file, save).await?;
+            self.writers.begin().await?;
             let mut segment = Segment::default();
             let mut rows_in_tx = 0usize;
             loop {
@@ -275,56 +364,18 @@ pub(crate) async fn ingest(
                 let Some(outcome) = parsed.outcome else {
                     continue;
                 };
-                bar.inc(1);
-                match outcome {
-                    LineOutcome::Vector { custom_id, vector } => match chunks.get_mut(&custom_id) {
-                        None => segment.anomalies.unknown_custom_id += 1,
-                        Some(entry) if entry.seen => segment.anomalies.repeated_custom_id += 1,
-                        Some(entry) => {
-                            entry.seen = true;
-                            group.push(WriteRow {
-                                id: custom_id,
-                                vector,
-                                sha256: entry.sha256.clone(),
-                            });
-                        }
-                    },
-                    LineOutcome::Failed {
-                        custom_id: Some(custom_id),
-                        reason,
-                        detail: _,
-                    } => match chunks.get_mut(&custom_id) {
-                        None => segment.anomalies.unknown_custom_id += 1,
-                        Some(entry) if entry.seen => segment.anomalies.repeated_custom_id += 1,
-                        Some(entry) => {
-                            entry.seen = true;
-                            segment.failed.push((custom_id, reason));
-                        }
-                    },
-                    LineOutcome::Failed {
-                        custom_id: None, ..
-                    } => segment.anomalies.unparseable += 1,
-                }
-                if group.len() >= statement_rows {
-                    rows_in_tx += group.len();
-                    writers
-                        .rows(std::mem::replace(
-                            &mut group,
-                            Vec::with_capacity(statement_rows),
-                        ))
-                        .await?;
-                    if rows_in_tx >= rows_per_tx {
+                self.bar.inc(1);
+                self.sort(outcome, &mut segment);
+                if self.group.len() >= self.statement_rows {
+                    rows_in_tx += self.group.len();
+                    self.send_rows().await?;
+                    if rows_in_tx >= self.rows_per_tx {
                         break;
                     }
                 }
             }
-            if !group.is_empty() {
-                writers
-                    .rows(std::mem::replace(
-                        &mut group,
-                        Vec::with_capacity(statement_rows),
-                    ))
-                    .await?;
+            if !self.group.is_empty() {
+                self.send_rows().await?;
             }
             if at_end && let Some(parser) = parser.take() {
                 // The parser stopped: at the end of the file, or on a read error, which
@@ -335,39 +386,51 @@ pub(crate) async fn ingest(
             }
             segment.seq = seq;
             segment.end_offset = offset;
-            writers.commit(segment).await?;
+            self.writers.commit(segment).await?;
         }
         // Every transaction of this file committed and checkpointed before the next file.
-        writers.drain(&mut report, file, save).await?;
+        self.writers.drain(&mut self.report, file, save).await
     }
-    let db = writers.stop().await?;
-    bar.finish_and_clear();
 
-    // Chunks no line spoke of.
-    let missing_reason = match downloaded.terminal {
-        Terminal::Expired => FailReason::Expired,
-        Terminal::Cancelled => FailReason::Cancelled,
-        Terminal::Completed => FailReason::BadOutput,
-    };
-    let mut missing: Vec<&String> = chunks
-        .iter()
-        .filter(|(_, entry)| !entry.seen)
-        .map(|(id, _)| id)
-        .collect();
-    missing.sort();
-    for id in missing {
-        report.fail(id, missing_reason)?;
+    /// Where one line goes: a vector of a chunk not seen yet to the next statement, a failure
+    /// or an anomaly to the transaction's segment (applied once it commits).
+    fn sort(&mut self, outcome: LineOutcome, segment: &mut Segment) {
+        match outcome {
+            LineOutcome::Vector { custom_id, vector } => match self.chunks.get_mut(&custom_id) {
+                None => segment.anomalies.unknown_custom_id += 1,
+                Some(entry) if entry.seen => segment.anomalies.repeated_custom_id += 1,
+                Some(entry) => {
+                    entry.seen = true;
+                    self.group.push(WriteRow {
+                        id: custom_id,
+                        vector,
+                        sha256: entry.sha256.clone(),
+                    });
+                }
+            },
+            LineOutcome::Failed {
+                custom_id: Some(custom_id),
+                reason,
+                detail: _,
+            } => match self.chunks.get_mut(&custom_id) {
+                None => segment.anomalies.unknown_custom_id += 1,
+                Some(entry) if entry.seen => segment.anomalies.repeated_custom_id += 1,
+                Some(entry) => {
+                    entry.seen = true;
+                    segment.failed.push((custom_id, reason));
+                }
+            },
+            LineOutcome::Failed {
+                custom_id: None, ..
+            } => segment.anomalies.unparseable += 1,
+        }
     }
-    finish_failed_file(report.failed)?;
-    let tally = report.tally;
-    Ok((
-        IngestOutcome {
-            counts: tally.counts,
-            anomalies: tally.anomalies,
-            to_retry: tally.to_retry,
-        },
-        db,
-    ))
+
+    /// Sends the gathered rows to the current transaction as one statement.
+    async fn send_rows(&mut self) -> anyhow::Result<()> {
+        let rows = std::mem::replace(&mut self.group, Vec::with_capacity(self.statement_rows));
+        self.writers.rows(rows).await
+    }
 }
 
 /// After a commit: make the failure report durable, then hand over where to resume.
