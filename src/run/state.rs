@@ -431,6 +431,15 @@ pub struct IllegalTransition {
     pub event: String,
 }
 
+impl IllegalTransition {
+    fn new(state: BatchState, event: Event) -> IllegalTransition {
+        IllegalTransition {
+            state: Box::new(state),
+            event: format!("{event:?}"),
+        }
+    }
+}
+
 /// Backoff for a queue refusal: 10 minutes, doubling, capped at 2 hours.
 pub fn queue_backoff(refusals: u32) -> chrono::Duration {
     let minutes = 10i64.saturating_mul(1i64 << refusals.saturating_sub(1).min(4));
@@ -507,8 +516,25 @@ impl BatchState {
         }
     }
 
-    /// Consumes the state and returns the next one. This `match` is the whole graph.
+    /// Consumes the state and returns the next one. These `match`es are the whole graph: up
+    /// to the provider's answer ([`BatchState::on_submission`]), then its results
+    /// ([`BatchState::on_results`]).
     pub fn apply(self, event: Event) -> Result<BatchState, IllegalTransition> {
+        use Event as E;
+        match event {
+            E::FilesDownloaded { .. }
+            | E::IngestCommitted { .. }
+            | E::ResultsIngested { .. }
+            | E::IngestAgain { .. }
+            | E::RetriesPlanned
+            | E::RetriesDropped
+            | E::RemoteFilesDeleted => self.on_results(event),
+            _ => self.on_submission(event),
+        }
+    }
+
+    /// Upload, creation (refused, queued, rejected), polling and cancel.
+    fn on_submission(self, event: Event) -> Result<BatchState, IllegalTransition> {
         use BatchState as S;
         use Event as E;
         Ok(match (self, event) {
@@ -622,6 +648,15 @@ impl BatchState {
                 input_file_id: Some(q.input_file_id),
                 done: None,
             }),
+            (state, event) => return Err(IllegalTransition::new(state, event)),
+        })
+    }
+
+    /// Download, ingest (with its checkpoints), ingest again, retries and remote clean-up.
+    fn on_results(self, event: Event) -> Result<BatchState, IllegalTransition> {
+        use BatchState as S;
+        use Event as E;
+        Ok(match (self, event) {
             (
                 S::Completed(done),
                 E::FilesDownloaded {
@@ -709,12 +744,7 @@ impl BatchState {
                 remote_files_deleted: true,
                 ..i
             }),
-            (state, event) => {
-                return Err(IllegalTransition {
-                    state: Box::new(state),
-                    event: format!("{event:?}"),
-                });
-            }
+            (state, event) => return Err(IllegalTransition::new(state, event)),
         })
     }
 }
