@@ -137,21 +137,9 @@ async fn plan_uninterrupted(
     let mut client = target.connect().await?;
     progress.cancel = Some((target.clone(), client.cancel_token()));
     let source = Source::inspect(&client, &cfg.source).await?;
-    // One family, one identity: the id as the database reads it names the runs folder, the
-    // held chunks, the lock and run.json, whichever way it was spelled.
-    let family_type = source.family_id_type(&client).await?;
-    let family = family_type.canonical(&client, &cfg.family_id).await?;
-    if family != cfg.family_id {
-        printer.verbose(&format!(
-            "family id {} reads as {family} in the database",
-            cfg.family_id
-        ));
-    }
-    name_session(&client, &family).await;
-    source.check_family(&client, &family).await?;
+    let (family, family_type) = resolve_family(&client, &source, cfg, printer).await?;
 
-    let model_info = models::lookup(&cfg.model);
-    if model_info.is_none() {
+    if models::lookup(&cfg.model).is_none() {
         printer.warn(&format!(
             "unknown model {}: its tokens are counted with cl100k_base and no cost is estimated (pass --price-per-million-tokens for one)",
             cfg.model
@@ -193,7 +181,7 @@ async fn plan_uninterrupted(
         dimensions: dims.send_dimensions.then_some(dims.dimensions),
         encoding_format: cfg.encoding_format,
     };
-    let mut writer = RunWriter::new(
+    let writer = RunWriter::new(
         &partial_dir,
         template,
         cfg.on_too_long,
@@ -204,9 +192,133 @@ async fn plan_uninterrupted(
     )?;
     // A panic there would come back at the first count; nothing to report here.
     let _ = warm_up.join();
+    let written =
+        match write_pending(&mut client, &source, &family, cfg, &held, writer, printer).await {
+            Ok(written) => written,
+            Err(err) => {
+                remove_partial(&partial_dir);
+                return Err(err);
+            }
+        };
+
+    let price = models::price_per_million(&cfg.model, cfg.usd_per_million_tokens);
+    let summary = summarize(&written, price);
+    let over_cost = match (cfg.max_cost_usd, summary.estimated_cost_usd) {
+        (Some(max), Some(cost)) => (cost > max).then_some((cost, max)),
+        _ => None,
+    };
+    let run_dir = family_dir.join(&name.folder);
+    let creates_run = !written.batches.is_empty() && over_cost.is_none();
+    report(
+        printer,
+        cfg,
+        &family,
+        &summary,
+        &written,
+        &held,
+        price,
+        creates_run.then_some(run_dir.as_path()),
+    );
+
+    if written.batches.is_empty() {
+        remove_partial(&partial_dir);
+        return Ok(nothing_planned(&written, &held, family, printer));
+    }
+    if let Some((cost, max)) = over_cost {
+        remove_partial(&partial_dir);
+        bail!(
+            "the estimated cost ${cost:.4} is over --max-cost ${max:.4}; raise --max-cost or plan fewer chunks (--limit)"
+        );
+    }
+
+    let run = RunFile {
+        schema_version: store::SCHEMA_VERSION,
+        run_id: name.run_id.clone(),
+        family_id: family.clone(),
+        created_at: now,
+        updated_at: now,
+        embatch_version: env!("CARGO_PKG_VERSION").to_owned(),
+        settings: run_settings(cfg, &source, &dims, price),
+        database: identity,
+        plan: summary,
+        cancelled: false,
+        retry_given_up: 0,
+        batches: written.batches,
+    };
+    put_in_place(&run, &partial_dir, &family_dir, &run_dir)?;
+    progress.partial_dir = None;
+    family_lock.release(&client).await;
+    Ok(PlanOutcome::Planned { run_dir })
+}
+
+/// The plan's figures, as `run.json` records them.
+fn summarize(written: &Written, price: Option<f64>) -> PlanSummary {
+    PlanSummary {
+        chunks: written.chunks,
+        skipped: written.skipped.values().sum(),
+        truncated: written.truncated,
+        held_by_other_runs: written.held.iter().sum(),
+        tokens: written.tokens,
+        estimated_cost_usd: price.map(|p| models::estimate_cost(written.tokens, p)),
+    }
+}
+
+/// The settings every later command of the run reads back.
+fn run_settings(
+    cfg: &PlanConfig,
+    source: &Source,
+    dims: &models::DimensionChoice,
+    price: Option<f64>,
+) -> RunSettings {
+    RunSettings {
+        source: source.settings(),
+        model: cfg.model.clone(),
+        dimensions: dims.dimensions,
+        send_dimensions: dims.send_dimensions,
+        encoding_format: cfg.encoding_format,
+        limits: cfg.limits,
+        reembed: cfg.reembed,
+        on_too_long: cfg.on_too_long,
+        limit: cfg.limit,
+        usd_per_million_tokens: price,
+    }
+}
+
+/// The family as the database reads it (its canonical text) and the type of its id. One
+/// family, one identity: the canonical id names the runs folder, the held chunks, the lock and
+/// run.json, whichever way it was spelled.
+async fn resolve_family(
+    client: &tokio_postgres::Client,
+    source: &Source,
+    cfg: &PlanConfig,
+    printer: &Printer,
+) -> anyhow::Result<(String, FamilyIdType)> {
+    let family_type = source.family_id_type(client).await?;
+    let family = family_type.canonical(client, &cfg.family_id).await?;
+    if family != cfg.family_id {
+        printer.verbose(&format!(
+            "family id {} reads as {family} in the database",
+            cfg.family_id
+        ));
+    }
+    name_session(client, &family).await;
+    source.check_family(client, &family).await?;
+    Ok((family, family_type))
+}
+
+/// Streams the family's pending rows into the writer and finishes its batch files.
+/// `--limit N` counts the chunks no other run holds: the query reads at most N more rows than
+/// chunks are held, and rows past the N-th unheld one are let go.
+async fn write_pending(
+    client: &mut tokio_postgres::Client,
+    source: &Source,
+    family: &str,
+    cfg: &PlanConfig,
+    held: &HeldChunks,
+    mut writer: RunWriter<'_>,
+    printer: &Printer,
+) -> anyhow::Result<Written> {
     let bar = printer.row_counter("planning");
-    // `--limit N` counts the chunks no other run holds: the query reads at most N more rows
-    // than chunks are held, and rows past the N-th unheld one are let go.
     let sql_limit = cfg
         .limit
         .map(|limit| limit.saturating_add(held.len() as u64));
@@ -214,7 +326,7 @@ async fn plan_uninterrupted(
     // Rows go to the writer in rounds, so that each round's tokenizing runs on two threads.
     let mut round = Vec::with_capacity(ROWS_PER_ROUND);
     let streamed = source
-        .stream_pending(&mut client, &family, cfg.reembed, sql_limit, |row| {
+        .stream_pending(client, family, cfg.reembed, sql_limit, |row| {
             if let Some(limit) = cfg.limit {
                 if unheld >= limit {
                     return Ok(());
@@ -235,115 +347,62 @@ async fn plan_uninterrupted(
         })
         .await;
     bar.finish_and_clear();
-    let result = match streamed {
-        Ok(_) => writer.add_many(round).and_then(|()| writer.finish()),
-        Err(err) => Err(err),
-    };
-    let written = match result {
-        Ok(written) => written,
-        Err(err) => {
-            remove_partial(&partial_dir);
-            return Err(err);
-        }
-    };
+    streamed?;
+    writer.add_many(round)?;
+    writer.finish()
+}
 
-    let price = models::price_per_million(&cfg.model, cfg.usd_per_million_tokens);
-    let cost = price.map(|p| models::estimate_cost(written.tokens, p));
-    let summary = PlanSummary {
-        chunks: written.chunks,
-        skipped: written.skipped.values().sum(),
-        truncated: written.truncated,
-        held_by_other_runs: written.held.iter().sum(),
-        tokens: written.tokens,
-        estimated_cost_usd: cost,
-    };
-    let over_cost = match (cfg.max_cost_usd, cost) {
-        (Some(max), Some(cost)) => (cost > max).then_some((cost, max)),
-        _ => None,
-    };
-    let run_dir = family_dir.join(&name.folder);
-    let creates_run = !written.batches.is_empty() && over_cost.is_none();
-    report(
-        printer,
-        cfg,
-        &family,
-        &summary,
-        &written,
-        &held,
-        price,
-        creates_run.then_some(run_dir.as_path()),
-    );
-
-    if written.batches.is_empty() {
-        remove_partial(&partial_dir);
-        let unsubmitted: Vec<(PathBuf, u64)> = written
-            .held
-            .iter()
-            .zip(&held.runs)
-            .filter(|(n, run)| **n > 0 && run.unsubmitted)
-            .map(|(n, run)| (run.dir.clone(), *n))
-            .collect();
-        if written.chunks == 0 && !unsubmitted.is_empty() {
-            return Ok(PlanOutcome::HeldByUnsubmitted {
-                family_id: family,
-                chunks: unsubmitted.iter().map(|(_, n)| n).sum(),
-                runs: unsubmitted.into_iter().map(|(dir, _)| dir).collect(),
-            });
-        }
-        printer.info(&format!(
-            "nothing to embed for family {family}: no pending chunk needs sending; no run created"
-        ));
-        return Ok(PlanOutcome::NothingToDo);
+/// No batch was written: the chunks are all held by runs never submitted (they wait for
+/// `advance`), or nothing needs sending.
+fn nothing_planned(
+    written: &Written,
+    held: &HeldChunks,
+    family: String,
+    printer: &Printer,
+) -> PlanOutcome {
+    let unsubmitted: Vec<(PathBuf, u64)> = written
+        .held
+        .iter()
+        .zip(&held.runs)
+        .filter(|(n, run)| **n > 0 && run.unsubmitted)
+        .map(|(n, run)| (run.dir.clone(), *n))
+        .collect();
+    if written.chunks == 0 && !unsubmitted.is_empty() {
+        return PlanOutcome::HeldByUnsubmitted {
+            family_id: family,
+            chunks: unsubmitted.iter().map(|(_, n)| n).sum(),
+            runs: unsubmitted.into_iter().map(|(dir, _)| dir).collect(),
+        };
     }
-    if let Some((cost, max)) = over_cost {
-        remove_partial(&partial_dir);
-        bail!(
-            "the estimated cost ${cost:.4} is over --max-cost ${max:.4}; raise --max-cost or plan fewer chunks (--limit)"
-        );
-    }
+    printer.info(&format!(
+        "nothing to embed for family {family}: no pending chunk needs sending; no run created"
+    ));
+    PlanOutcome::NothingToDo
+}
 
-    let run = RunFile {
-        schema_version: store::SCHEMA_VERSION,
-        run_id: name.run_id.clone(),
-        family_id: family.clone(),
-        created_at: now,
-        updated_at: now,
-        embatch_version: env!("CARGO_PKG_VERSION").to_owned(),
-        settings: RunSettings {
-            source: source.settings(),
-            model: cfg.model.clone(),
-            dimensions: dims.dimensions,
-            send_dimensions: dims.send_dimensions,
-            encoding_format: cfg.encoding_format,
-            limits: cfg.limits,
-            reembed: cfg.reembed,
-            on_too_long: cfg.on_too_long,
-            limit: cfg.limit,
-            usd_per_million_tokens: price,
-        },
-        database: identity,
-        plan: summary,
-        cancelled: false,
-        retry_given_up: 0,
-        batches: written.batches,
-    };
-    let finished = store::save(&partial_dir, &run)
+/// Saves `run.json` in the partial folder and renames it into place; on failure the partial
+/// folder is removed.
+fn put_in_place(
+    run: &RunFile,
+    partial_dir: &Path,
+    family_dir: &Path,
+    run_dir: &Path,
+) -> anyhow::Result<()> {
+    let finished = store::save(partial_dir, run)
         .map_err(anyhow::Error::from)
         .and_then(|()| {
-            fs_err::rename(&partial_dir, &run_dir)?;
-            store::sync_dir(&family_dir)?;
+            fs_err::rename(partial_dir, run_dir)?;
+            store::sync_dir(family_dir)?;
             Ok(())
         });
     if let Err(err) = finished {
-        remove_partial(&partial_dir);
+        remove_partial(partial_dir);
         return Err(err.context(format!(
             "could not write the run folder {}",
             run_dir.display()
         )));
     }
-    progress.partial_dir = None;
-    family_lock.release(&client).await;
-    Ok(PlanOutcome::Planned { run_dir })
+    Ok(())
 }
 
 /// Names the plan's database session `embatch plan <family>` (unless the connection string
