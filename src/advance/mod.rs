@@ -194,7 +194,7 @@ pub async fn cancel(
             Err(err)
                 if err
                     .downcast_ref::<ApiError>()
-                    .is_some_and(|e| matches!(e, ApiError::Auth { .. } | ApiError::Quota)) =>
+                    .is_some_and(|e| matches!(e, ApiError::Auth { .. } | ApiError::Quota { .. })) =>
             {
                 stepper.report();
                 return Err(err);
@@ -295,7 +295,7 @@ impl Stepper {
         }
         let lock = RunLock::acquire(run_dir, command)?;
         let run = store::load(run_dir)?;
-        let api = Box::new(crate::provider::connect::batch_client(&global.api)?);
+        let api = crate::provider::connect::run_provider(&global.api, &run, run_dir, &opts.direct)?;
         let stepper = Stepper {
             run_dir: run_dir.to_path_buf(),
             run,

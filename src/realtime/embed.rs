@@ -458,11 +458,11 @@ pub async fn embed_command(
     cfg: &EmbedConfig,
     printer: &Printer,
 ) -> anyhow::Result<()> {
-    let api = crate::provider::connect::realtime_client(&global.api)?;
+    let api = crate::provider::connect::realtime_client_for(&global.api, cfg.realtime.provider)?;
     let target_db = db_target(global)?;
     let client = target_db.connect().await?;
     let target = Target::inspect(&client, &cfg.realtime).await?;
-    if models::lookup(&target.model).is_none() {
+    if models::lookup_for(cfg.realtime.provider, &target.model).is_none() {
         printer.warn(&format!(
             "unknown model {}: its tokens are counted with cl100k_base",
             target.model
