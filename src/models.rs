@@ -394,8 +394,8 @@ mod tests {
 
     #[test]
     fn direct_known_model_has_a_fixed_size() {
-        let choice = choose_dimensions_for(Provider::Direct, "BAAI/bge-small-en-v1.5", 384, None)
-            .unwrap();
+        let choice =
+            choose_dimensions_for(Provider::Direct, "BAAI/bge-small-en-v1.5", 384, None).unwrap();
         assert_eq!(
             choice,
             DimensionChoice {
@@ -405,7 +405,14 @@ mod tests {
         );
         let err = choose_dimensions_for(Provider::Direct, "BAAI/bge-small-en-v1.5", 768, None)
             .unwrap_err();
-        assert!(matches!(err, DimensionError::FixedDimensions { native: 384, column: 768, .. }));
+        assert!(matches!(
+            err,
+            DimensionError::FixedDimensions {
+                native: 384,
+                column: 768,
+                ..
+            }
+        ));
         // OpenAI's names mean nothing to the direct table: the first answer tells.
         let choice =
             choose_dimensions_for(Provider::Direct, "text-embedding-3-small", 512, None).unwrap();
@@ -415,7 +422,10 @@ mod tests {
 
     #[test]
     fn direct_has_no_price() {
-        assert_eq!(price_per_million_for(Provider::Direct, "BAAI/bge-m3", Some(1.0)), None);
+        assert_eq!(
+            price_per_million_for(Provider::Direct, "BAAI/bge-m3", Some(1.0)),
+            None
+        );
         assert_eq!(
             price_per_million_for(Provider::Openai, "text-embedding-3-small", None),
             Some(0.01)

@@ -192,9 +192,9 @@ pub async fn cancel(
             Ok(()) => {}
             // The key or the account is refused: every other batch would be refused the same.
             Err(err)
-                if err
-                    .downcast_ref::<ApiError>()
-                    .is_some_and(|e| matches!(e, ApiError::Auth { .. } | ApiError::Quota { .. })) =>
+                if err.downcast_ref::<ApiError>().is_some_and(|e| {
+                    matches!(e, ApiError::Auth { .. } | ApiError::Quota { .. })
+                }) =>
             {
                 stepper.report();
                 return Err(err);

@@ -116,7 +116,10 @@ pub fn realtime_client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
 
 /// [`realtime_client`] for `provider`: every provider embatch knows serves an OpenAI-compatible
 /// `/embeddings`.
-pub fn realtime_client_for(settings: &ApiSettings, provider: Provider) -> anyhow::Result<ApiClient> {
+pub fn realtime_client_for(
+    settings: &ApiSettings,
+    provider: Provider,
+) -> anyhow::Result<ApiClient> {
     Ok(ApiClient::new(ClientOptions {
         max_backoff: Duration::from_secs(10),
         ..client_options_for(settings, provider)?

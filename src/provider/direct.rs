@@ -57,7 +57,9 @@ use crate::provider::openai::{
     ClientOptions, classify_status_for, describe_transport, next_delay, parse_base_url,
     parse_retry_after, redact_url, sync_parent, temp_path_for,
 };
-use crate::provider::{ApiError, BatchProvider, ByteObserver, ClockReading, RemoteBatch, RemoteFile};
+use crate::provider::{
+    ApiError, BatchProvider, ByteObserver, ClockReading, RemoteBatch, RemoteFile,
+};
 use crate::run::layout::{DIRECT_ANSWERS_FILE, INPUT_FILE, batch_dir};
 use crate::run::state::{RemoteSnapshot, RequestCounts};
 use crate::run::store::RunFile;
@@ -167,8 +169,9 @@ impl DirectProvider {
             .map_err(|e| ApiError::Config {
                 message: format!("could not set up the HTTP client: {e}"),
             })?;
-        let per_minute =
-            |n: Option<NonZeroU32>| n.map(|n| DefaultDirectRateLimiter::direct(Quota::per_minute(n)));
+        let per_minute = |n: Option<NonZeroU32>| {
+            n.map(|n| DefaultDirectRateLimiter::direct(Quota::per_minute(n)))
+        };
         Ok(DirectProvider {
             http,
             url,
@@ -248,8 +251,8 @@ impl DirectProvider {
             "in_progress"
         };
         let terminal = status != "in_progress";
-        let output_file_id =
-            (terminal && answers.completed > 0).then(|| FileId::Output(batch.to_owned()).to_string());
+        let output_file_id = (terminal && answers.completed > 0)
+            .then(|| FileId::Output(batch.to_owned()).to_string());
         let error_file_id =
             (terminal && answers.failed > 0).then(|| FileId::Errors(batch.to_owned()).to_string());
         let counts = RequestCounts {
@@ -290,7 +293,8 @@ impl DirectProvider {
     }
 
     fn out_of_time(&self) -> bool {
-        self.deadline.is_some_and(|deadline| Instant::now() >= deadline)
+        self.deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
     }
 
     /// The job of `batch`, after sending what this command may send.
@@ -325,11 +329,12 @@ impl DirectProvider {
             if groups.is_empty() {
                 break;
             }
-            let mut results = futures_util::stream::iter(groups.into_iter().map(|group| async move {
-                let lines = self.answer_group(&group).await;
-                (group, lines)
-            }))
-            .buffer_unordered(self.opts.concurrency.max(1));
+            let mut results =
+                futures_util::stream::iter(groups.into_iter().map(|group| async move {
+                    let lines = self.answer_group(&group).await;
+                    (group, lines)
+                }))
+                .buffer_unordered(self.opts.concurrency.max(1));
             while let Some((group, lines)) = results.next().await {
                 let lines = lines?;
                 let mut block = String::new();
@@ -377,13 +382,25 @@ impl DirectProvider {
                     .items
                     .iter()
                     .map(|item| {
-                        error_line(item, 429, "rate_limit_exceeded", "still rate limited after the retries")
+                        error_line(
+                            item,
+                            429,
+                            "rate_limit_exceeded",
+                            "still rate limited after the retries",
+                        )
                     })
                     .collect()),
                 Err(ApiError::Server { status, .. }) => Ok(group
                     .items
                     .iter()
-                    .map(|item| error_line(item, status, "server_error", "still failing after the retries"))
+                    .map(|item| {
+                        error_line(
+                            item,
+                            status,
+                            "server_error",
+                            "still failing after the retries",
+                        )
+                    })
                     .collect()),
                 Err(other) => Err(other),
             }
@@ -392,7 +409,11 @@ impl DirectProvider {
     }
 
     /// Checks the answer (one vector per input, the run's dimension) and makes its lines.
-    fn success_lines(&self, group: &Group, data: Vec<AnswerItem>) -> Result<Vec<AnswerLine>, ApiError> {
+    fn success_lines(
+        &self,
+        group: &Group,
+        data: Vec<AnswerItem>,
+    ) -> Result<Vec<AnswerLine>, ApiError> {
         let n_inputs = group.items.len();
         let mut slots: Vec<Option<Box<RawValue>>> = (0..n_inputs).map(|_| None).collect();
         let n_answers = data.len();
@@ -415,7 +436,10 @@ impl DirectProvider {
                 )));
             };
             let answered = vector_len(embedding.get()).ok_or_else(|| {
-                self.decode_error("POST /embeddings answered an embedding that is neither an array nor base64".to_owned())
+                self.decode_error(
+                    "POST /embeddings answered an embedding that is neither an array nor base64"
+                        .to_owned(),
+                )
             })?;
             if answered != self.dimensions as usize {
                 return Err(ApiError::WrongDimensions {
@@ -510,9 +534,8 @@ impl DirectProvider {
             });
         }
         let bytes = response.bytes().await.map_err(|e| self.transport(&e))?;
-        let answer: EmbeddingAnswer = serde_json::from_slice(&bytes).map_err(|e| {
-            self.decode_error(format!("POST /embeddings answered: {e}"))
-        })?;
+        let answer: EmbeddingAnswer = serde_json::from_slice(&bytes)
+            .map_err(|e| self.decode_error(format!("POST /embeddings answered: {e}")))?;
         Ok(answer.data)
     }
 
@@ -787,7 +810,12 @@ impl Group {
         let mut body = self.rest.clone();
         body.insert(
             "input".to_owned(),
-            Value::Array(self.items.iter().map(|i| Value::String(i.input.clone())).collect()),
+            Value::Array(
+                self.items
+                    .iter()
+                    .map(|i| Value::String(i.input.clone()))
+                    .collect(),
+            ),
         );
         Value::Object(body)
     }
@@ -959,7 +987,9 @@ fn vector_len(raw: &str) -> Option<usize> {
     if raw.starts_with('"') {
         use base64::Engine as _;
         let text: &str = serde_json::from_str(raw).ok()?;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(text).ok()?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?;
         (bytes.len() % 4 == 0).then_some(bytes.len() / 4)
     } else {
         serde_json::from_str::<Vec<serde::de::IgnoredAny>>(raw)
@@ -1082,8 +1112,12 @@ impl BatchProvider for DirectProvider {
     ) -> BoxFuture<'a, Result<u64, ApiError>> {
         async move {
             match FileId::parse(id) {
-                Some(FileId::Output(batch)) => self.copy_answers(&batch, true, dest, &observe).await,
-                Some(FileId::Errors(batch)) => self.copy_answers(&batch, false, dest, &observe).await,
+                Some(FileId::Output(batch)) => {
+                    self.copy_answers(&batch, true, dest, &observe).await
+                }
+                Some(FileId::Errors(batch)) => {
+                    self.copy_answers(&batch, false, dest, &observe).await
+                }
                 _ => Err(unknown_id(id)),
             }
         }
@@ -1169,12 +1203,15 @@ impl BatchProvider for DirectProvider {
                     *slot = Some(vector);
                 }
             }
-            slots.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| {
-                self.decode_error(format!(
-                    "POST /embeddings did not answer one vector for each of {} inputs",
-                    inputs.len()
-                ))
-            })
+            slots
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    self.decode_error(format!(
+                        "POST /embeddings did not answer one vector for each of {} inputs",
+                        inputs.len()
+                    ))
+                })
         }
         .boxed()
     }
