@@ -313,3 +313,57 @@ impl ClockReading {
         self.provider_time - self.local_time
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_each_providers_own_key_and_base_url() {
+        let openai = Provider::Openai;
+        assert_eq!(
+            ApiError::Auth {
+                status: 401,
+                provider: openai
+            }
+            .to_string(),
+            "the API rejected the key (HTTP 401): check OPENAI_API_KEY (and --organization/--project)"
+        );
+        assert!(
+            ApiError::Server {
+                status: 502,
+                provider: openai
+            }
+            .to_string()
+            .contains("status.openai.com")
+        );
+        let direct = Provider::Direct;
+        let texts = [
+            ApiError::Auth {
+                status: 401,
+                provider: direct,
+            },
+            ApiError::Quota { provider: direct },
+            ApiError::Server {
+                status: 502,
+                provider: direct,
+            },
+            ApiError::Connection {
+                message: "refused".into(),
+                provider: direct,
+            },
+            ApiError::Decode {
+                message: "x".into(),
+                provider: direct,
+            },
+        ]
+        .map(|e| e.to_string());
+        for text in &texts {
+            assert!(!text.contains("OPENAI"), "{text}");
+            assert!(!text.contains("openai.com"), "{text}");
+            assert!(text.contains("EMBATCH_DIRECT_"), "{text}");
+        }
+        assert!(texts[0].contains("EMBATCH_DIRECT_API_KEY"));
+        assert!(texts[3].contains("--base-url / EMBATCH_DIRECT_BASE_URL"));
+    }
+}
