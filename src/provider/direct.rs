@@ -606,7 +606,7 @@ impl DirectProvider {
             Ok(written)
         })();
         if result.is_err() {
-            let _ = std::fs::remove_file(&temp);
+            let _ = fs_err::remove_file(&temp);
             return result;
         }
         sync_parent(dest).await?;
@@ -838,13 +838,16 @@ struct RequestLine {
     body: Map<String, Value>,
 }
 
+/// A request line: its item, and its body but the input.
+type RequestParts = (Item, Map<String, Value>);
+
 /// Reads `input.jsonl` once, front to back, in groups.
 struct InputReader {
     path: PathBuf,
     reader: BufReader<fs_err::File>,
     lines: u64,
     /// A line read but not fitting the last group.
-    held: Option<(Item, Map<String, Value>)>,
+    held: Option<RequestParts>,
 }
 
 impl InputReader {
@@ -875,7 +878,7 @@ impl InputReader {
         Ok(self.lines)
     }
 
-    fn next_line(&mut self) -> Result<Option<(Item, Map<String, Value>)>, ApiError> {
+    fn next_line(&mut self) -> Result<Option<RequestParts>, ApiError> {
         if let Some(held) = self.held.take() {
             return Ok(Some(held));
         }
