@@ -410,6 +410,58 @@ async fn no_server_for_direct_is_a_clear_error_and_openais_key_is_never_sent() {
         )
         .await;
     run.assert_error("check EMBATCH_DIRECT_API_KEY");
+    // A server that does not answer: nothing lost, exit 75, the direct variable named.
+    let run = env
+        .exec_env(
+            &["advance", "--run-dir", run_dir.to_str().unwrap()],
+            &[
+                ("EMBATCH_DIRECT_BASE_URL", "http://127.0.0.1:9/v1"),
+                ("EMBATCH_API_RETRIES", "0"),
+            ],
+        )
+        .await;
+    assert_eq!(run.code, 75, "{run:#?}");
+    assert!(
+        run.stderr.contains("--base-url / EMBATCH_DIRECT_BASE_URL"),
+        "{run:#?}"
+    );
+    assert!(!run.stderr.contains("OPENAI"), "{run:#?}");
+}
+
+#[tokio::test]
+async fn run_and_embed_work_with_the_direct_provider() {
+    let (env, family, _) = family(4, EmulatorConfig::default()).await;
+    let family_id = family.to_string();
+    let run = exec_direct(
+        &env,
+        &["run", "--family-id", &family_id, "--provider", "direct"],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert_eq!(count_embedded_exactly(&env, family, DIMS).await, 4);
+    // The realtime path: one more chunk, embedded now through the direct server.
+    let ids = env
+        .add_chunks(env.add_family(2).await, &["A chunk for now."])
+        .await;
+    let id = ids[0].to_string();
+    let embed = exec_direct(
+        &env,
+        &["embed", "--chunk-id", &id, "--provider", "direct"],
+        &[("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")],
+    )
+    .await;
+    assert_eq!(embed.code, 0, "{embed:#?}");
+    let row = env
+        .client
+        .query_one(
+            "SELECT embedding FROM knowledge_chunks WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    let stored: pgvector::Vector = row.get(0);
+    crate::harness::assert_emulator_vector(&id, stored.as_slice(), "A chunk for now.", DIMS);
 }
 
 #[test]
