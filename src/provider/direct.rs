@@ -128,8 +128,7 @@ pub struct DirectProvider {
     max_retries: usize,
     min_backoff: Duration,
     max_backoff: Duration,
-    requests_per_minute: Option<DefaultDirectRateLimiter>,
-    tokens_per_minute: Option<DefaultDirectRateLimiter>,
+    pace: Pace,
     /// The last `Date` header seen (informational: a direct run has no remote timestamps).
     clock: Mutex<Option<ClockReading>>,
 }
@@ -169,9 +168,6 @@ impl DirectProvider {
             .map_err(|e| ApiError::Config {
                 message: format!("could not set up the HTTP client: {e}"),
             })?;
-        let per_minute = |n: Option<NonZeroU32>| {
-            n.map(|n| DefaultDirectRateLimiter::direct(Quota::per_minute(n)))
-        };
         Ok(DirectProvider {
             http,
             url,
@@ -181,8 +177,7 @@ impl DirectProvider {
             dimensions: run.settings.dimensions,
             cancelled: run.cancelled,
             deadline: opts.time_budget.map(|budget| Instant::now() + budget),
-            requests_per_minute: per_minute(opts.max_requests_per_minute),
-            tokens_per_minute: per_minute(opts.max_tokens_per_minute),
+            pace: Pace::new(opts.max_requests_per_minute, opts.max_tokens_per_minute),
             opts,
             max_retries: client.max_retries,
             min_backoff: client.min_backoff,
@@ -354,7 +349,8 @@ impl DirectProvider {
                 crashpoint("direct_after_answer");
             }
         }
-        let total = input.total_lines();
+        // The lines not read yet (a time budget ran out) count too.
+        let total = input.count_lines()?;
         self.job(batch, &answers, total, self.cancelled)
     }
 
@@ -472,7 +468,7 @@ impl DirectProvider {
             .with_jitter();
         let max_backoff = self.max_backoff;
         (|| async {
-            self.wait_for_limits(tokens).await;
+            self.pace.wait(tokens).await;
             self.send_once(&body).await
         })
         .retry(backoff)
@@ -480,22 +476,6 @@ impl DirectProvider {
         .when(ApiError::is_retryable)
         .adjust(move |error, delay| next_delay(error, delay, max_backoff))
         .await
-    }
-
-    async fn wait_for_limits(&self, tokens: u32) {
-        if let Some(limiter) = &self.requests_per_minute {
-            limiter.until_ready().await;
-        }
-        if let Some(limiter) = &self.tokens_per_minute
-            && let Some(n) = NonZeroU32::new(tokens)
-        {
-            // A request over the whole minute's budget waits for a full minute's budget.
-            let n = match limiter.until_n_ready(n).await {
-                Ok(()) => return,
-                Err(insufficient) => NonZeroU32::new(insufficient.0).unwrap_or(NonZeroU32::MIN),
-            };
-            let _ = limiter.until_n_ready(n).await;
-        }
     }
 
     async fn send_once(&self, body: &Value) -> Result<Vec<AnswerItem>, ApiError> {
@@ -611,6 +591,51 @@ impl DirectProvider {
         }
         sync_parent(dest).await?;
         result
+    }
+}
+
+/// `--max-requests-per-minute` and `--max-tokens-per-minute` (governor's GCRA limiters).
+/// Requests are paced evenly (one every minute / N, no burst), so no minute ever sees more
+/// than N + 1. Tokens refill evenly too, with a burst of a tenth of a minute's budget; a
+/// request larger than the burst takes its tokens burst by burst, so it waits as long as its
+/// size asks.
+struct Pace {
+    requests: Option<DefaultDirectRateLimiter>,
+    tokens: Option<(DefaultDirectRateLimiter, NonZeroU32)>,
+}
+
+impl Pace {
+    fn new(requests_per_minute: Option<NonZeroU32>, tokens_per_minute: Option<NonZeroU32>) -> Pace {
+        let evenly = |per_minute: NonZeroU32| {
+            Quota::with_period(Duration::from_secs(60) / per_minute.get())
+                .unwrap_or_else(|| Quota::per_minute(per_minute))
+        };
+        Pace {
+            requests: requests_per_minute
+                .map(|n| DefaultDirectRateLimiter::direct(evenly(n).allow_burst(NonZeroU32::MIN))),
+            tokens: tokens_per_minute.map(|n| {
+                let burst = NonZeroU32::new(n.get() / 10).unwrap_or(NonZeroU32::MIN);
+                (
+                    DefaultDirectRateLimiter::direct(evenly(n).allow_burst(burst)),
+                    burst,
+                )
+            }),
+        }
+    }
+
+    /// Waits until one request of `tokens` tokens fits both limits.
+    async fn wait(&self, tokens: u32) {
+        if let Some(limiter) = &self.requests {
+            limiter.until_ready().await;
+        }
+        if let Some((limiter, burst)) = &self.tokens {
+            let mut left = tokens;
+            while let Some(n) = NonZeroU32::new(left.min(burst.get())) {
+                // `n` is at most the burst, so it always fits eventually.
+                let _ = limiter.until_n_ready(n).await;
+                left -= n.get();
+            }
+        }
     }
 }
 
@@ -867,10 +892,6 @@ impl InputReader {
             lines: 0,
             held: None,
         })
-    }
-
-    fn total_lines(&self) -> u64 {
-        self.lines
     }
 
     fn count_lines(&mut self) -> Result<u64, ApiError> {

@@ -145,11 +145,17 @@ fn groups_skip_answered_lines_and_respect_every_limit() {
         groups[0].body(),
         serde_json::json!({"model": "m", "input": ["aaaa", "cccc"]})
     );
-    assert_eq!(reader.total_lines(), 6);
+    assert_eq!(reader.count_lines().unwrap(), 6);
 
     // A window of one group at a time reads every line once, in order.
     let mut reader = InputReader::open(&path).unwrap();
     let mut seen = Vec::new();
+    let first = reader.next_groups(&HashSet::new(), &opts, 1).unwrap();
+    // What is left unread still counts.
+    let mut counting = InputReader::open(&path).unwrap();
+    counting.next_groups(&HashSet::new(), &opts, 1).unwrap();
+    assert_eq!(counting.count_lines().unwrap(), 6);
+    seen.extend(first[0].items.iter().map(|i| i.custom_id.clone()));
     loop {
         let groups = reader.next_groups(&HashSet::new(), &opts, 1).unwrap();
         if groups.is_empty() {
@@ -187,4 +193,29 @@ fn vector_sizes_as_sent() {
     assert_eq!(vector_len(&base64), Some(2));
     assert_eq!(vector_len("\"not base64!\""), None);
     assert_eq!(vector_len("{}"), None);
+}
+
+#[tokio::test]
+async fn pace_spreads_requests_and_tokens_over_the_minute() {
+    use std::time::Instant;
+    // 1200 requests a minute: one every 50 ms, no burst.
+    let pace = Pace::new(NonZeroU32::new(1200), None);
+    let started = Instant::now();
+    for _ in 0..5 {
+        pace.wait(1).await;
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(190), "{elapsed:?}");
+    // 60,000 tokens a minute (1,000 a second, bursts of 6,000): 6,500 tokens take 0.5 s
+    // beyond the burst, however they are split into requests.
+    let pace = Pace::new(None, NonZeroU32::new(60_000));
+    let started = Instant::now();
+    pace.wait(6_500).await;
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(450), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+    // No limit: no wait.
+    let started = Instant::now();
+    Pace::new(None, None).wait(1_000_000).await;
+    assert!(started.elapsed() < Duration::from_millis(50));
 }
