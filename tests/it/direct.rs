@@ -492,3 +492,32 @@ fn old_runs_load_and_save_byte_for_byte() {
         );
     }
 }
+
+#[tokio::test]
+async fn max_requests_per_minute_paces_the_requests() {
+    let (env, family, _) = family(5, EmulatorConfig::default()).await;
+    let run_dir = env.plan(family, &["--provider", "direct"]).run_dir();
+    let started = std::time::Instant::now();
+    let run = advance(
+        &env,
+        &run_dir,
+        &[
+            "--direct-batch-size",
+            "1",
+            "--direct-concurrency",
+            "4",
+            "--max-requests-per-minute",
+            "300",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    // One request every 200 ms: the fifth leaves 800 ms after the first.
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(800),
+        "{elapsed:?}"
+    );
+    assert_eq!(env.emu().counters().embedding_calls, 5);
+}
