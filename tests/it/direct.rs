@@ -521,3 +521,47 @@ async fn max_requests_per_minute_paces_the_requests() {
     );
     assert_eq!(env.emu().counters().embedding_calls, 5);
 }
+
+#[tokio::test]
+async fn a_sigkill_at_every_step_ends_with_every_input_sent_once() {
+    let points = [
+        "before_upload:1",
+        "after_upload:1",
+        "before_create:1",
+        "after_create:1",
+        "direct_after_answer:1",
+        "before_download:1",
+        "after_download:2",
+        "ingest_commit:1",
+        "before_save:4",
+        "after_save:6",
+        "after_save:9",
+    ];
+    for point in points {
+        let (env, family, texts) = family(6, EmulatorConfig::default()).await;
+        let run_dir = env
+            .plan(
+                family,
+                &["--provider", "direct", "--max-requests-per-batch", "3"],
+            )
+            .run_dir();
+        let args = ["--direct-batch-size", "2", "--direct-concurrency", "1"];
+        let run = advance(&env, &run_dir, &args, &[("EMBATCH_CRASH_AT", point)]).await;
+        assert!(run.killed(), "{point}: {run:#?}");
+        let run = advance(&env, &run_dir, &args, &[]).await;
+        assert_eq!(run.code, 0, "{point}: {run:#?}");
+        assert_eq!(
+            count_embedded_exactly(&env, family, DIMS).await,
+            6,
+            "{point}"
+        );
+        let counters = env.emu().counters();
+        for text in &texts {
+            assert_eq!(
+                counters.embedding_inputs.get(text),
+                Some(&1),
+                "{point}: {text}"
+            );
+        }
+    }
+}
