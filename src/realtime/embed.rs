@@ -247,7 +247,12 @@ impl Target {
     /// Checks the table, its columns and the model's dimensions (DESIGN.md §2).
     pub async fn inspect(client: &Client, cfg: &RealtimeConfig) -> anyhow::Result<Target> {
         let source = Source::inspect_chunks(client, &cfg.source).await?;
-        let dims = models::choose_dimensions(&cfg.model, source.dimensions, cfg.dimensions)?;
+        let dims = models::choose_dimensions_for(
+            cfg.provider,
+            &cfg.model,
+            source.dimensions,
+            cfg.dimensions,
+        )?;
         let c = &source.config;
         // The id type is one of three fixed names, never text from the user; ids are bound
         // as text and cast on our side so the primary-key index stays usable.

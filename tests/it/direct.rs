@@ -565,3 +565,26 @@ async fn a_sigkill_at_every_step_ends_with_every_input_sent_once() {
         }
     }
 }
+
+#[tokio::test]
+async fn embed_refuses_a_known_direct_model_of_another_size_before_sending() {
+    let (env, family, _) = family(1, EmulatorConfig::default()).await;
+    let id = Uuid::from_u128(family.as_u128() + 1).to_string();
+    // bge-small answers 384 dimensions; the column is vector(1536).
+    let embed = exec_direct(
+        &env,
+        &[
+            "embed",
+            "--chunk-id",
+            &id,
+            "--provider",
+            "direct",
+            "--model",
+            "BAAI/bge-small-en-v1.5",
+        ],
+        &[],
+    )
+    .await;
+    embed.assert_error("model BAAI/bge-small-en-v1.5 produces 384 dimensions");
+    assert_eq!(env.emu().counters().embedding_calls, 0);
+}
