@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::models::EncodingFormat;
+use crate::models::{EncodingFormat, Provider};
 use crate::pg::conn::{DbError, DbTarget};
 use crate::pg::source::SourceConfig;
 use crate::plan::sharder::BatchLimits;
 use crate::printer::OutputSettings;
 use crate::provider::connect::ApiSettings;
+use crate::provider::direct::DirectOptions;
 use crate::run::store::OnTooLong;
 
 /// Options shared by every command.
@@ -85,6 +86,8 @@ pub struct PlanConfig {
     pub force: bool,
     pub max_cost_usd: Option<f64>,
     pub usd_per_million_tokens: Option<f64>,
+    /// `--provider`: recorded in `run.json`; later steps use the recorded one.
+    pub provider: Provider,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +137,8 @@ pub struct AdvanceOptions {
     pub redownload: bool,
     /// `ingest --dims N`: checked against the run.
     pub dims: Option<u32>,
+    /// How a `direct` run sends its requests (and whether this command sends any).
+    pub direct: DirectOptions,
 }
 
 impl Default for AdvanceOptions {
@@ -149,6 +154,7 @@ impl Default for AdvanceOptions {
             max_wait: None,
             redownload: false,
             dims: None,
+            direct: DirectOptions::default(),
         }
     }
 }
@@ -193,6 +199,8 @@ pub struct RealtimeConfig {
     pub model: String,
     /// `--dimensions`: must equal the column's vector(N).
     pub dimensions: Option<u32>,
+    /// `--provider`: whose `/embeddings` endpoint answers.
+    pub provider: Provider,
 }
 
 /// `embed --chunk-id ID…`: embeds those chunks now through `/v1/embeddings`.

@@ -156,7 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
         Command::Submit(submit) => {
             if !submit.dry_run {
                 // Fail on a missing key before planning, not after.
-                provider::connect::batch_client(&config.global.api)?;
+                provider::connect::check(&config.global.api, submit.plan.provider)?;
             }
             let run_dirs =
                 plan_and_print(&config, &submit.plan, &printer, now, !submit.dry_run).await?;
@@ -180,7 +180,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             .await
         }
         Command::Run(run_cfg) => {
-            provider::connect::batch_client(&config.global.api)?;
+            provider::connect::check(&config.global.api, run_cfg.plan.provider)?;
             let run_dirs = plan_and_print(&config, &run_cfg.plan, &printer, now, true).await?;
             advance_each(
                 &config,

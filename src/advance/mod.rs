@@ -193,9 +193,9 @@ pub async fn cancel(
             Ok(()) => {}
             // The key or the account is refused: every other batch would be refused the same.
             Err(err)
-                if err
-                    .downcast_ref::<ApiError>()
-                    .is_some_and(|e| matches!(e, ApiError::Auth { .. } | ApiError::Quota)) =>
+                if err.downcast_ref::<ApiError>().is_some_and(|e| {
+                    matches!(e, ApiError::Auth { .. } | ApiError::Quota { .. })
+                }) =>
             {
                 stepper.report();
                 return Err(err);
@@ -297,7 +297,7 @@ impl Stepper {
         }
         let lock = RunLock::acquire(run_dir, command)?;
         let run = store::load(run_dir)?;
-        let api = Box::new(crate::provider::connect::batch_client(&global.api)?);
+        let api = crate::provider::connect::run_provider(&global.api, &run, run_dir, &opts.direct)?;
         let stepper = Stepper {
             run_dir: run_dir.to_path_buf(),
             run,

@@ -15,11 +15,12 @@ use crate::config::{
     EmulatorCommandConfig, Global, IngestConfig, PlanConfig, RealtimeConfig, RunConfig, RunsConfig,
     ServeConfig, StatusConfig, StatusTarget, SubmitConfig,
 };
-use crate::models::{DEFAULT_MODEL, EncodingFormat};
+use crate::models::{DEFAULT_MODEL, EncodingFormat, Provider};
 use crate::pg::source::SourceConfig;
 use crate::plan::sharder::BatchLimits;
 use crate::printer::OutputSettings;
-use crate::provider::connect::ApiSettings;
+use crate::provider::connect::{ApiSettings, DirectEndpoint};
+use crate::provider::direct::DirectOptions;
 use crate::run::store::OnTooLong;
 
 const AFTER_HELP: &str = "Exit codes: 0 done, 75 not done yet (run again later, or the run is locked), 2 usage error, 1 any other error.";
@@ -146,6 +147,9 @@ struct ModelArgs {
     /// Vector size; must equal the column's vector(N)
     #[arg(long)]
     dimensions: Option<u32>,
+    /// Who embeds: `openai` (the Batch API) or `direct` (embatch sends the batch files itself to an OpenAI-compatible /v1/embeddings at EMBATCH_DIRECT_BASE_URL or --base-url)
+    #[arg(long, value_enum, default_value_t = Provider::Openai)]
+    provider: Provider,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +264,28 @@ struct StepArgs {
     /// Give up waiting after this long (e.g. 90m, 26h); exit 75
     #[arg(long, value_parser = humantime::parse_duration)]
     max_wait: Option<std::time::Duration>,
+    #[command(flatten)]
+    direct: DirectArgs,
+}
+
+/// How a `--provider direct` run sends its requests (ignored for other providers).
+#[derive(Debug, Args)]
+struct DirectArgs {
+    /// Direct runs: inputs per /v1/embeddings request
+    #[arg(long, default_value_t = crate::provider::direct::DEFAULT_INPUTS_PER_REQUEST, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=2048))]
+    direct_batch_size: usize,
+    /// Direct runs: bytes of input text per request (one larger input goes alone)
+    #[arg(long, default_value_t = crate::provider::direct::DEFAULT_MAX_REQUEST_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    direct_max_request_bytes: usize,
+    /// Direct runs: requests in flight at once
+    #[arg(long, default_value_t = crate::provider::direct::DEFAULT_CONCURRENCY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    direct_concurrency: usize,
+    /// Direct runs: at most this many requests per minute
+    #[arg(long)]
+    max_requests_per_minute: Option<std::num::NonZeroU32>,
+    /// Direct runs: at most this many input tokens per minute (cl100k_base estimate)
+    #[arg(long)]
+    max_tokens_per_minute: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Debug, Args)]
@@ -273,6 +299,9 @@ struct AdvanceArgs {
     /// Keep the tokens in flight under this bound (overrides the plan's)
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_enqueued_tokens: Option<u64>,
+    /// Direct runs: start no new request after this long (e.g. 10m), then exit 75 while work remains
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "wait")]
+    direct_time_budget: Option<std::time::Duration>,
     #[command(flatten)]
     step: StepArgs,
 }
@@ -443,6 +472,7 @@ where
     let matches = Cli::command().try_get_matches_from(args)?;
     let on_command_line = |id: &str| value_source(&matches, id) == Some(ValueSource::CommandLine);
     let api_key_on_command_line = on_command_line("api_key");
+    let base_url_on_command_line = on_command_line("base_url");
     let database_url_on_command_line = on_command_line("database_url");
     let cli = Cli::from_arg_matches(&matches)?;
     let database_password_on_command_line = database_url_on_command_line
@@ -451,7 +481,7 @@ where
             .database_url
             .as_deref()
             .is_some_and(connection_string_has_password);
-    let config = into_config(cli)?;
+    let config = into_config(cli, base_url_on_command_line, api_key_on_command_line)?;
     Ok(Parsed {
         config,
         api_key_on_command_line,
@@ -498,8 +528,27 @@ fn connection_string_has_password(conn: &str) -> bool {
     })
 }
 
-fn into_config(cli: Cli) -> Result<Config, clap::Error> {
+fn into_config(
+    cli: Cli,
+    base_url_on_command_line: bool,
+    api_key_on_command_line: bool,
+) -> Result<Config, clap::Error> {
     let g = cli.global;
+    // `--provider direct` never takes OpenAI's variables: only its own, or the flags.
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let direct = DirectEndpoint {
+        base_url: if base_url_on_command_line {
+            Some(g.base_url.clone())
+        } else {
+            env("EMBATCH_DIRECT_BASE_URL")
+        }
+        .map(|url| url.trim_end_matches('/').to_owned()),
+        api_key: if api_key_on_command_line {
+            g.api_key.clone().filter(|s| !s.is_empty())
+        } else {
+            env("EMBATCH_DIRECT_API_KEY")
+        },
+    };
     let global = Global {
         database: Database::from_url(g.database_url.as_deref()),
         api: ApiSettings {
@@ -508,6 +557,7 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
             organization: g.organization.filter(|s| !s.is_empty()),
             project: g.project.filter(|s| !s.is_empty()),
             max_retries: g.api_retries,
+            direct,
         },
         runs_dir: g.runs_dir,
         output: OutputSettings {
@@ -531,10 +581,14 @@ fn into_config(cli: Cli) -> Result<Config, clap::Error> {
         }),
         CommandArgs::Advance(args) => Command::Advance(AdvanceConfig {
             run_dir: args.run_dir,
-            opts: AdvanceOptions {
-                wait: args.wait,
-                max_enqueued_tokens: args.max_enqueued_tokens,
-                ..step_options(args.step)
+            opts: {
+                let mut opts = AdvanceOptions {
+                    wait: args.wait,
+                    max_enqueued_tokens: args.max_enqueued_tokens,
+                    ..step_options(args.step)
+                };
+                opts.direct.time_budget = args.direct_time_budget;
+                opts
             },
         }),
         CommandArgs::Ingest(args) => Command::Ingest(IngestConfig {
@@ -608,11 +662,22 @@ fn write_options(args: WriteArgs) -> AdvanceOptions {
     }
 }
 
+/// `advance` and `run`: the only commands whose direct runs send requests.
 fn step_options(args: StepArgs) -> AdvanceOptions {
+    let d = args.direct;
     AdvanceOptions {
         max_attempts: args.max_attempts,
         poll: std::time::Duration::from_secs(args.poll_seconds),
         max_wait: args.max_wait,
+        direct: DirectOptions {
+            inputs_per_request: d.direct_batch_size,
+            max_request_bytes: d.direct_max_request_bytes,
+            concurrency: d.direct_concurrency,
+            max_requests_per_minute: d.max_requests_per_minute,
+            max_tokens_per_minute: d.max_tokens_per_minute,
+            time_budget: None,
+            send: true,
+        },
         ..write_options(args.write)
     }
 }
@@ -662,6 +727,7 @@ fn realtime_config(
         source: chunk_source(columns)?,
         model: model.model,
         dimensions: model.dimensions,
+        provider: model.provider,
     })
 }
 
@@ -707,6 +773,7 @@ fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
         limit: args.limit,
         model: args.model.model,
         dimensions: args.model.dimensions,
+        provider: args.model.provider,
         encoding_format: args.encoding_format,
         limits: BatchLimits {
             max_requests: args.max_requests_per_batch,

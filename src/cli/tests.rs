@@ -147,3 +147,99 @@ fn too_many_requests_per_batch_is_a_usage_error() {
     .unwrap();
     assert_eq!(err.exit_code(), 2);
 }
+
+#[test]
+fn provider_and_direct_flags_reach_the_config() {
+    let parsed = parse([
+        "embatch",
+        "run",
+        "--family-id",
+        "f1",
+        "--provider",
+        "direct",
+        "--base-url",
+        "http://127.0.0.1:8080/v1/",
+        "--direct-batch-size",
+        "16",
+        "--direct-concurrency",
+        "2",
+        "--max-requests-per-minute",
+        "600",
+        "--max-tokens-per-minute",
+        "100000",
+    ])
+    .unwrap();
+    // `--base-url` on the command line is the direct server's too; OpenAI's never is.
+    assert_eq!(
+        parsed.config.global.api.direct.base_url.as_deref(),
+        Some("http://127.0.0.1:8080/v1")
+    );
+    let Command::Run(run) = parsed.config.command else {
+        panic!("expected run");
+    };
+    assert_eq!(run.plan.provider, Provider::Direct);
+    let direct = &run.opts.direct;
+    assert!(direct.send, "run sends its direct requests");
+    assert_eq!((direct.inputs_per_request, direct.concurrency), (16, 2));
+    assert_eq!(direct.max_requests_per_minute.map(|n| n.get()), Some(600));
+    assert_eq!(direct.max_tokens_per_minute.map(|n| n.get()), Some(100_000));
+
+    let parsed = parse(["embatch", "submit", "--family-id", "f1"]).unwrap();
+    let Command::Submit(submit) = parsed.config.command else {
+        panic!("expected submit");
+    };
+    assert_eq!(submit.plan.provider, Provider::Openai);
+    assert!(
+        !submit.opts.direct.send,
+        "submit never sends direct requests"
+    );
+
+    let parsed = parse(["embatch", "serve", "--provider", "direct"]).unwrap();
+    let Command::Serve(serve) = parsed.config.command else {
+        panic!("expected serve");
+    };
+    assert_eq!(serve.realtime.provider, Provider::Direct);
+}
+
+#[test]
+fn a_direct_time_budget_is_for_a_plain_advance() {
+    let parsed = parse([
+        "embatch",
+        "advance",
+        "--run-dir",
+        "r",
+        "--direct-time-budget",
+        "10m",
+    ])
+    .unwrap();
+    let Command::Advance(advance) = parsed.config.command else {
+        panic!("expected advance");
+    };
+    assert_eq!(
+        advance.opts.direct.time_budget,
+        Some(std::time::Duration::from_secs(600))
+    );
+    let err = parse([
+        "embatch",
+        "advance",
+        "--run-dir",
+        "r",
+        "--wait",
+        "--direct-time-budget",
+        "10m",
+    ])
+    .err()
+    .expect("--wait and a time budget conflict");
+    assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    assert!(
+        parse([
+            "embatch",
+            "plan",
+            "--family-id",
+            "f",
+            "--provider",
+            "gemini"
+        ])
+        .is_err()
+    );
+}

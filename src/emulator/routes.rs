@@ -780,6 +780,17 @@ async fn create_embeddings(
             Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         };
+        if let Some(needle) = &state.faults.refuse_inputs_containing
+            && texts.iter().any(|text| text.contains(needle.as_str()))
+        {
+            return Err(RequestError::invalid(
+                format!(
+                    "This model's maximum context length is {} tokens, however you requested more. Please reduce your prompt.",
+                    embeddings::MAX_TOKENS_PER_INPUT
+                ),
+                Some("input"),
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for text in texts {
             if seen.insert(text) {

@@ -78,6 +78,9 @@ pub struct Faults {
     /// Every upload answer claims this `expires_at`, whatever the file's real expiry (a mock
     /// replaying a fixed example answer). The file itself is kept as usual.
     pub upload_answer_expires_at: Option<i64>,
+    /// `/v1/embeddings` answers 400 (as for an input over the model's context length) to any
+    /// request with an input containing this text: a server's own refusal, for `direct`.
+    pub refuse_inputs_containing: Option<String>,
 }
 
 /// Not derived: validation must be on unless a test turns it off.
@@ -98,6 +101,7 @@ impl Default for Faults {
             clock_offset_secs: 0,
             date_offset_secs: None,
             upload_answer_expires_at: None,
+            refuse_inputs_containing: None,
         }
     }
 }

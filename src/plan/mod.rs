@@ -139,13 +139,11 @@ async fn plan_uninterrupted(
     let source = Source::inspect(&client, &cfg.source).await?;
     let (family, family_type) = resolve_family(&client, &source, cfg, printer).await?;
 
-    if models::lookup(&cfg.model).is_none() {
-        printer.warn(&format!(
-            "unknown model {}: its tokens are counted with cl100k_base and no cost is estimated (pass --price-per-million-tokens for one)",
-            cfg.model
-        ));
+    if models::lookup_for(cfg.provider, &cfg.model).is_none() {
+        printer.warn(&unknown_model_warning(cfg, source.dimensions));
     }
-    let dims = models::choose_dimensions(&cfg.model, source.dimensions, cfg.dimensions)?;
+    let dims =
+        models::choose_dimensions_for(cfg.provider, &cfg.model, source.dimensions, cfg.dimensions)?;
     let identity = source::database_identity(&client).await?;
 
     let family_dir = layout::family_dir(&global.runs_dir, &family);
@@ -201,7 +199,7 @@ async fn plan_uninterrupted(
             }
         };
 
-    let price = models::price_per_million(&cfg.model, cfg.usd_per_million_tokens);
+    let price = models::price_per_million_for(cfg.provider, &cfg.model, cfg.usd_per_million_tokens);
     let summary = summarize(&written, price);
     let over_cost = match (cfg.max_cost_usd, summary.estimated_cost_usd) {
         (Some(max), Some(cost)) => (cost > max).then_some((cost, max)),
@@ -281,6 +279,7 @@ fn run_settings(
         on_too_long: cfg.on_too_long,
         limit: cfg.limit,
         usd_per_million_tokens: price,
+        provider: cfg.provider,
     }
 }
 
@@ -570,6 +569,7 @@ fn report(
         }
     }
     match (summary.estimated_cost_usd, price) {
+        _ if !cfg.provider.has_price() => printer.info(&direct_cost_line(cfg.provider)),
         (Some(cost), Some(price)) => printer.info(&format!(
             "estimated cost ${cost:.4} at batch prices ({}, ${price} per 1M tokens)",
             cfg.model
@@ -598,4 +598,27 @@ pub fn shell_quote(text: &str) -> String {
     } else {
         format!("'{}'", text.replace('\'', "'\\''"))
     }
+}
+
+// --- providers (issue 18): what plan says about a provider without a batch price -----------
+
+/// The warning for a model `cfg.provider`'s table does not know.
+fn unknown_model_warning(cfg: &PlanConfig, column_dimensions: u32) -> String {
+    match cfg.provider {
+        models::Provider::Openai => format!(
+            "unknown model {}: its tokens are counted with cl100k_base and no cost is estimated (pass --price-per-million-tokens for one)",
+            cfg.model
+        ),
+        provider => format!(
+            "unknown model {} for --provider {provider}: its dimension is taken from the server's first answer and checked against the column's vector({column_dimensions}) before anything is written; its tokens are estimated with cl100k_base",
+            cfg.model
+        ),
+    }
+}
+
+/// The cost line of a provider without a batch price.
+fn direct_cost_line(provider: models::Provider) -> String {
+    format!(
+        "estimated cost: not applicable for --provider {provider} (your own server; no batch price); the token count is a cl100k_base estimate, not the server's tokenizer"
+    )
 }

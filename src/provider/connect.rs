@@ -1,26 +1,64 @@
-//! The configured provider: settings in, a client out. OpenAI is the only provider today.
+//! The configured provider: settings in, a client out. A run connects to the provider its
+//! `run.json` records ([`run_provider`]); the realtime path to the one its `--provider` names
+//! ([`realtime_client_for`]).
 
+use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
+use crate::models::Provider;
+use crate::provider::BatchProvider;
+use crate::provider::direct::{DirectOptions, DirectProvider};
 use crate::provider::openai::{ApiClient, ClientOptions};
+use crate::run::store::RunFile;
 
-/// How to reach the OpenAI API. The key is a secret: never printed, never written.
+/// How to reach the providers. Keys are secrets: never printed, never written.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
+    /// OpenAI's key (`OPENAI_API_KEY`, `--api-key`).
     pub api_key: Option<String>,
+    /// OpenAI's base URL (`OPENAI_BASE_URL`, `--base-url`).
     pub base_url: String,
     pub organization: Option<String>,
     pub project: Option<String>,
     /// Retries of a read, download or delete after a 429, 5xx or connection error.
     pub max_retries: usize,
+    /// The server of `--provider direct`.
+    pub direct: DirectEndpoint,
 }
 
-/// The batch path's client for the configured settings, or a message saying what is missing.
+/// Where `--provider direct` sends its requests: `--base-url` when given on the command line,
+/// else `EMBATCH_DIRECT_BASE_URL`; the key is `--api-key` when given on the command line, else
+/// `EMBATCH_DIRECT_API_KEY`, else none (many self-hosted servers want none). OpenAI's variables
+/// are never used for it, so an OpenAI key never reaches another server.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct DirectEndpoint {
+    pub base_url: Option<String>,
+    pub api_key: Option<String>,
+}
+
+// Written by hand so that the key never reaches a log line.
+impl fmt::Debug for DirectEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectEndpoint")
+            .field(
+                "base_url",
+                &self
+                    .base_url
+                    .as_deref()
+                    .map(crate::provider::openai::redact_url),
+            )
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+/// OpenAI's batch client for the configured settings, or a message saying what is missing.
 pub fn batch_client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
     Ok(ApiClient::new(client_options(settings)?)?)
 }
 
-/// The client options of the configured settings (the batch path's retry policy), or a
+/// OpenAI's client options of the configured settings (the batch path's retry policy), or a
 /// message saying what is missing.
 pub fn client_options(settings: &ApiSettings) -> anyhow::Result<ClientOptions> {
     let api_key = settings.api_key.clone().ok_or_else(|| {
@@ -38,12 +76,74 @@ pub fn client_options(settings: &ApiSettings) -> anyhow::Result<ClientOptions> {
     })
 }
 
-/// The realtime path's client. Its retry policy is the batch path's (429, 5xx and connection
-/// errors, honouring `Retry-After`) with a shorter longest wait: someone is waiting for the
-/// answer.
+/// The client options of `provider`'s endpoint, or a message saying what is missing.
+pub fn client_options_for(
+    settings: &ApiSettings,
+    provider: Provider,
+) -> anyhow::Result<ClientOptions> {
+    match provider {
+        Provider::Openai => client_options(settings),
+        Provider::Direct => {
+            let base_url = settings.direct.base_url.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no server for --provider direct; set EMBATCH_DIRECT_BASE_URL (in the environment or .env) or pass --base-url, to the root of its OpenAI-compatible API (for example http://127.0.0.1:8080/v1, which serves /v1/embeddings)"
+                )
+            })?;
+            Ok(ClientOptions {
+                base_url,
+                api_key: settings.direct.api_key.clone().unwrap_or_default(),
+                max_retries: settings.max_retries,
+                provider: Provider::Direct,
+                ..ClientOptions::default()
+            })
+        }
+    }
+}
+
+/// Fails now, before any work, when `provider` cannot be reached with these settings (no key,
+/// no base URL, a base URL that is not one).
+pub fn check(settings: &ApiSettings, provider: Provider) -> anyhow::Result<()> {
+    ApiClient::new(client_options_for(settings, provider)?)?;
+    Ok(())
+}
+
+/// The realtime path's OpenAI client. Its retry policy is the batch path's (429, 5xx and
+/// connection errors, honouring `Retry-After`) with a shorter longest wait: someone is waiting
+/// for the answer.
 pub fn realtime_client(settings: &ApiSettings) -> anyhow::Result<ApiClient> {
+    realtime_client_for(settings, Provider::Openai)
+}
+
+/// [`realtime_client`] for `provider`: every provider embatch knows serves an OpenAI-compatible
+/// `/embeddings`.
+pub fn realtime_client_for(
+    settings: &ApiSettings,
+    provider: Provider,
+) -> anyhow::Result<ApiClient> {
     Ok(ApiClient::new(ClientOptions {
         max_backoff: Duration::from_secs(10),
-        ..client_options(settings)?
+        ..client_options_for(settings, provider)?
     })?)
+}
+
+/// The provider of the run in `run_dir`, as its `run.json` records it. `direct` works on the
+/// run's own folder, within `direct` (its limits, and whether this command may send requests).
+pub fn run_provider(
+    settings: &ApiSettings,
+    run: &RunFile,
+    run_dir: &Path,
+    direct: &DirectOptions,
+) -> anyhow::Result<Box<dyn BatchProvider>> {
+    match run.settings.provider {
+        Provider::Openai => Ok(Box::new(batch_client(settings)?)),
+        Provider::Direct => {
+            let options = client_options_for(settings, Provider::Direct)?;
+            Ok(Box::new(DirectProvider::new(
+                options,
+                run,
+                run_dir,
+                direct.clone(),
+            )?))
+        }
+    }
 }

@@ -5,13 +5,16 @@
 //! reach `run.json` or the state machine; `batch.json` keeps the provider's own object as
 //! [`RemoteBatch::record`].
 //!
-//! `openai` is the one implementation (the emulator speaks the same protocol); `connect` makes
-//! the configured one. The seam's error classes ([`ApiError`]: retryable, unknown outcome,
-//! queue limit, not found, …) and the provider's clock ([`ClockReading`]) are defined here.
+//! `openai` speaks OpenAI's Batch API (the emulator speaks the same protocol); `direct` runs the
+//! planned batch files itself against any OpenAI-compatible `/v1/embeddings` endpoint, behind
+//! the same trait; `connect` makes the configured one. The seam's provider-neutral error
+//! ([`ApiError`]: auth, rate limited, server, connection, not found, refused, unknown outcome,
+//! queue limit, …) and the provider's clock ([`ClockReading`]) are defined here.
 //!
 //! It owns no run folder and no state: callers decide what a failure means for a batch.
 
 pub mod connect;
+pub mod direct;
 pub mod openai;
 
 use std::collections::BTreeMap;
@@ -22,6 +25,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 
+pub use crate::models::Provider;
 use crate::run::state::RemoteSnapshot;
 
 /// A file the provider holds (a batch input file).
@@ -123,20 +127,21 @@ pub trait BatchProvider: Send + Sync {
 /// Told the number of bytes transferred so far (upload and download progress).
 pub type ByteObserver = Arc<dyn Fn(u64) + Send + Sync>;
 
-/// What went wrong talking to the API. Messages never contain the API key.
+/// What went wrong talking to a provider: the seam's one error, whatever the provider. Each
+/// provider translates its wire errors into these kinds inside its own module; callers branch
+/// on the kind (auth, quota, queue limit, rate limited, server, connection, not found, refused,
+/// lost answer, bad answer), never on a provider's codes. Messages name the provider's own key
+/// variable and base URL ([`Provider::key_var`], [`Provider::base_url_var`]) and never contain
+/// the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// 401/403: stop at once; never retried.
-    #[error(
-        "the API rejected the key (HTTP {status}): check OPENAI_API_KEY (and --organization/--project)"
-    )]
-    Auth { status: u16 },
+    #[error("{}", auth_message(*.provider, *.status))]
+    Auth { status: u16, provider: Provider },
 
     /// 429 `insufficient_quota`: stop at once; never retried.
-    #[error(
-        "the API refused the request for lack of quota (HTTP 429 insufficient_quota): check the plan and billing details of the OpenAI account, then run the command again"
-    )]
-    Quota,
+    #[error("{}", quota_message(*.provider))]
+    Quota { provider: Provider },
 
     /// The organisation's enqueued token/request limit for batches was reached: the caller
     /// parks the batch in `queued`; never retried here.
@@ -150,16 +155,15 @@ pub enum ApiError {
     RateLimited { retry_after: Option<Duration> },
 
     /// 5xx (or 408): retried for reads; returned when the retries run out.
-    #[error(
-        "the API failed with HTTP {status}: try again later (see status.openai.com if it persists)"
-    )]
-    Server { status: u16 },
+    #[error("{}", server_message(*.provider, *.status))]
+    Server { status: u16, provider: Provider },
 
     /// No answer: connection refused, reset or closed, or a timeout. Retried for reads.
     #[error(
-        "could not talk to the API: {message}; check the network and the base URL (--base-url / OPENAI_BASE_URL), then run the command again"
+        "could not talk to the API: {message}; check the network and the base URL (--base-url / {}), then run the command again",
+        .provider.base_url_var()
     )]
-    Connection { message: String },
+    Connection { message: String, provider: Provider },
 
     /// 404.
     #[error("the API has no such object: {message}")]
@@ -181,11 +185,23 @@ pub enum ApiError {
     },
 
     /// A successful answer that does not parse: the base URL probably points at something
-    /// that is not the OpenAI API.
+    /// that does not speak the provider's API.
     #[error(
-        "unexpected answer from the API ({message}): check the base URL (--base-url / OPENAI_BASE_URL)"
+        "unexpected answer from the API ({message}): check the base URL (--base-url / {})",
+        .provider.base_url_var()
     )]
-    Decode { message: String },
+    Decode { message: String, provider: Provider },
+
+    /// The provider answered vectors of another size than the run's column: nothing of the
+    /// answer was kept. Never retried (the model decides the size).
+    #[error(
+        "model {model} answered {answered}-dimensional vectors but the run writes vector({expected}); plan again with --model of a {expected}-dimensional model (or --dimensions if the server honours it), or point --embedding-column at a vector({answered}) column — nothing was written"
+    )]
+    WrongDimensions {
+        model: String,
+        answered: usize,
+        expected: u32,
+    },
 
     /// A local file could not be read or written (the error names the file).
     #[error("{source}: check the disk space and the folder's permissions")]
@@ -199,6 +215,28 @@ pub enum ApiError {
     Config { message: String },
 }
 
+fn auth_message(provider: Provider, status: u16) -> String {
+    match provider {
+        Provider::Openai => format!(
+            "the API rejected the key (HTTP {status}): check OPENAI_API_KEY (and --organization/--project)"
+        ),
+        other => format!(
+            "the API rejected the key (HTTP {status}): check {} (or --api-key)",
+            other.key_var()
+        ),
+    }
+}
+
+fn quota_message(provider: Provider) -> String {
+    match provider {
+        Provider::Openai => "the API refused the request for lack of quota (HTTP 429 insufficient_quota): check the plan and billing details of the OpenAI account, then run the command again".to_owned(),
+        other => format!(
+            "the API refused the request for lack of quota (HTTP 429 insufficient_quota): check the account behind the server at {}, then run the command again",
+            other.base_url_var()
+        ),
+    }
+}
+
 fn rate_limited_message(retry_after: Option<Duration>) -> String {
     match retry_after {
         Some(wait) => format!(
@@ -207,6 +245,18 @@ fn rate_limited_message(retry_after: Option<Duration>) -> String {
         ),
         None => "the API is rate limiting requests (HTTP 429): wait and run the command again"
             .to_owned(),
+    }
+}
+
+fn server_message(provider: Provider, status: u16) -> String {
+    match provider {
+        Provider::Openai => format!(
+            "the API failed with HTTP {status}: try again later (see status.openai.com if it persists)"
+        ),
+        other => format!(
+            "the API failed with HTTP {status}: try again later (check the logs of the server at {} if it persists)",
+            other.base_url_var()
+        ),
     }
 }
 
@@ -261,5 +311,59 @@ impl ClockReading {
     /// of it mean nothing.
     pub fn skew(&self) -> chrono::Duration {
         self.provider_time - self.local_time
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_each_providers_own_key_and_base_url() {
+        let openai = Provider::Openai;
+        assert_eq!(
+            ApiError::Auth {
+                status: 401,
+                provider: openai
+            }
+            .to_string(),
+            "the API rejected the key (HTTP 401): check OPENAI_API_KEY (and --organization/--project)"
+        );
+        assert!(
+            ApiError::Server {
+                status: 502,
+                provider: openai
+            }
+            .to_string()
+            .contains("status.openai.com")
+        );
+        let direct = Provider::Direct;
+        let texts = [
+            ApiError::Auth {
+                status: 401,
+                provider: direct,
+            },
+            ApiError::Quota { provider: direct },
+            ApiError::Server {
+                status: 502,
+                provider: direct,
+            },
+            ApiError::Connection {
+                message: "refused".into(),
+                provider: direct,
+            },
+            ApiError::Decode {
+                message: "x".into(),
+                provider: direct,
+            },
+        ]
+        .map(|e| e.to_string());
+        for text in &texts {
+            assert!(!text.contains("OPENAI"), "{text}");
+            assert!(!text.contains("openai.com"), "{text}");
+            assert!(text.contains("EMBATCH_DIRECT_"), "{text}");
+        }
+        assert!(texts[0].contains("EMBATCH_DIRECT_API_KEY"));
+        assert!(texts[3].contains("--base-url / EMBATCH_DIRECT_BASE_URL"));
     }
 }

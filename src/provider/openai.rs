@@ -33,7 +33,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-pub use super::{ApiError, ByteObserver, ClockReading};
+pub use super::{ApiError, ByteObserver, ClockReading, Provider};
 
 /// The provider's base URL when none is configured.
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
@@ -68,6 +68,9 @@ pub struct ClientOptions {
     pub min_backoff: Duration,
     /// Longest backoff delay, and the cap on a server's `Retry-After` (default 60 s).
     pub max_backoff: Duration,
+    /// Whose endpoint this is (default OpenAI): errors name its key variable and base URL.
+    /// `direct` speaks the same `/embeddings` protocol, and its key is optional.
+    pub provider: Provider,
 }
 
 impl ClientOptions {
@@ -91,6 +94,7 @@ impl Default for ClientOptions {
             max_retries: 6,
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            provider: Provider::Openai,
         }
     }
 }
@@ -106,6 +110,7 @@ impl fmt::Debug for ClientOptions {
             .field("max_retries", &self.max_retries)
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
+            .field("provider", &self.provider)
             .finish()
     }
 }
@@ -312,6 +317,17 @@ struct ErrorDetail {
 /// - 408, 5xx → [`ApiError::Server`]
 /// - anything else → [`ApiError::BadRequest`] with the provider's message
 pub fn classify_status(status: u16, retry_after: Option<Duration>, body: &str) -> ApiError {
+    classify_status_for(Provider::Openai, status, retry_after, body)
+}
+
+/// [`classify_status`] for an endpoint of `provider` (same rules; the messages name its key
+/// variable and base URL).
+pub fn classify_status_for(
+    provider: Provider,
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &str,
+) -> ApiError {
     let parsed: ErrorBody = serde_json::from_str(body).unwrap_or_default();
     let code = match &parsed.error.code {
         Some(serde_json::Value::String(s)) => Some(s.as_str()),
@@ -330,14 +346,14 @@ pub fn classify_status(status: u16, retry_after: Option<Duration>, body: &str) -
         }
     };
     match status {
-        401 | 403 => ApiError::Auth { status },
+        401 | 403 => ApiError::Auth { status, provider },
         400 | 429 if is_queue_limit(code, &message) => ApiError::QueueLimit { message },
         429 if code == Some("insufficient_quota") || kind == Some("insufficient_quota") => {
-            ApiError::Quota
+            ApiError::Quota { provider }
         }
         429 => ApiError::RateLimited { retry_after },
         404 => ApiError::NotFound { message },
-        408 | 500..=599 => ApiError::Server { status },
+        408 | 500..=599 => ApiError::Server { status, provider },
         _ => ApiError::BadRequest { status, message },
     }
 }
@@ -382,7 +398,7 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 /// The backoff before the next retry: the server's `Retry-After` when it sent a non-zero one
 /// (capped at `max_backoff`), else backon's exponential delay with jitter. `None` means the
 /// retries ran out.
-fn next_delay(
+pub(crate) fn next_delay(
     error: &ApiError,
     backoff_delay: Option<Duration>,
     max_backoff: Duration,
@@ -398,7 +414,7 @@ fn next_delay(
 
 /// Describes a transport error with its whole chain ("error sending request …: connection
 /// closed before message completed"), which reqwest's own `Display` leaves out.
-fn describe_transport(error: &reqwest::Error) -> String {
+pub(crate) fn describe_transport(error: &reqwest::Error) -> String {
     let mut text = if error.is_timeout() {
         format!("timed out ({error})")
     } else {
@@ -432,6 +448,7 @@ pub struct ApiClient {
     min_backoff: Duration,
     max_backoff: Duration,
     timeouts: Timeouts,
+    provider: Provider,
     retries: Arc<AtomicUsize>,
     /// The last `Date` header seen, with this machine's time when it arrived.
     clock: Arc<Mutex<Option<ClockReading>>>,
@@ -471,19 +488,24 @@ impl ApiClient {
     /// A client with the given time limits.
     pub fn with_timeouts(opts: ClientOptions, timeouts: Timeouts) -> Result<ApiClient, ApiError> {
         let base_url = parse_base_url(&opts.base_url)?;
-        if opts.api_key.trim().is_empty() {
+        let key_var = opts.provider.key_var();
+        let key_given = !opts.api_key.trim().is_empty();
+        // A self-hosted server (`direct`) often wants no key at all.
+        if !key_given && opts.provider == Provider::Openai {
             return Err(ApiError::Config {
-                message: "no API key: set OPENAI_API_KEY (or pass --api-key)".to_owned(),
+                message: format!("no API key: set {key_var} (or pass --api-key)"),
             });
         }
         let mut headers = HeaderMap::new();
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", opts.api_key)).map_err(|_| {
-            ApiError::Config {
-                message: "the API key contains characters that cannot go in an HTTP header (a stray newline or quote?): check OPENAI_API_KEY".to_owned(),
-            }
-        })?;
-        auth.set_sensitive(true);
-        headers.insert(AUTHORIZATION, auth);
+        if key_given {
+            let mut auth = HeaderValue::from_str(&format!("Bearer {}", opts.api_key)).map_err(|_| {
+                ApiError::Config {
+                    message: format!("the API key contains characters that cannot go in an HTTP header (a stray newline or quote?): check {key_var}"),
+                }
+            })?;
+            auth.set_sensitive(true);
+            headers.insert(AUTHORIZATION, auth);
+        }
         for (name, value, flag) in [
             ("openai-organization", &opts.organization, "--organization"),
             ("openai-project", &opts.project, "--project"),
@@ -519,6 +541,7 @@ impl ApiClient {
             min_backoff: opts.min_backoff,
             max_backoff: opts.max_backoff.max(opts.min_backoff),
             timeouts,
+            provider: opts.provider,
             retries: Arc::new(AtomicUsize::new(0)),
             clock: Arc::new(Mutex::new(None)),
         })
@@ -629,6 +652,7 @@ impl ApiClient {
             response = request => response,
             (sent, limit) = watchdog => {
                 let cause = ApiError::Connection {
+                    provider: self.provider,
                     message: if sent >= length {
                         format!("no answer {} s after the whole file was sent", limit.as_secs())
                     } else {
@@ -711,6 +735,7 @@ impl ApiClient {
     ) -> Result<u64, ApiError> {
         let idle = self.timeouts.idle;
         let stalled = |what: &str| ApiError::Connection {
+            provider: self.provider,
             message: format!(
                 "the download of file {id} stalled: no data for {} s {what}",
                 idle.as_secs()
@@ -751,6 +776,7 @@ impl ApiClient {
                 && written != expected
             {
                 return Err(ApiError::Connection {
+                    provider: self.provider,
                     message: format!(
                         "the download of file {id} ended after {written} of {expected} bytes"
                     ),
@@ -939,7 +965,7 @@ impl ApiClient {
                 self.send_json(request, Method::POST, "/embeddings")
             })
             .await?;
-        order_embeddings(response.data, inputs.len())
+        order_embeddings(self.provider, response.data, inputs.len())
     }
 
     // -- Plumbing ----------------------------------------------------------------------------
@@ -1024,6 +1050,7 @@ impl ApiClient {
             .map_err(|e| self.lost(effect, self.transport(&e)))?;
         serde_json::from_slice(&body).map_err(|e| {
             let cause = ApiError::Decode {
+                provider: self.provider,
                 message: self.scrub(format!("{method} {path} answered: {e}")),
             };
             self.lost(effect, cause)
@@ -1047,7 +1074,12 @@ impl ApiClient {
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
-        Err(self.scrub_error(classify_status(status.as_u16(), retry_after, &body)))
+        Err(self.scrub_error(classify_status_for(
+            self.provider,
+            status.as_u16(),
+            retry_after,
+            &body,
+        )))
     }
 
     /// A request that failed before any answer. Failing to connect means nothing was sent,
@@ -1074,6 +1106,7 @@ impl ApiClient {
 
     fn transport(&self, error: &reqwest::Error) -> ApiError {
         ApiError::Connection {
+            provider: self.provider,
             message: self.scrub(describe_transport(error)),
         }
     }
@@ -1125,7 +1158,7 @@ pub fn redact_url(raw: &str) -> String {
     format!("{scheme}{host}{path}")
 }
 
-fn parse_base_url(base_url: &str) -> Result<Url, ApiError> {
+pub(crate) fn parse_base_url(base_url: &str) -> Result<Url, ApiError> {
     // Printed redacted: a URL with credentials is refused, and must not be echoed.
     let shown = redact_url(base_url);
     let invalid = |why: &str| ApiError::Config {
@@ -1147,7 +1180,11 @@ fn parse_base_url(base_url: &str) -> Result<Url, ApiError> {
 }
 
 /// Puts the vectors in input order and checks that each input got exactly one.
-fn order_embeddings(data: Vec<Embedding>, n_inputs: usize) -> Result<Vec<Vec<f32>>, ApiError> {
+fn order_embeddings(
+    provider: Provider,
+    data: Vec<Embedding>,
+    n_inputs: usize,
+) -> Result<Vec<Vec<f32>>, ApiError> {
     let mut slots: Vec<Option<Vec<f32>>> = vec![None; n_inputs];
     let n_answers = data.len();
     for item in data {
@@ -1155,6 +1192,7 @@ fn order_embeddings(data: Vec<Embedding>, n_inputs: usize) -> Result<Vec<Vec<f32
             Some(slot @ None) => *slot = Some(item.embedding),
             _ => {
                 return Err(ApiError::Decode {
+                    provider,
                     message: format!(
                         "POST /embeddings answered an unexpected or repeated index {} for {n_inputs} inputs",
                         item.index
@@ -1167,12 +1205,13 @@ fn order_embeddings(data: Vec<Embedding>, n_inputs: usize) -> Result<Vec<Vec<f32
         .into_iter()
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| ApiError::Decode {
+            provider,
             message: format!("POST /embeddings answered {n_answers} vectors for {n_inputs} inputs"),
         })
 }
 
 /// A temp file beside `dest` (same folder, so the rename is atomic), unique per attempt.
-fn temp_path_for(dest: &Path) -> PathBuf {
+pub(crate) fn temp_path_for(dest: &Path) -> PathBuf {
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -1182,7 +1221,7 @@ fn temp_path_for(dest: &Path) -> PathBuf {
 }
 
 /// Makes the rename durable: fsync the folder that holds `path`.
-async fn sync_parent(path: &Path) -> Result<(), ApiError> {
+pub(crate) async fn sync_parent(path: &Path) -> Result<(), ApiError> {
     #[cfg(unix)]
     {
         let parent = match path.parent() {

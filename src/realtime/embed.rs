@@ -247,7 +247,12 @@ impl Target {
     /// Checks the table, its columns and the model's dimensions (DESIGN.md §2).
     pub async fn inspect(client: &Client, cfg: &RealtimeConfig) -> anyhow::Result<Target> {
         let source = Source::inspect_chunks(client, &cfg.source).await?;
-        let dims = models::choose_dimensions(&cfg.model, source.dimensions, cfg.dimensions)?;
+        let dims = models::choose_dimensions_for(
+            cfg.provider,
+            &cfg.model,
+            source.dimensions,
+            cfg.dimensions,
+        )?;
         let c = &source.config;
         // The id type is one of three fixed names, never text from the user; ids are bound
         // as text and cast on our side so the primary-key index stays usable.
@@ -458,11 +463,11 @@ pub async fn embed_command(
     cfg: &EmbedConfig,
     printer: &Printer,
 ) -> anyhow::Result<()> {
-    let api = crate::provider::connect::realtime_client(&global.api)?;
+    let api = crate::provider::connect::realtime_client_for(&global.api, cfg.realtime.provider)?;
     let target_db = db_target(global)?;
     let client = target_db.connect().await?;
     let target = Target::inspect(&client, &cfg.realtime).await?;
-    if models::lookup(&target.model).is_none() {
+    if models::lookup_for(cfg.realtime.provider, &target.model).is_none() {
         printer.warn(&format!(
             "unknown model {}: its tokens are counted with cl100k_base",
             target.model

@@ -43,6 +43,10 @@ pub const OUTPUT_FILE: &str = "output.jsonl";
 pub const ERRORS_FILE: &str = "errors.jsonl";
 /// id, reason, retryable — of every request of the batch that failed.
 pub const FAILED_FILE: &str = "failed_chunk_ids.tsv";
+/// `--provider direct`: the answers received so far, one Batch API output (or error) line per
+/// input, appended and synced as they come; cut into the output and error files when the
+/// batch is done.
+pub const DIRECT_ANSWERS_FILE: &str = "answers.jsonl";
 /// Chunks a retry batch left out: id, reason.
 pub const RETRY_SKIPPED_FILE: &str = "retry_skipped.tsv";
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::models::EncodingFormat;
+use crate::models::{EncodingFormat, Provider};
 use crate::plan::sharder::BatchLimits;
 use crate::run::layout::{BACKUP_FILE, RUN_FILE};
 use crate::run::state::{BatchState, StateKind};
@@ -93,6 +93,10 @@ pub struct RunSettings {
     pub on_too_long: OnTooLong,
     pub limit: Option<u64>,
     pub usd_per_million_tokens: Option<f64>,
+    /// Who embeds (DESIGN.md §9). Absent means `openai` and is written only for another
+    /// provider, so runs planned before it was recorded load and save byte for byte.
+    #[serde(default, skip_serializing_if = "Provider::is_openai")]
+    pub provider: Provider,
 }
 
 /// The database the run was planned against; `advance` refuses any other.

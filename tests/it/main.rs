@@ -4,6 +4,7 @@
 mod advance;
 mod campaign;
 mod damage;
+mod direct;
 mod family;
 mod harness;
 mod ingest;

@@ -66,6 +66,7 @@ pub fn snapshot(batch: &Batch) -> RemoteSnapshot {
 /// The seam's view of a `Batch`; `batch.json` gets the object as OpenAI sent it.
 pub fn remote_batch(batch: &Batch) -> Result<RemoteBatch, ApiError> {
     let record = serde_json::to_string_pretty(batch).map_err(|e| ApiError::Decode {
+        provider: crate::models::Provider::Openai,
         message: format!("could not encode batch {}: {e}", batch.id),
     })?;
     Ok(RemoteBatch {

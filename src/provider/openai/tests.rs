@@ -37,7 +37,7 @@ fn auth_failures_stop() {
             ),
         );
         assert!(
-            matches!(e, ApiError::Auth { status: s } if s == status),
+            matches!(e, ApiError::Auth { status: s, .. } if s == status),
             "{e:?}"
         );
         assert!(!e.is_retryable());
@@ -57,12 +57,12 @@ fn insufficient_quota_is_not_a_rate_limit() {
             Some("insufficient_quota"),
         ),
     );
-    assert!(matches!(e, ApiError::Quota), "{e:?}");
+    assert!(matches!(e, ApiError::Quota { .. }), "{e:?}");
     assert!(!e.is_retryable());
     assert!(e.to_string().contains("billing"));
     // Recognised by its type alone too.
     let e = classify_status(429, None, &body("quota", "insufficient_quota", None));
-    assert!(matches!(e, ApiError::Quota), "{e:?}");
+    assert!(matches!(e, ApiError::Quota { .. }), "{e:?}");
 }
 
 #[test]
@@ -115,7 +115,7 @@ fn queue_limits_are_recognised() {
         None,
         &body("Enqueued token limit reached", "server_error", None),
     );
-    assert!(matches!(e, ApiError::Server { status: 500 }), "{e:?}");
+    assert!(matches!(e, ApiError::Server { status: 500, .. }), "{e:?}");
 }
 
 #[test]
@@ -147,7 +147,7 @@ fn server_errors_and_others() {
     for status in [500, 502, 503, 504, 408] {
         let e = classify_status(status, None, "<html>bad gateway</html>");
         assert!(
-            matches!(e, ApiError::Server { status: s } if s == status),
+            matches!(e, ApiError::Server { status: s, .. } if s == status),
             "{e:?}"
         );
         assert!(e.is_retryable());
@@ -191,7 +191,10 @@ fn server_errors_and_others() {
 fn retryable_and_unknown_outcome_flags() {
     let unknown = ApiError::UnknownOutcome {
         what: "upload of a.jsonl".into(),
-        cause: Box::new(ApiError::Server { status: 502 }),
+        cause: Box::new(ApiError::Server {
+            status: 502,
+            provider: Provider::Openai,
+        }),
     };
     assert!(unknown.is_unknown_outcome());
     assert!(
@@ -201,19 +204,22 @@ fn retryable_and_unknown_outcome_flags() {
     assert!(unknown.to_string().contains("look for it"));
     assert!(
         ApiError::Connection {
-            message: "reset".into()
+            message: "reset".into(),
+            provider: Provider::Openai,
         }
         .is_retryable()
     );
     assert!(
         !ApiError::Connection {
-            message: "reset".into()
+            message: "reset".into(),
+            provider: Provider::Openai,
         }
         .is_unknown_outcome()
     );
     assert!(
         !ApiError::Decode {
-            message: "x".into()
+            message: "x".into(),
+            provider: Provider::Openai,
         }
         .is_retryable()
     );
@@ -312,7 +318,10 @@ fn retry_after_beats_backoff_but_is_capped() {
     );
     assert_eq!(
         next_delay(
-            &ApiError::Server { status: 503 },
+            &ApiError::Server {
+                status: 503,
+                provider: Provider::Openai,
+            },
             Some(Duration::from_secs(2)),
             max
         ),
@@ -404,7 +413,7 @@ fn embeddings_come_back_in_input_order() {
         },
     ];
     assert_eq!(
-        order_embeddings(data, 2).unwrap(),
+        order_embeddings(Provider::Openai, data, 2).unwrap(),
         vec![vec![0.0], vec![1.0]]
     );
     let short = vec![Embedding {
@@ -412,7 +421,7 @@ fn embeddings_come_back_in_input_order() {
         embedding: vec![0.0],
     }];
     assert!(matches!(
-        order_embeddings(short, 2),
+        order_embeddings(Provider::Openai, short, 2),
         Err(ApiError::Decode { .. })
     ));
     let repeated = vec![
@@ -426,7 +435,7 @@ fn embeddings_come_back_in_input_order() {
         },
     ];
     assert!(matches!(
-        order_embeddings(repeated, 2),
+        order_embeddings(Provider::Openai, repeated, 2),
         Err(ApiError::Decode { .. })
     ));
 }
@@ -599,7 +608,7 @@ async fn raw_server_error_on_create_is_unknown_and_client_error_is_not() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, ApiError::UnknownOutcome { cause, .. } if matches!(**cause, ApiError::Server { status: 502 })),
+        matches!(&e, ApiError::UnknownOutcome { cause, .. } if matches!(**cause, ApiError::Server { status: 502, .. })),
         "{e:?}"
     );
     let e = client
@@ -692,7 +701,7 @@ async fn raw_upload_refusal_after_the_body_is_its_own_variant() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, ApiError::UnknownOutcome { cause, .. } if matches!(**cause, ApiError::Server { status: 503 })),
+        matches!(&e, ApiError::UnknownOutcome { cause, .. } if matches!(**cause, ApiError::Server { status: 503, .. })),
         "{e:?}"
     );
     assert_no_key(&e);
@@ -749,7 +758,7 @@ async fn raw_timeouts_end_stalled_calls() {
     // A JSON read times out and is retried.
     let e = client.get_batch("batch_x").await.unwrap_err();
     assert!(
-        matches!(&e, ApiError::Connection { message } if message.contains("timed out")),
+        matches!(&e, ApiError::Connection { message, .. } if message.contains("timed out")),
         "{e:?}"
     );
     assert_eq!(served.load(Ordering::SeqCst), 1 + 4);
@@ -761,7 +770,7 @@ async fn raw_timeouts_end_stalled_calls() {
     let dest = dir.path().join("output.jsonl");
     let e = client.download_file("file-1", &dest).await.unwrap_err();
     assert!(
-        matches!(&e, ApiError::Connection { message } if message.contains("stalled")),
+        matches!(&e, ApiError::Connection { message, .. } if message.contains("stalled")),
         "{e:?}"
     );
     assert_eq!(served.load(Ordering::SeqCst), 4);
@@ -1119,7 +1128,7 @@ async fn emu_wrong_key_is_auth_and_never_retried() {
             .unwrap_err(),
     ];
     for e in &errors {
-        assert!(matches!(e, ApiError::Auth { status: 401 }), "{e:?}");
+        assert!(matches!(e, ApiError::Auth { status: 401, .. }), "{e:?}");
         assert!(!e.is_retryable() && !e.is_unknown_outcome());
         assert!(e.to_string().contains("OPENAI_API_KEY"));
         assert_no_key(e);
@@ -1128,7 +1137,7 @@ async fn emu_wrong_key_is_auth_and_never_retried() {
         .upload_file(&path, "in.jsonl", WEEK)
         .await
         .unwrap_err();
-    assert_upload_refused(&e, |e| matches!(e, ApiError::Auth { status: 401 }));
+    assert_upload_refused(&e, |e| matches!(e, ApiError::Auth { status: 401, .. }));
     assert_no_key(&e);
     assert_eq!(client.retry_count(), 0);
 }
@@ -1197,13 +1206,13 @@ async fn emu_429_and_500_run_out_of_retries() {
         ..Faults::default()
     });
     let e = client.get_batch("batch_x").await.unwrap_err();
-    assert!(matches!(e, ApiError::Server { status: 500 }), "{e:?}");
+    assert!(matches!(e, ApiError::Server { status: 500, .. }), "{e:?}");
     assert_eq!(emu.counters().injected_errors, 8);
     let e = client
         .embed("text-embedding-3-small", &["a".to_owned()], None)
         .await
         .unwrap_err();
-    assert!(matches!(e, ApiError::Server { status: 500 }), "{e:?}");
+    assert!(matches!(e, ApiError::Server { status: 500, .. }), "{e:?}");
     assert_eq!(emu.counters().injected_errors, 12);
     assert_no_key(&e);
 }
