@@ -12,8 +12,9 @@ use crate::provider::direct::{DirectOptions, DirectProvider};
 use crate::provider::openai::{ApiClient, ClientOptions};
 use crate::run::store::RunFile;
 
-/// How to reach the providers. Keys are secrets: never printed, never written.
-#[derive(Debug, Clone)]
+/// How to reach the providers. Keys are secrets: never printed, never written (`Debug` shows
+/// whether a key is set, not the key).
+#[derive(Clone)]
 pub struct ApiSettings {
     /// OpenAI's key (`OPENAI_API_KEY`, `--api-key`).
     pub api_key: Option<String>,
@@ -25,6 +26,19 @@ pub struct ApiSettings {
     pub max_retries: usize,
     /// The server of `--provider direct`.
     pub direct: DirectEndpoint,
+}
+
+impl fmt::Debug for ApiSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSettings")
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("base_url", &self.base_url)
+            .field("organization", &self.organization)
+            .field("project", &self.project)
+            .field("max_retries", &self.max_retries)
+            .field("direct", &self.direct)
+            .finish()
+    }
 }
 
 /// Where `--provider direct` sends its requests: `--base-url` when given on the command line,
@@ -145,5 +159,29 @@ pub fn run_provider(
                 direct.clone(),
             )?))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_key() {
+        let settings = ApiSettings {
+            api_key: Some("sk-secret-openai".into()),
+            base_url: "https://api.openai.com/v1".into(),
+            organization: None,
+            project: None,
+            max_retries: 3,
+            direct: DirectEndpoint {
+                base_url: Some("http://127.0.0.1:8080/v1".into()),
+                api_key: Some("direct-secret".into()),
+            },
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("sk-secret-openai"), "{shown}");
+        assert!(!shown.contains("direct-secret"), "{shown}");
+        assert!(shown.contains("<set>"), "{shown}");
     }
 }
