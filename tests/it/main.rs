@@ -13,5 +13,6 @@ mod resilience;
 mod security;
 mod serve;
 mod status;
+mod sync;
 mod tls_front;
 mod version;

@@ -1,0 +1,229 @@
+//! `embatch sync`: every family of a table, one shared enqueued-token budget, one cost bound
+//! per call, the sync lock, failing families, `--dry-run`, edited chunks re-embedded
+//! (`--content-hash-column`), a model upgrade into a second column, and a long run of calls
+//! with SIGKILLs and provider faults between them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use embatch::emulator::EmulatorConfig;
+use embatch::run::folders;
+use embatch::run::store::RunFile;
+use uuid::Uuid;
+
+use crate::harness::{Run, TestEnv, count_embedded_exactly, family_of};
+
+/// Every run under the runs dir.
+fn all_runs(env: &TestEnv) -> Vec<(PathBuf, RunFile)> {
+    folders::find_runs(&env.runs_dir, None)
+        .expect("read the runs dir")
+        .into_iter()
+        .map(|found| (found.dir, found.run.expect("run.json loads")))
+        .collect()
+}
+
+/// `embatch sync <args…>`, checked to end in 0 or 75 (no panic).
+async fn sync(env: &TestEnv, args: &[&str]) -> Run {
+    let mut all = vec!["sync"];
+    all.extend_from_slice(args);
+    let run = env.exec(&all).await;
+    assert!(run.code == 0 || run.code == 75, "{run:#?}");
+    assert!(!run.stderr.contains("panicked"), "{run:#?}");
+    run
+}
+
+/// Calls sync until it exits 0, at most `max` times.
+async fn sync_until_done(env: &TestEnv, args: &[&str], max: usize) -> usize {
+    for call in 1..=max {
+        if sync(env, args).await.code == 0 {
+            return call;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("sync not done after {max} calls");
+}
+
+/// Each chunk id in at most one batch of one run (retries of a run aside: a retry batch
+/// takes a chunk again only in the run that held it).
+fn assert_no_chunk_in_two_runs(env: &TestEnv) {
+    let mut holder: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (dir, run) in all_runs(env) {
+        for batch in &run.batches {
+            let tsv = embatch::run::layout::batch_dir(&dir, &batch.name)
+                .join(embatch::run::layout::CHUNKS_FILE);
+            for line in crate::harness::read(&tsv).lines().skip(1) {
+                let id = line.split('\t').next().unwrap_or_default().to_owned();
+                if let Some(other) = holder.insert(id.clone(), dir.clone()) {
+                    assert_eq!(other, dir, "chunk {id} is in two runs");
+                }
+            }
+        }
+    }
+}
+
+/// One remote batch per (run, batch, submission).
+fn assert_no_duplicate_remote_batch(env: &TestEnv) {
+    let counters = env.emu().counters();
+    for (key, n) in &counters.creations_by_metadata {
+        assert_eq!(*n, 1, "remote batch {key} created {n} times");
+    }
+}
+
+#[tokio::test]
+async fn sync_embeds_every_family_under_one_budget() {
+    // Batches stay in flight for a while, so runs meet at the budget.
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig {
+            stage_duration: std::time::Duration::from_millis(150),
+            ..EmulatorConfig::default()
+        })
+        .await;
+    let mut families = Vec::new();
+    for (n_family, size) in [(1u128, 1usize), (2, 5), (3, 13), (4, 30)] {
+        families.push((family_of(&env, n_family, size).await.0, size));
+    }
+    // Each request line is ~260 bytes (~65 estimated tokens); 4 per batch: ~260 per batch.
+    let budget = "700";
+    env.emu()
+        .update_faults(|f| f.enqueued_token_limit = Some(700));
+    let args = [
+        "--max-requests-per-batch",
+        "4",
+        "--max-enqueued-tokens",
+        budget,
+        "--json",
+    ];
+    let calls = sync_until_done(&env, &args, 60).await;
+    for (family, size) in &families {
+        assert_eq!(count_embedded_exactly(&env, *family, 1536).await, *size);
+    }
+    let counters = env.emu().counters();
+    eprintln!("calls {calls}, counters {counters:?}");
+    assert!(
+        counters.max_enqueued_tokens <= 700,
+        "the budget was exceeded: {counters:?}"
+    );
+    assert_eq!(counters.enqueued_limit_refusals, 0, "{counters:?}");
+    assert_no_chunk_in_two_runs(&env);
+    assert_no_duplicate_remote_batch(&env);
+    // Nothing left: one more call is a quiet exit 0 that plans nothing.
+    let last = sync(&env, &["--json"]).await;
+    assert_eq!(last.code, 0, "{last:#?}");
+    let json: serde_json::Value = serde_json::from_str(&last.stdout).expect("json");
+    assert_eq!(json["totals"]["planned_runs"], 0, "{json}");
+    assert_eq!(json["outcome"], "done");
+}
+
+#[tokio::test]
+async fn a_second_sync_exits_75_naming_the_first() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    family_of(&env, 1, 2).await;
+    fs_err::create_dir_all(&env.runs_dir).unwrap();
+    let lock = embatch::run::lock::RunLock::acquire_sync(&env.runs_dir, "embatch sync (test)")
+        .expect("take the sync lock");
+    let run = env.exec(&["sync"]).await;
+    assert_eq!(run.code, 75, "{run:#?}");
+    assert!(run.stderr.contains("another embatch sync"), "{run:#?}");
+    assert!(run.stderr.contains("embatch sync (test)"), "{run:#?}");
+    assert!(all_runs(&env).is_empty());
+    drop(lock);
+    sync_until_done(&env, &[], 5).await;
+}
+
+#[tokio::test]
+async fn a_failing_family_does_not_stop_the_others() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (good, _) = family_of(&env, 1, 3).await;
+    // A family value that the family table does not know: its plan fails.
+    env.client
+        .batch_execute(
+            "ALTER TABLE knowledge_chunks DROP CONSTRAINT knowledge_chunks_equipment_family_id_fkey",
+        )
+        .await
+        .unwrap();
+    let stray = Uuid::from_u128(99 << 64);
+    env.add_chunks(stray, &["an orphan chunk"]).await;
+    let (other, _) = family_of(&env, 2, 4).await;
+    let run = env.exec(&["sync"]).await;
+    run.assert_error(&format!("family {stray}"));
+    assert!(run.stderr.contains("unknown family"), "{run:#?}");
+    assert_eq!(count_embedded_exactly(&env, good, 1536).await, 3);
+    assert_eq!(count_embedded_exactly(&env, other, 1536).await, 4);
+}
+
+#[tokio::test]
+async fn max_cost_plans_what_fits_and_the_rest_waits_for_a_later_call() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (small, _) = family_of(&env, 1, 2).await;
+    let (big, _) = family_of(&env, 2, 40).await;
+    // A price that makes the big family cost more than the bound, the small one less.
+    let args = [
+        "--price-per-million-tokens",
+        "1000",
+        "--max-cost",
+        "0.1",
+        "--json",
+    ];
+    let first = sync(&env, &args).await;
+    assert_eq!(first.code, 75, "{first:#?}");
+    assert!(
+        first.stderr.contains("over what is left of --max-cost"),
+        "{first:#?}"
+    );
+    assert_eq!(count_embedded_exactly(&env, small, 1536).await, 2);
+    assert_eq!(count_embedded_exactly(&env, big, 1536).await, 0);
+    let json: serde_json::Value = serde_json::from_str(&first.stdout).expect("json");
+    assert_eq!(json["outcome"], "not_yet");
+    let big_report = json["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["family_id"] == big.to_string())
+        .expect("the big family is reported");
+    assert_eq!(big_report["status"], "waiting", "{json}");
+    assert!(big_report["waits"].is_string(), "{json}");
+    // A higher bound later plans it.
+    sync_until_done(
+        &env,
+        &["--price-per-million-tokens", "1000", "--max-cost", "5"],
+        5,
+    )
+    .await;
+    assert_eq!(count_embedded_exactly(&env, big, 1536).await, 40);
+}
+
+#[tokio::test]
+async fn dry_run_writes_nothing_and_says_what_it_would_do() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (a, _) = family_of(&env, 1, 3).await;
+    let (b, _) = family_of(&env, 2, 6).await;
+    let run = env.exec(&["sync", "--dry-run", "--json"]).await;
+    assert_eq!(run.code, 75, "{run:#?}");
+    assert!(!env.runs_dir.exists(), "a dry run wrote the runs dir");
+    assert_eq!(env.emu().counters().uploads, 0);
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(json["dry_run"], true);
+    assert_eq!(json["totals"]["planned_chunks"], 9, "{json}");
+    let families: BTreeSet<String> = json["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["family_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(families, BTreeSet::from([a.to_string(), b.to_string()]));
+    assert!(run.stderr.contains("would plan 6 chunks"), "{run:#?}");
+    assert_eq!(count_embedded_exactly(&env, a, 1536).await, 0);
+}
