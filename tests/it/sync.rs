@@ -227,3 +227,137 @@ async fn dry_run_writes_nothing_and_says_what_it_would_do() {
     assert!(run.stderr.contains("would plan 6 chunks"), "{run:#?}");
     assert_eq!(count_embedded_exactly(&env, a, 1536).await, 0);
 }
+
+/// The sha256 of `content` as `--content-hash-column` holds it in a bytea column.
+fn digest(content: &str) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(content.as_bytes()).to_vec()
+}
+
+/// Every chunk of the table holds the emulator's vector of its current content and, in
+/// `hash_column` (bytea), that content's sha256.
+async fn assert_all_current(env: &TestEnv, hash_column: &str) {
+    let rows = env
+        .client
+        .query(
+            &format!("SELECT id, content, embedding, {hash_column} FROM knowledge_chunks"),
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in &rows {
+        let id: Uuid = row.get(0);
+        let content: String = row.get(1);
+        let stored: Option<pgvector::Vector> = row.get(2);
+        let stored = stored.unwrap_or_else(|| panic!("chunk {id} has no embedding"));
+        crate::harness::assert_emulator_vector(id, stored.as_slice(), &content, 1536);
+        let hash: Option<Vec<u8>> = row.get(3);
+        assert_eq!(hash, Some(digest(&content)), "chunk {id}: stored hash");
+    }
+}
+
+#[tokio::test]
+async fn edited_chunks_are_embedded_again_with_their_new_content() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    env.client
+        .batch_execute("ALTER TABLE knowledge_chunks ADD COLUMN content_sha256 bytea")
+        .await
+        .unwrap();
+    let (_, a) = family_of(&env, 1, 4).await;
+    let (_, b) = family_of(&env, 2, 3).await;
+    let args = ["--content-hash-column", "content_sha256"];
+    sync_until_done(&env, &args, 5).await;
+    assert_all_current(&env, "content_sha256").await;
+    // The flag is recorded in run.json, so advance and ingest of the run write the hash.
+    for (_, run) in all_runs(&env) {
+        assert_eq!(
+            run.settings.source.content_hash_column.as_deref(),
+            Some("content_sha256")
+        );
+    }
+    // Edits between calls: the next sync embeds exactly those again.
+    for id in [a[1], b[2]] {
+        env.client
+            .execute(
+                "UPDATE knowledge_chunks SET content = content || ' (revised)' WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+    }
+    let creations = env.emu().counters().batch_creations;
+    let run = sync(&env, &["--content-hash-column", "content_sha256", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).expect("json");
+    assert_eq!(json["totals"]["planned_chunks"], 2, "{json}");
+    sync_until_done(&env, &args, 5).await;
+    assert_all_current(&env, "content_sha256").await;
+    assert!(env.emu().counters().batch_creations > creations);
+    // Without the flag, edited chunks are not pending (their embedding is not NULL).
+    env.client
+        .execute(
+            "UPDATE knowledge_chunks SET content = content || ' again' WHERE id = $1",
+            &[&a[0]],
+        )
+        .await
+        .unwrap();
+    let plain = sync(&env, &["--json"]).await;
+    assert_eq!(plain.code, 0, "{plain:#?}");
+}
+
+#[tokio::test]
+async fn a_text_hash_column_holds_the_lowercase_hex_and_embed_writes_it_too() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    env.client
+        .batch_execute("ALTER TABLE knowledge_chunks ADD COLUMN h text")
+        .await
+        .unwrap();
+    let (_, ids) = family_of(&env, 1, 3).await;
+    sync_until_done(&env, &["--content-hash-column", "h"], 5).await;
+    let check = |expect_all: bool| {
+        let env = &env;
+        async move {
+            let rows = env
+                .client
+                .query("SELECT id, content, h FROM knowledge_chunks", &[])
+                .await
+                .unwrap();
+            for row in rows {
+                let id: Uuid = row.get(0);
+                let content: String = row.get(1);
+                let h: Option<String> = row.get(2);
+                if expect_all || h.is_some() {
+                    assert_eq!(h, Some(hex::encode(digest(&content))), "chunk {id}");
+                }
+            }
+        }
+    };
+    check(true).await;
+    // `embed` (the realtime path) re-embeds an edited chunk without --overwrite, and writes
+    // the new content's hash with its vector.
+    env.client
+        .execute(
+            "UPDATE knowledge_chunks SET content = 'rewritten by hand' WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    let id = ids[0].to_string();
+    let embed = env
+        .exec(&["embed", "--chunk-id", &id, "--content-hash-column", "h"])
+        .await;
+    assert_eq!(embed.code, 0, "{embed:#?}");
+    check(true).await;
+    let stored = env.embedding_of(ids[0]).await.expect("embedded");
+    crate::harness::assert_emulator_vector(&id, &stored, "rewritten by hand", 1536);
+    // A column of another type is refused at the catalog check.
+    let wrong = env
+        .exec(&["sync", "--content-hash-column", "embedding"])
+        .await;
+    wrong.assert_error("must be bytea");
+}
