@@ -361,3 +361,131 @@ async fn a_text_hash_column_holds_the_lowercase_hex_and_embed_writes_it_too() {
         .await;
     wrong.assert_error("must be bytea");
 }
+
+/// The nearest neighbour of `content`'s emulator vector in `column` (cosine distance).
+async fn nearest(
+    client: &tokio_postgres::Client,
+    column: &str,
+    content: &str,
+    dims: usize,
+) -> Uuid {
+    let probe = pgvector::Vector::from(embatch::emulator::vectors::embedding(content, dims));
+    client
+        .query_one(
+            &format!("SELECT id FROM knowledge_chunks ORDER BY {column} <=> $1 LIMIT 1"),
+            &[&probe],
+        )
+        .await
+        .expect("nearest-neighbour query")
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_model_upgrade_fills_a_second_column_while_searches_use_the_first() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig {
+            stage_duration: std::time::Duration::from_millis(100),
+            ..EmulatorConfig::default()
+        })
+        .await;
+    let (f1, _) = family_of(&env, 1, 12).await;
+    let (f2, _) = family_of(&env, 2, 7).await;
+    sync_until_done(&env, &[], 30).await;
+    env.client
+        .batch_execute(
+            "CREATE INDEX knowledge_chunks_embedding_hnsw ON knowledge_chunks USING hnsw (embedding vector_cosine_ops);
+             ALTER TABLE knowledge_chunks ADD COLUMN embedding_next vector(3072);",
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(Uuid, String)> = env
+        .client
+        .query("SELECT id, content FROM knowledge_chunks ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // The fill, in its own runs dir, with small batches so that it takes several calls.
+    let next_runs = env.dir.path().join("batches-next");
+    let next_runs = next_runs.to_str().unwrap().to_owned();
+    let fill_args = [
+        "sync",
+        "--runs-dir",
+        next_runs.as_str(),
+        "--embedding-column",
+        "embedding_next",
+        "--model",
+        "text-embedding-3-large",
+        "--max-requests-per-batch",
+        "3",
+    ];
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let fill = async {
+        for _ in 0..60 {
+            let run = env.exec(&fill_args).await;
+            assert!(run.code == 0 || run.code == 75, "{run:#?}");
+            if run.code == 0 {
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the fill did not finish");
+    };
+    let searches = async {
+        let mut n = 0usize;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let (id, content) = &rows[n % rows.len()];
+            assert_eq!(
+                nearest(&env.client, "embedding", content, 1536).await,
+                *id,
+                "the old column stopped answering during the fill"
+            );
+            n += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        n
+    };
+    let ((), n_searches) = tokio::join!(fill, searches);
+    assert!(
+        n_searches > 5,
+        "only {n_searches} searches ran during the fill"
+    );
+    // The old column is untouched; the new one is full.
+    assert_eq!(count_embedded_exactly(&env, f1, 1536).await, 12);
+    // Index the new column, then swap the columns in one short transaction.
+    env.client
+        .batch_execute(
+            "CREATE INDEX CONCURRENTLY knowledge_chunks_embedding_next_hnsw ON knowledge_chunks
+               USING hnsw ((embedding_next::halfvec(3072)) halfvec_cosine_ops);",
+        )
+        .await
+        .unwrap();
+    env.client
+        .batch_execute(
+            "BEGIN;
+             SET LOCAL lock_timeout = '5s';
+             ALTER TABLE knowledge_chunks RENAME COLUMN embedding TO embedding_old;
+             ALTER TABLE knowledge_chunks RENAME COLUMN embedding_next TO embedding;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(count_embedded_exactly(&env, f1, 3072).await, 12);
+    assert_eq!(count_embedded_exactly(&env, f2, 3072).await, 7);
+    for (id, content) in &rows {
+        let probe = embatch::emulator::vectors::embedding(content, 3072);
+        let found: Uuid = env
+            .client
+            .query_one(
+                "SELECT id FROM knowledge_chunks ORDER BY embedding::halfvec(3072) <=> $1::vector::halfvec(3072) LIMIT 1",
+                &[&pgvector::Vector::from(probe)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(found, *id);
+    }
+}
