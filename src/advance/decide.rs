@@ -150,12 +150,19 @@ pub fn fits_in_flight(run: &RunFile, idx: usize, max_enqueued_tokens: Option<u64
     in_flight == 0 || in_flight + estimate(&run.batches[idx]) <= bound
 }
 
-/// The tokens in flight in `run`: its submitted batches, each counted as the larger of its
+/// The tokens in flight in `run`, as a shared budget counts them: its submitted batches, and
+/// those whose creation was announced (`create_started`) but whose answer was never saved —
+/// a crash may have left them created on the provider — each counted as the larger of its
 /// tokens and bytes/4.
 pub fn tokens_in_flight(run: &RunFile) -> u64 {
     run.batches
         .iter()
-        .filter(|b| b.state.kind() == StateKind::Submitted)
+        .filter(|b| match &b.state {
+            BatchState::Submitted(_) => true,
+            BatchState::Uploaded(up) => up.create_started.is_some(),
+            BatchState::Queued(q) => q.create_started.is_some(),
+            _ => false,
+        })
         .map(in_flight_estimate)
         .sum()
 }
