@@ -272,6 +272,9 @@ pub async fn sync(
     if cfg.dry_run {
         dry_run::plan_families(global, cfg, &source, &order, &mut families).await?;
     } else {
+        // The plans leave out pending chunks that these runs hold; a run that finishes in
+        // this call lets them go, and the next call plans them.
+        let held_before: BTreeSet<PathBuf> = runs.iter().map(|r| r.dir.clone()).collect();
         let now = Utc::now();
         let mut cost_left = cfg.plan.max_cost_usd;
         for family in &order {
@@ -335,6 +338,17 @@ pub async fn sync(
         save_waiting(&global.runs_dir, &waiting_since, printer);
         runs.sort_by(|a, b| (a.created_at, &a.dir).cmp(&(b.created_at, &b.dir)));
         advance_rounds(global, cfg, &inner, &mut runs).await?;
+        for entry in &runs {
+            if held_before.contains(&entry.dir) && entry.run.is_finished() {
+                let report = family_entry(&mut families, &entry.family);
+                if report.pending_chunks.is_some_and(|n| n > 0) && report.waits.is_none() {
+                    report.waits = Some(format!(
+                        "the run {} finished in this call and let go of chunks it held; the next sync plans those still pending",
+                        entry.dir.display()
+                    ));
+                }
+            }
+        }
     }
 
     // The report: one line per family, a totals line, the JSON.

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use embatch::emulator::EmulatorConfig;
+use embatch::emulator::{EmulatorConfig, Faults};
 use embatch::run::folders;
 use embatch::run::store::RunFile;
 use uuid::Uuid;
@@ -488,4 +488,326 @@ async fn a_model_upgrade_fills_a_second_column_while_searches_use_the_first() {
             .get(0);
         assert_eq!(found, *id);
     }
+}
+
+/// How one chaos call ended.
+#[derive(Debug)]
+struct ChaosExit {
+    code: Option<i32>,
+    stderr: String,
+}
+
+/// `embatch sync <args>` as a child, SIGKILLed after `kill_after` if given.
+async fn sync_child(
+    env: &TestEnv,
+    args: &[&str],
+    extra_env: &[(&str, String)],
+    kill_after: Option<std::time::Duration>,
+) -> ChaosExit {
+    let mut cmd = tokio::process::Command::from(env.command());
+    cmd.arg("sync")
+        .args(args)
+        // No retries inside the client: a 429 or 5xx ends the call with 75 sooner.
+        .env("EMBATCH_API_RETRIES", "0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (key, value) in extra_env {
+        cmd.env(key, value);
+    }
+    let mut child = cmd.spawn().expect("spawn embatch sync");
+    if let Some(after) = kill_after
+        && tokio::time::timeout(after, child.wait()).await.is_err()
+    {
+        let _ = child.start_kill();
+    }
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        child.wait_with_output(),
+    )
+    .await
+    .expect("sync hung")
+    .expect("wait for sync");
+    ChaosExit {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// No chunk is held by two unfinished runs at once.
+fn assert_no_chunk_held_twice(env: &TestEnv) {
+    let mut holder: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (dir, run) in all_runs(env) {
+        if run.is_finished() {
+            continue;
+        }
+        for batch in &run.batches {
+            let tsv = embatch::run::layout::batch_dir(&dir, &batch.name)
+                .join(embatch::run::layout::CHUNKS_FILE);
+            for line in crate::harness::read(&tsv).lines().skip(1) {
+                let id = line.split('\t').next().unwrap_or_default().to_owned();
+                if let Some(other) = holder.insert(id.clone(), dir.clone()) {
+                    assert_eq!(other, dir, "chunk {id} is held by two unfinished runs");
+                }
+            }
+        }
+    }
+}
+
+/// Four families of different sizes, 24 `sync` calls with SIGKILLs (at random moments and at
+/// named crash points) and provider faults (429, 500, expiry, token-limit refusals, the
+/// enqueued-token limit) between them, and edits of hashed chunks; then calls without faults
+/// until sync says done. Every family ends fully embedded with its current content's vector
+/// and hash, no chunk is ever held by two unfinished runs, no remote batch is created twice,
+/// and the provider never holds more than the budget.
+#[tokio::test]
+async fn sync_survives_kills_and_faults_and_keeps_every_promise() {
+    use rand::{Rng as _, SeedableRng as _};
+
+    let seed: u64 = std::env::var("EMBATCH_SYNC_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(17);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig {
+            stage_duration: std::time::Duration::from_millis(150),
+            seed,
+            ..EmulatorConfig::default()
+        })
+        .await;
+    env.client
+        .batch_execute("ALTER TABLE knowledge_chunks ADD COLUMN content_sha256 bytea")
+        .await
+        .unwrap();
+    let mut ids: Vec<Uuid> = Vec::new();
+    let mut family_ids: Vec<Uuid> = Vec::new();
+    for (n_family, size) in [(1u128, 2usize), (2, 9), (3, 33), (4, 90)] {
+        let (family, chunk_ids) = family_of(&env, n_family, size).await;
+        family_ids.push(family);
+        ids.extend(chunk_ids);
+    }
+    let budget: u64 = 800;
+    let budget_text = budget.to_string();
+    let args = [
+        "--content-hash-column",
+        "content_sha256",
+        "--max-requests-per-batch",
+        "3",
+        "--max-enqueued-tokens",
+        budget_text.as_str(),
+        "--max-attempts",
+        "20",
+        "--no-progress",
+    ];
+    const CRASH_POINTS: [&str; 7] = [
+        "after_upload",
+        "before_create",
+        "after_create",
+        "after_download",
+        "before_save",
+        "after_save",
+        "ingest_commit",
+    ];
+    let mut trace: Vec<String> = Vec::new();
+    let mut n_edits = 0;
+    for call in 0..24 {
+        // Faults for this call: each on with some probability.
+        let mut faults = Faults::default();
+        let mut on = Vec::new();
+        if rng.random_bool(0.25) {
+            faults.rate_429 = 0.15;
+            on.push("429");
+        }
+        if rng.random_bool(0.25) {
+            faults.rate_500 = 0.15;
+            on.push("500");
+        }
+        if rng.random_bool(0.25) {
+            faults.expire_after_fraction = Some(0.5);
+            on.push("expiry");
+        }
+        if rng.random_bool(0.2) {
+            faults.token_limit_failures = 2;
+            on.push("token-limit");
+        }
+        if rng.random_bool(0.3) {
+            // The provider's own limit below the budget: its refusals send batches to queued.
+            faults.enqueued_token_limit = Some(budget / 4);
+            on.push("enqueued-limit");
+        }
+        env.emu().set_faults(faults);
+        let (extra_env, kill_after, how) = match rng.random_range(0..4) {
+            0 => {
+                let point = CRASH_POINTS[rng.random_range(0..CRASH_POINTS.len())];
+                let nth = rng.random_range(1..4);
+                (
+                    vec![("EMBATCH_CRASH_AT", format!("{point}:{nth}"))],
+                    None,
+                    format!("crash at {point}:{nth}"),
+                )
+            }
+            1 => {
+                let ms = rng.random_range(20..700);
+                (
+                    Vec::new(),
+                    Some(std::time::Duration::from_millis(ms)),
+                    format!("SIGKILL after {ms} ms"),
+                )
+            }
+            _ => (Vec::new(), None, "plain".to_owned()),
+        };
+        let exit = sync_child(&env, &args, &extra_env, kill_after).await;
+        trace.push(format!(
+            "call {call}: {how}, faults {on:?} -> {:?}",
+            exit.code
+        ));
+        // 0 and 75 always; 1 only when a fault reached a command that does not wait it out,
+        // and then it names the family; a kill has no code.
+        match exit.code {
+            Some(0 | 75) | None => {}
+            Some(1) => assert!(
+                exit.stderr.contains("family "),
+                "exit 1 without naming a family: {}\n{}",
+                exit.stderr,
+                trace.join("\n")
+            ),
+            Some(other) => panic!("exit {other}: {}\n{}", exit.stderr, trace.join("\n")),
+        }
+        assert!(!exit.stderr.contains("panicked"), "{}", exit.stderr);
+        assert_no_chunk_held_twice(&env);
+        // Edits of hashed chunks between calls.
+        if rng.random_bool(0.5) {
+            for _ in 0..rng.random_range(1..4) {
+                let id = ids[rng.random_range(0..ids.len())];
+                n_edits += 1;
+                env.client
+                    .execute(
+                        "UPDATE knowledge_chunks SET content = $2 WHERE id = $1",
+                        &[
+                            &id,
+                            &format!("Edit {n_edits}: replace the seal of pump {id}."),
+                        ],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        // New chunks arrive between calls too.
+        if rng.random_bool(0.3) {
+            let family = family_ids[rng.random_range(0..family_ids.len())];
+            let id = Uuid::from_u128(family.as_u128() + 10_000 + ids.len() as u128);
+            env.client
+                .execute(
+                    "INSERT INTO knowledge_chunks (id, equipment_family_id, content) VALUES ($1, $2, $3)",
+                    &[&id, &family, &format!("New chunk {id}: torque the bolts of flange {id}.")],
+                )
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(0..150))).await;
+    }
+    // Calm: no faults, no kills, until sync says everything is done.
+    env.emu().set_faults(Faults::default());
+    let mut calm_calls = 0;
+    loop {
+        calm_calls += 1;
+        let exit = sync_child(&env, &args, &[], None).await;
+        assert_no_chunk_held_twice(&env);
+        match exit.code {
+            Some(0) => break,
+            Some(75) => {}
+            other => panic!(
+                "calm call ended {other:?}: {}\n{}",
+                exit.stderr,
+                trace.join("\n")
+            ),
+        }
+        assert!(
+            calm_calls < 300,
+            "sync not done after {calm_calls} calm calls:\n{}",
+            trace.join("\n")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "chaos seed {seed}: 24 calls, {n_edits} edits, {calm_calls} calm calls, counters {:?}\n{}",
+        {
+            let c = env.emu().counters();
+            (
+                c.batch_creations,
+                c.max_enqueued_tokens,
+                c.enqueued_limit_refusals,
+                c.injected_errors,
+            )
+        },
+        trace.join("\n")
+    );
+    assert_all_current(&env, "content_sha256").await;
+    assert_no_duplicate_remote_batch(&env);
+    let counters = env.emu().counters();
+    assert!(
+        counters.max_enqueued_tokens <= budget,
+        "the provider held {} tokens, over the budget {budget}",
+        counters.max_enqueued_tokens
+    );
+    for (dir, run) in all_runs(&env) {
+        assert!(run.is_finished(), "{} is not finished", dir.display());
+    }
+    assert!(n_edits > 0);
+}
+
+#[tokio::test]
+async fn chunks_let_go_by_a_run_that_finishes_in_the_call_are_not_reported_done() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    env.client
+        .batch_execute("ALTER TABLE knowledge_chunks ADD COLUMN h bytea")
+        .await
+        .unwrap();
+    let (family, ids) = family_of(&env, 1, 4).await;
+    // A run whose first batch is ingested and whose second is committed but not recorded.
+    let run_dir = env
+        .plan(
+            family,
+            &[
+                "--content-hash-column",
+                "h",
+                "--max-requests-per-batch",
+                "2",
+            ],
+        )
+        .run_dir();
+    let dir = run_dir.to_str().unwrap();
+    let crashed = env
+        .exec_env(
+            &["advance", "--run-dir", dir],
+            &[("EMBATCH_CRASH_AT", "ingest_commit:2")],
+        )
+        .await;
+    assert!(crashed.killed(), "{crashed:#?}");
+    // A chunk of the ingested batch is edited: pending again, but held by that run.
+    env.client
+        .execute(
+            "UPDATE knowledge_chunks SET content = 'a new text' WHERE id = $1",
+            &[&ids[0]],
+        )
+        .await
+        .unwrap();
+    let first = sync(&env, &["--content-hash-column", "h"]).await;
+    assert_eq!(
+        first.code, 75,
+        "the edited chunk is still pending: {first:#?}"
+    );
+    assert!(
+        first.stderr.contains("let go of chunks it held"),
+        "{first:#?}"
+    );
+    sync_until_done(&env, &["--content-hash-column", "h"], 5).await;
+    assert_all_current(&env, "h").await;
 }
