@@ -368,7 +368,11 @@ pub async fn sync(
     for report in families.values_mut() {
         report.status = if report.error.is_some() {
             "failed"
-        } else if report.waits.is_some() || !report.runs.is_empty() || report.planned.is_some() {
+        } else if report.waits.is_some()
+            || !report.runs.is_empty()
+            // A dry run plans nothing: what it would plan is still to do.
+            || (cfg.dry_run && report.planned.is_some())
+        {
             "waiting"
         } else {
             "done"

@@ -811,3 +811,96 @@ async fn chunks_let_go_by_a_run_that_finishes_in_the_call_are_not_reported_done(
     sync_until_done(&env, &["--content-hash-column", "h"], 5).await;
     assert_all_current(&env, "h").await;
 }
+
+#[tokio::test]
+async fn runs_take_turns_so_a_huge_family_does_not_starve_a_small_one() {
+    // Batches stay in flight for the whole test.
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig {
+            stage_duration: std::time::Duration::from_secs(30),
+            ..EmulatorConfig::default()
+        })
+        .await;
+    let (huge, _) = family_of(&env, 1, 40).await;
+    let (small, _) = family_of(&env, 2, 3).await;
+    // The huge family's run is the older one, with many batches waiting.
+    let huge_run = env.plan(huge, &["--max-requests-per-batch", "3"]).run_dir();
+    // Room for about two batches of three requests (~150 estimated tokens each).
+    let run = sync(
+        &env,
+        &[
+            "--max-requests-per-batch",
+            "3",
+            "--max-enqueued-tokens",
+            "330",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 75, "{run:#?}");
+    let submitted = |dir: &std::path::Path| {
+        embatch::run::store::load(dir)
+            .unwrap()
+            .count_in(embatch::run::state::StateKind::Submitted)
+    };
+    let small_run = all_runs(&env)
+        .into_iter()
+        .find(|(_, r)| r.family_id == small.to_string())
+        .expect("the small family was planned")
+        .0;
+    assert_eq!(submitted(&huge_run), 1, "the older run took its turn");
+    assert_eq!(
+        submitted(&small_run),
+        1,
+        "the small family got its turn in the same call"
+    );
+}
+
+#[tokio::test]
+async fn family_id_restricts_and_families_sql_finds_families_through_joins() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let (a, _) = family_of(&env, 1, 3).await;
+    let (b, _) = family_of(&env, 2, 4).await;
+    let (c, _) = family_of(&env, 3, 2).await;
+    // --family-id (repeatable, any spelling Postgres reads): only those families.
+    let upper_b = b.to_string().to_uppercase();
+    let a_text = a.to_string();
+    let run = sync(
+        &env,
+        &["--family-id", &a_text, "--family-id", &upper_b, "--json"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert_eq!(count_embedded_exactly(&env, a, 1536).await, 3);
+    assert_eq!(count_embedded_exactly(&env, b, 1536).await, 4);
+    assert_eq!(count_embedded_exactly(&env, c, 1536).await, 0);
+    // A schema where chunks reach their family through a join: --scope-sql and --families-sql.
+    env.client
+        .batch_execute(
+            "CREATE TABLE documents (id int PRIMARY KEY, family uuid NOT NULL);
+             INSERT INTO documents VALUES (1, '00000000-0000-0003-0000-000000000000');
+             ALTER TABLE knowledge_chunks ADD COLUMN document_id int;
+             UPDATE knowledge_chunks SET document_id = 1 WHERE equipment_family_id = '00000000-0000-0003-0000-000000000000';",
+        )
+        .await
+        .unwrap();
+    let scope = "SELECT k.id FROM knowledge_chunks k JOIN documents d ON d.id = k.document_id WHERE d.family = $1";
+    let without = env.exec(&["sync", "--scope-sql", scope]).await;
+    assert_eq!(without.code, 2, "{without:#?}");
+    assert!(without.stderr.contains("--families-sql"), "{without:#?}");
+    let run = sync(
+        &env,
+        &[
+            "--scope-sql",
+            scope,
+            "--families-sql",
+            "SELECT DISTINCT family FROM documents",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    assert_eq!(count_embedded_exactly(&env, c, 1536).await, 2);
+}
