@@ -112,9 +112,10 @@ pub fn decide_shared(
                 .iter()
                 .any(|b| b.state.kind() == StateKind::Submitted)
                 && others_in_flight.unwrap_or(0) == 0;
-            if q.create_started.is_none() && q.not_before > clocks.now && !nothing_in_flight {
-                Action::Wait
-            } else if q.create_started.is_none() && others_in_flight.is_some() && !fits(run) {
+            let too_soon = q.not_before > clocks.now && !nothing_in_flight;
+            // Sharing a budget, it also waits until it fits beside the other runs.
+            let no_room = others_in_flight.is_some() && !fits(run);
+            if q.create_started.is_none() && (too_soon || no_room) {
                 Action::Wait
             } else if q.file_expires_at.is_some_and(|t| t <= clocks.provider_now)
                 && q.create_started.is_none()
