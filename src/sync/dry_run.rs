@@ -2,8 +2,6 @@
 //! database and the runs dir without writing anything — no run folder, no lock file, no API
 //! call. The runs it would advance are reported by the caller as they stand.
 
-use std::collections::BTreeMap;
-
 use crate::config::{Global, SyncConfig};
 use crate::models;
 use crate::pg::source::Source;
@@ -11,21 +9,35 @@ use crate::plan::tokens::{MAX_INPUT_TOKENS, count_tokens};
 use crate::run::folders::{self, HeldChunks};
 use crate::run::layout;
 use crate::run::store::OnTooLong;
-use crate::sync::{FamilyReport, Planned, family_entry};
 
-/// Fills in, for each family in `order`, the run its plan would write, within `--max-cost`.
-pub(super) async fn plan_families(
+/// What a family's plan would do.
+pub enum DryPlan {
+    /// Nothing to send (every pending chunk held, skipped or empty).
+    Nothing,
+    /// A run of this many chunks and tokens, at this estimated cost.
+    Would {
+        chunks: u64,
+        tokens: u64,
+        cost: Option<f64>,
+    },
+    /// It would wait for a later call, for this reason.
+    Waits(String),
+    /// It would fail, with this message.
+    Failed(String),
+}
+
+/// For each family in `order`, what its plan would write, within `--max-cost`.
+pub async fn plan_families(
     global: &Global,
     cfg: &SyncConfig,
     source: &Source,
     order: &[String],
-    families: &mut BTreeMap<String, FamilyReport>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(String, DryPlan)>> {
     let mut client = global.database()?.connect().await?;
     let price = models::price_per_million(&cfg.plan.model, cfg.plan.usd_per_million_tokens);
     let mut cost_left = cfg.plan.max_cost_usd;
+    let mut plans = Vec::with_capacity(order.len());
     for family in order {
-        let report = family_entry(families, family);
         let held = if cfg.plan.force {
             Ok(HeldChunks::default())
         } else {
@@ -34,7 +46,7 @@ pub(super) async fn plan_families(
         let held = match held {
             Ok(held) => held,
             Err(err) => {
-                report.error = Some(format!("{err:#}"));
+                plans.push((family.clone(), DryPlan::Failed(format!("{err:#}"))));
                 continue;
             }
         };
@@ -61,28 +73,34 @@ pub(super) async fn plan_families(
             })
             .await;
         if let Err(err) = streamed {
-            report.error = Some(format!("{err:#}"));
+            plans.push((family.clone(), DryPlan::Failed(format!("{err:#}"))));
             continue;
         }
         if chunks == 0 {
+            plans.push((family.clone(), DryPlan::Nothing));
             continue;
         }
         let cost = price.map(|p| models::estimate_cost(tokens, p));
         if let (Some(left), Some(cost)) = (cost_left, cost) {
             if cost > left {
-                report.waits = Some(format!(
-                    "its plan (${cost:.4}) would be over what is left of --max-cost (${left:.4}); a later sync would plan it"
+                plans.push((
+                    family.clone(),
+                    DryPlan::Waits(format!(
+                        "its plan (${cost:.4}) would be over what is left of --max-cost (${left:.4}); a later sync would plan it"
+                    )),
                 ));
                 continue;
             }
             cost_left = Some(left - cost);
         }
-        report.planned = Some(Planned {
-            run_dir: None,
-            chunks,
-            tokens,
-            estimated_cost_usd: cost,
-        });
+        plans.push((
+            family.clone(),
+            DryPlan::Would {
+                chunks,
+                tokens,
+                cost,
+            },
+        ));
     }
-    Ok(())
+    Ok(plans)
 }

@@ -270,7 +270,26 @@ pub async fn sync(
     });
 
     if cfg.dry_run {
-        dry_run::plan_families(global, cfg, &source, &order, &mut families).await?;
+        for (family, plan) in dry_run::plan_families(global, cfg, &source, &order).await? {
+            let report = family_entry(&mut families, &family);
+            match plan {
+                dry_run::DryPlan::Nothing => {}
+                dry_run::DryPlan::Would {
+                    chunks,
+                    tokens,
+                    cost,
+                } => {
+                    report.planned = Some(Planned {
+                        run_dir: None,
+                        chunks,
+                        tokens,
+                        estimated_cost_usd: cost,
+                    });
+                }
+                dry_run::DryPlan::Waits(why) => report.waits = Some(why),
+                dry_run::DryPlan::Failed(err) => report.error = Some(err),
+            }
+        }
     } else {
         // The plans leave out pending chunks that these runs hold; a run that finishes in
         // this call lets them go, and the next call plans them.
