@@ -139,6 +139,12 @@ pub struct AdvanceOptions {
     pub dims: Option<u32>,
     /// How a `direct` run sends its requests (and whether this command sends any).
     pub direct: DirectOptions,
+    /// Set by `sync`: the tokens other runs have in flight, counted against the one
+    /// `max_enqueued_tokens` budget they share (`None`: this run is alone).
+    pub shared_in_flight_tokens: Option<u64>,
+    /// Set by `sync`: at most this many batch creations in this call, so that runs take
+    /// turns at the shared budget (`None`: no bound).
+    pub max_creations: Option<u32>,
 }
 
 impl Default for AdvanceOptions {
@@ -155,6 +161,8 @@ impl Default for AdvanceOptions {
             redownload: false,
             dims: None,
             direct: DirectOptions::default(),
+            shared_in_flight_tokens: None,
+            max_creations: None,
         }
     }
 }
@@ -189,6 +197,26 @@ pub struct SubmitConfig {
     pub plan: PlanConfig,
     pub dry_run: bool,
     pub opts: AdvanceOptions,
+}
+
+/// `sync`: advance every unfinished run of the table, plan a run per family with pending
+/// chunks, under one enqueued-token budget and one cost bound per call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncConfig {
+    /// The plan options of every family; `family_id` is empty (each family fills it in).
+    /// `max_cost_usd` is the bound of the whole call, `limits.max_enqueued_tokens` the one
+    /// budget shared by every run.
+    pub plan: PlanConfig,
+    /// `--family-id` (repeatable): only these families; empty means every family.
+    pub family_ids: Vec<String>,
+    /// `--families-sql`: the family ids to look at, for schemas where chunks reach their
+    /// family through joins (with `--scope-sql`).
+    pub families_sql: Option<String>,
+    /// How each run is advanced (`max_enqueued_tokens` is the shared budget).
+    pub opts: AdvanceOptions,
+    /// Print what would be planned and advanced; write nothing, call no API.
+    pub dry_run: bool,
+    pub json: bool,
 }
 
 /// What the realtime path (`embed`, `serve`) embeds with: the chunk table and the model.
@@ -257,6 +285,7 @@ pub enum Command {
     Emulator(EmulatorCommandConfig),
     Embed(EmbedConfig),
     Serve(ServeConfig),
+    Sync(SyncConfig),
 }
 
 #[derive(Debug, Clone)]

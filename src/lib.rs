@@ -6,8 +6,8 @@
 //! lock, the folder `layout`, the file `evidence`, the run `folders`); `pg` (connection and TLS,
 //! the source, the sink) and `provider` (the `BatchProvider` seam and its OpenAI client);
 //! `config`; then the stages: `plan`, `advance` (the loop, `decide`, ingest, retries) and the
-//! realtime path (`realtime`: `embed`, `serve`), which never touches a run; `status` reads a
-//! run back. `cli` turns arguments into a `config::Config` and [`run()`] dispatches; `emulator`
+//! realtime path (`realtime`: `embed`, `serve`), which never touches a run; `sync` plans and
+//! advances every family of a table through those two; `status` reads a run back. `cli` turns arguments into a `config::Config` and [`run()`] dispatches; `emulator`
 //! serves `embatch emulator`. `testkit` (only with the `testkit` feature, which the tests, the
 //! demo and the benchmark enable) starts a throwaway Postgres and makes sample text.
 //! `ARCHITECTURE.md` maps DESIGN.md's sections to these modules and lists the invariants;
@@ -29,6 +29,7 @@ pub mod provider;
 pub mod realtime;
 pub mod run;
 pub mod status;
+pub mod sync;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod tsv;
@@ -275,6 +276,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             realtime::serve::serve_command(&config.global, serve_cfg, &printer).await?;
             Ok(ExitStatus::Done)
         }
+        Command::Sync(sync_cfg) => sync::sync(&config.global, sync_cfg, &printer).await,
         Command::Runs(runs_cfg) => {
             let found =
                 run::folders::find_runs(&config.global.runs_dir, runs_cfg.family_id.as_deref())?;

@@ -64,6 +64,8 @@ pub struct Clocks {
 
 /// The next step for batch `idx` of `run` under `goal`. `max_enqueued_tokens` is the
 /// command's `--max-enqueued-tokens` (the run's own setting applies when it is `None`).
+/// (The loop calls [`decide_shared`], which is this for a run alone.)
+#[cfg(test)]
 pub fn decide(
     run: &RunFile,
     idx: usize,
@@ -71,6 +73,25 @@ pub fn decide(
     max_enqueued_tokens: Option<u64>,
     clocks: Clocks,
 ) -> Action {
+    decide_shared(run, idx, goal, max_enqueued_tokens, None, clocks)
+}
+
+/// [`decide`] for a run that shares its enqueued-token budget with other runs (`sync`):
+/// `others_in_flight` is the tokens they have in flight. With `Some`, a batch is created only
+/// when it fits beside them, a `queued` batch too, and "nothing in flight" means nothing in
+/// any run. With `None` it is exactly [`decide`].
+pub fn decide_shared(
+    run: &RunFile,
+    idx: usize,
+    goal: Goal,
+    max_enqueued_tokens: Option<u64>,
+    others_in_flight: Option<u64>,
+    clocks: Clocks,
+) -> Action {
+    let fits = |run: &RunFile| match others_in_flight {
+        None => fits_in_flight(run, idx, max_enqueued_tokens),
+        Some(others) => fits_beside(run, idx, max_enqueued_tokens, others),
+    };
     let creating = goal.creates() && !run.cancelled;
     match &run.batches[idx].state {
         BatchState::Planned(_) if creating => Action::Upload,
@@ -79,8 +100,7 @@ pub fn decide(
                 && up.create_started.is_none()
             {
                 Action::ExpireInput
-            } else if up.create_started.is_none() && !fits_in_flight(run, idx, max_enqueued_tokens)
-            {
+            } else if up.create_started.is_none() && !fits(run) {
                 Action::Wait
             } else {
                 Action::Create
@@ -90,8 +110,12 @@ pub fn decide(
             let nothing_in_flight = !run
                 .batches
                 .iter()
-                .any(|b| b.state.kind() == StateKind::Submitted);
-            if q.create_started.is_none() && q.not_before > clocks.now && !nothing_in_flight {
+                .any(|b| b.state.kind() == StateKind::Submitted)
+                && others_in_flight.unwrap_or(0) == 0;
+            let too_soon = q.not_before > clocks.now && !nothing_in_flight;
+            // Sharing a budget, it also waits until it fits beside the other runs.
+            let no_room = others_in_flight.is_some() && !fits(run);
+            if q.create_started.is_none() && (too_soon || no_room) {
                 Action::Wait
             } else if q.file_expires_at.is_some_and(|t| t <= clocks.provider_now)
                 && q.create_started.is_none()
@@ -125,6 +149,43 @@ pub fn fits_in_flight(run: &RunFile, idx: usize, max_enqueued_tokens: Option<u64
         .map(estimate)
         .sum();
     in_flight == 0 || in_flight + estimate(&run.batches[idx]) <= bound
+}
+
+/// The tokens in flight in `run`, as a shared budget counts them: its submitted batches, and
+/// those whose creation was announced (`create_started`) but whose answer was never saved —
+/// a crash may have left them created on the provider — each counted as the larger of its
+/// tokens and bytes/4.
+pub fn tokens_in_flight(run: &RunFile) -> u64 {
+    run.batches
+        .iter()
+        .filter(|b| match &b.state {
+            BatchState::Submitted(_) => true,
+            BatchState::Uploaded(up) => up.create_started.is_some(),
+            BatchState::Queued(q) => q.create_started.is_some(),
+            _ => false,
+        })
+        .map(in_flight_estimate)
+        .sum()
+}
+
+/// What one batch counts for against the enqueued-token bound.
+pub fn in_flight_estimate(batch: &BatchRecord) -> u64 {
+    batch.tokens.max(batch.bytes.div_ceil(4))
+}
+
+/// [`fits_in_flight`] with `others` tokens in flight in other runs sharing the bound: a batch
+/// alone over the bound is created only when nothing is in flight in any run.
+pub fn fits_beside(
+    run: &RunFile,
+    idx: usize,
+    max_enqueued_tokens: Option<u64>,
+    others: u64,
+) -> bool {
+    let Some(bound) = max_enqueued_tokens.or(run.settings.limits.max_enqueued_tokens) else {
+        return true;
+    };
+    let in_flight = tokens_in_flight(run) + others;
+    in_flight == 0 || in_flight + in_flight_estimate(&run.batches[idx]) <= bound
 }
 
 #[cfg(test)]

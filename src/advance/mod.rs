@@ -50,7 +50,8 @@ mod ingest;
 mod retry;
 
 pub use decide::Goal;
-use decide::{Action, Clocks, decide};
+use decide::{Action, Clocks, decide_shared};
+pub use decide::{in_flight_estimate, tokens_in_flight};
 
 /// How long the provider keeps an uploaded input file (DESIGN.md §5: not its 30-day default).
 pub const INPUT_FILE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -271,6 +272,8 @@ pub(crate) struct Stepper {
     /// This call connected to the database at least once: failing to reach it later is a
     /// lost connection, not a wrong `DATABASE_URL`.
     pub(crate) db_reached: bool,
+    /// Batch creations tried by this call (bounded by `opts.max_creations`, for `sync`).
+    creations: u32,
 }
 
 /// What one step did.
@@ -308,6 +311,7 @@ impl Stepper {
             db: None,
             uploads: BTreeMap::new(),
             db_reached: false,
+            creations: 0,
         };
         Ok((lock, stepper))
     }
@@ -438,13 +442,28 @@ impl Stepper {
             // The provider's expiry times are on its clock.
             provider_now: self.provider_now(),
         };
-        match decide(&self.run, idx, goal, self.opts.max_enqueued_tokens, clocks) {
+        let action = decide_shared(
+            &self.run,
+            idx,
+            goal,
+            self.opts.max_enqueued_tokens,
+            self.opts.shared_in_flight_tokens,
+            clocks,
+        );
+        match action {
+            // `sync` lets each run create a bounded number of batches per turn.
+            Action::Create if self.opts.max_creations.is_some_and(|m| self.creations >= m) => {
+                Ok(Progress::Wait)
+            }
+            Action::Create => {
+                self.creations += 1;
+                self.create(idx).await
+            }
             Action::Upload => self.upload(idx).await,
             Action::ExpireInput => {
                 self.expire_input(idx).await?;
                 Ok(Progress::Moved)
             }
-            Action::Create => self.create(idx).await,
             Action::Poll => self.poll(idx).await,
             Action::Download => self.download(idx).await,
             Action::Ingest => self.ingest(idx).await,

@@ -13,7 +13,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand}
 use crate::config::{
     AdvanceConfig, AdvanceOptions, CancelConfig, Command, Config, Database, EmbedConfig,
     EmulatorCommandConfig, Global, IngestConfig, PlanConfig, RealtimeConfig, RunConfig, RunsConfig,
-    ServeConfig, StatusConfig, StatusTarget, SubmitConfig,
+    ServeConfig, StatusConfig, StatusTarget, SubmitConfig, SyncConfig,
 };
 use crate::models::{DEFAULT_MODEL, EncodingFormat, Provider};
 use crate::pg::source::SourceConfig;
@@ -116,6 +116,9 @@ enum CommandArgs {
     /// Embed the given chunks now through the realtime /v1/embeddings endpoint
     #[command(after_help = "Examples:\n  embatch embed --chunk-id 5b1d…                 # one chunk\n  embatch embed --chunk-id 5b1d… --chunk-id 9c2e… --overwrite\n\nstdout: one line per --chunk-id given, in order (repeats too): id, outcome, tokens (tab-separated).\n\n".to_owned() + AFTER_HELP)]
     Embed(EmbedArgs),
+    /// Keep a whole table embedded: advance every unfinished run, plan a run per family with pending chunks (for cron)
+    #[command(after_help = "Examples:\n  embatch sync --max-enqueued-tokens 3000000 --max-cost 20   # from cron, every 10 minutes\n  embatch sync --dry-run\n  embatch sync --embedding-column embedding_next --model text-embedding-3-large\n\nExit codes: 0 nothing pending and every run finished, 75 work is waiting on the provider (run again later; also when another sync holds the lock), 1 some family failed (the others were still served), 2 usage error.".to_owned())]
+    Sync(SyncArgs),
     /// Serve the realtime path over HTTP: POST /api/v1/embed/chunk/{chunk_id}, GET /healthz
     #[command(after_help = "Example:\n  EMBATCH_SERVE_TOKEN=… embatch serve --listen 127.0.0.1:8080\n  curl -X POST -H \"Authorization: Bearer $EMBATCH_SERVE_TOKEN\" http://127.0.0.1:8080/api/v1/embed/chunk/5b1d…\n\nEMBATCH_SERVE_TOKEN is required on any address other than loopback. SIGTERM or ctrl-c stops it after the requests in flight.\n\n".to_owned() + AFTER_HELP)]
     Serve(ServeArgs),
@@ -136,6 +139,9 @@ struct ChunkColumnsArgs {
     /// pgvector column that receives the embedding
     #[arg(long, default_value = "embedding")]
     embedding_column: String,
+    /// Column (bytea or text) that receives the sha256 of the content embedded; rows whose stored hash differs from their content's are pending again
+    #[arg(long)]
+    content_hash_column: Option<String>,
 }
 
 /// The model and the vector size: shared by `plan`, `embed` and `serve`.
@@ -391,6 +397,66 @@ fn parse_header_timeout(text: &str) -> Result<std::time::Duration, String> {
     Ok(duration)
 }
 
+/// `sync`: the plan options of every family (as `plan` takes them), which families, and the
+/// advance options of every run.
+#[derive(Debug, Args)]
+struct SyncArgs {
+    /// Only this family (repeat the flag for several); default: every family with pending chunks
+    #[arg(long = "family-id", value_name = "ID")]
+    family_ids: Vec<String>,
+    /// Query returning the family ids to look at (one column; runs read-only), needed with --scope-sql
+    #[arg(long)]
+    families_sql: Option<String>,
+    #[command(flatten)]
+    source: SourceArgs,
+    /// At most this many chunks per family and call (for trials, or to plan a huge family in pieces)
+    #[arg(long)]
+    limit: Option<u64>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// `base64` makes output files about 4× smaller; try it on a tiny batch first
+    #[arg(long, value_enum, default_value_t = EncodingFormat::Float)]
+    encoding_format: EncodingFormat,
+    /// Requests per batch file (provider maximum 50000)
+    #[arg(long, default_value_t = BatchLimits::MAX_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=i64::from(BatchLimits::MAX_REQUESTS)))]
+    max_requests_per_batch: u32,
+    /// Bytes per batch file (the provider's cap is 200 MB)
+    #[arg(long, default_value_t = BatchLimits::DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    max_bytes_per_batch: u64,
+    /// Tokens per batch file
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens_per_batch: Option<u64>,
+    /// One bound on the tokens in flight across all runs; also caps each new batch
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_enqueued_tokens: Option<u64>,
+    /// What to do with a chunk over 8191 tokens
+    #[arg(long, value_enum, default_value_t = OnTooLong::Skip)]
+    on_too_long: OnTooLong,
+    /// Embed every chunk of each family, not only the pending ones
+    #[arg(long)]
+    reembed: bool,
+    /// Take chunks even if an unfinished run of the family holds them
+    #[arg(long)]
+    force: bool,
+    /// Plan new runs only up to this estimated cost in US dollars in this call; the rest wait for a later call
+    #[arg(long)]
+    max_cost: Option<f64>,
+    /// Batch price per million tokens, overriding the built-in table
+    #[arg(long)]
+    price_per_million_tokens: Option<f64>,
+    #[command(flatten)]
+    write: WriteArgs,
+    /// Attempts per chunk before it is reported failed
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    max_attempts: u32,
+    /// Print what would be planned and advanced; write nothing, call no API
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the outcome as JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Debug, Args)]
 struct SubmitArgs {
     #[command(flatten)]
@@ -622,6 +688,7 @@ fn into_config(
             dry_run: args.dry_run,
             opts: AdvanceOptions::default(),
         }),
+        CommandArgs::Sync(args) => Command::Sync(sync_config(args)?),
         CommandArgs::Embed(args) => {
             // Repeats are kept: `embed` prints one line per id given (a repeat is embedded
             // once and counted once).
@@ -699,11 +766,15 @@ fn chunk_source(c: ChunkColumnsArgs) -> Result<SourceConfig, clap::Error> {
             return Err(usage_error(&format!("{flag} must not be empty")));
         }
     }
+    if c.content_hash_column.as_deref() == Some("") {
+        return Err(usage_error("--content-hash-column must not be empty"));
+    }
     Ok(SourceConfig {
         table: c.table,
         id_column: c.id_column,
         text_column: c.text_column,
         embedding_column: c.embedding_column,
+        content_hash_column: c.content_hash_column,
         ..SourceConfig::default()
     })
 }
@@ -728,6 +799,74 @@ fn realtime_config(
         model: model.model,
         dimensions: model.dimensions,
         provider: model.provider,
+    })
+}
+
+/// `sync`'s settings: its plan options go through [`plan_config`] (the same checks as
+/// `plan`'s), with the family left empty (each planned family fills it in).
+fn sync_config(args: SyncArgs) -> Result<SyncConfig, clap::Error> {
+    let mut family_ids = Vec::with_capacity(args.family_ids.len());
+    for id in args.family_ids {
+        let id = id.trim().to_owned();
+        if id.is_empty() {
+            return Err(usage_error("--family-id must not be empty"));
+        }
+        family_ids.push(id);
+    }
+    let families_sql = args
+        .families_sql
+        .map(|q| q.trim().trim_end_matches(';').trim().to_owned())
+        .filter(|q| !q.is_empty());
+    let has_scope = args
+        .source
+        .scope_sql
+        .as_deref()
+        .is_some_and(|q| !q.trim().is_empty());
+    if has_scope && families_sql.is_none() && family_ids.is_empty() {
+        return Err(usage_error(
+            "with --scope-sql, sync needs --families-sql (a query returning the family ids) or --family-id",
+        ));
+    }
+    let write = args.write;
+    let opts = AdvanceOptions {
+        max_attempts: args.max_attempts,
+        max_enqueued_tokens: args.max_enqueued_tokens,
+        // sync moves runs as `advance` does: the batches of a direct run are sent.
+        direct: DirectOptions {
+            send: true,
+            ..DirectOptions::default()
+        },
+        ..write_options(WriteArgs {
+            overwrite: write.overwrite,
+            update_chunk_size: write.update_chunk_size,
+            keep_remote_files: write.keep_remote_files,
+        })
+    };
+    let mut plan = plan_config(PlanArgs {
+        // A placeholder that passes the check; each family planned replaces it.
+        family_id: "sync".to_owned(),
+        source: args.source,
+        limit: args.limit,
+        model: args.model,
+        encoding_format: args.encoding_format,
+        max_requests_per_batch: args.max_requests_per_batch,
+        max_bytes_per_batch: args.max_bytes_per_batch,
+        max_tokens_per_batch: args.max_tokens_per_batch,
+        max_enqueued_tokens: args.max_enqueued_tokens,
+        on_too_long: args.on_too_long,
+        reembed: args.reembed,
+        force: args.force,
+        max_cost: args.max_cost,
+        price_per_million_tokens: args.price_per_million_tokens,
+    })?;
+    plan.family_id = String::new();
+    Ok(SyncConfig {
+        plan,
+        family_ids,
+        families_sql,
+        opts,
+        dry_run: args.dry_run,
+        json: args.json,
     })
 }
 

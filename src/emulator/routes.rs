@@ -620,9 +620,30 @@ async fn create_batch(
     let now = Instant::now();
     let (batch_json, lost) = {
         let mut state = shared.lock();
-        let token_limit_exceeded = state.faults.token_limit_failures > 0;
+        let mut token_limit_exceeded = state.faults.token_limit_failures > 0;
         if token_limit_exceeded {
             state.faults.token_limit_failures -= 1;
+        }
+        // The enqueued-token limit: batches not finished (as last read) count for bytes / 4.
+        let estimate = (input.len() as u64).div_ceil(4);
+        let enqueued: u64 = state
+            .batches
+            .iter()
+            .filter(|b| !b.status.is_terminal() && !b.faults.token_limit_exceeded)
+            .map(|b| (b.input.len() as u64).div_ceil(4))
+            .sum();
+        if !token_limit_exceeded {
+            if state
+                .faults
+                .enqueued_token_limit
+                .is_some_and(|limit| enqueued + estimate > limit)
+            {
+                token_limit_exceeded = true;
+                state.counters.enqueued_limit_refusals += 1;
+            } else {
+                let total = enqueued + estimate;
+                state.counters.max_enqueued_tokens = state.counters.max_enqueued_tokens.max(total);
+            }
         }
         let faults = BatchFaults {
             request_failure_rate: state.faults.request_failure_rate,

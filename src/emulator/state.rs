@@ -59,6 +59,11 @@ pub struct Faults {
     /// The next N batch creations succeed, and each of those batches then turns `failed` with
     /// `token_limit_exceeded`.
     pub token_limit_failures: u32,
+    /// The organisation's enqueued-token limit: a batch created while the batches not yet
+    /// finished, with it, would count for more turns `failed` with `token_limit_exceeded`, as
+    /// the provider's do. Each batch counts for its input file's bytes / 4 (the provider's own
+    /// estimate may be byte-based).
+    pub enqueued_token_limit: Option<u64>,
     /// One-shot: the next request of each listed kind acts, then its connection is dropped
     /// without an answer.
     pub lose_answers: Vec<LostAnswer>,
@@ -95,6 +100,7 @@ impl Default for Faults {
             fail_custom_ids: Vec::new(),
             expire_after_fraction: None,
             token_limit_failures: 0,
+            enqueued_token_limit: None,
             lose_answers: Vec::new(),
             invalid_line_validation: true,
             input_file_ttl: None,
@@ -131,6 +137,11 @@ pub struct Counters {
     pub embedding_inputs: BTreeMap<String, u64>,
     pub lost_answers: u64,
     pub injected_errors: u64,
+    /// The most enqueued tokens (bytes / 4 of the input files of batches not finished) seen
+    /// right after a creation that was not refused for the limit.
+    pub max_enqueued_tokens: u64,
+    /// Creations refused for `Faults::enqueued_token_limit`.
+    pub enqueued_limit_refusals: u64,
 }
 
 /// A file the emulator holds (uploaded, or written by a batch).

@@ -16,7 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Statement, Transaction};
 
-use crate::pg::source::{quote_ident, quote_qualified};
+use crate::pg::source::{HashKind, content_hash_kind, quote_ident, quote_qualified};
 use crate::run::store::SourceSettings;
 
 /// One vector to write: the chunk id (as text, the request's `custom_id`), its vector, and the
@@ -128,13 +128,23 @@ impl Sink {
         source: &SourceSettings,
         overwrite: bool,
     ) -> Result<Sink, SinkError> {
-        let sql = write_sql(source, overwrite);
+        // With `--content-hash-column`, its kind decides how the hash is written.
+        let hash = match &source.content_hash_column {
+            Some(column) => Some((
+                column.as_str(),
+                content_hash_kind(client, &source.table, column)
+                    .await
+                    .map_err(|err| SinkError::Invalid(err.to_string()))?,
+            )),
+            None => None,
+        };
+        let sql = write_sql(source, overwrite, hash);
         let statement = client.prepare(&sql).await.map_err(db(format!(
             "could not prepare the vector update for table {} (id {}, text {}, embedding {}); check that the table and columns exist and that the embedding column is a pgvector vector",
             source.table, source.id_column, source.text_column, source.embedding_column
         )))?;
         let diagnose = client
-            .prepare(&diagnose_sql(source))
+            .prepare(&diagnose_sql(source, hash))
             .await
             .map_err(db(format!(
                 "could not prepare the vector check for table {}",
@@ -366,19 +376,40 @@ impl RowFacts {
 /// the rows it did not write (a data-modifying CTE joined back to the table) cost the server
 /// 4 × more per row, and 10 × more once the prepared statement switched to its generic plan;
 /// rows not written are rare, so [`diagnose_sql`] asks about them separately.
-fn write_sql(source: &SourceSettings, overwrite: bool) -> String {
+fn write_sql(source: &SourceSettings, overwrite: bool, hash: Option<(&str, HashKind)>) -> String {
     let id_type = source.id_type.as_str();
     let table = quote_qualified(&source.table);
     let id = quote_ident(&source.id_column);
     let text = quote_ident(&source.text_column);
     let emb = quote_ident(&source.embedding_column);
-    let only_missing = if overwrite {
-        String::new()
-    } else {
-        format!("\n  AND t.{emb} IS NULL")
+    // With a content hash column, the hash of the content embedded is written by the same
+    // statement: `u.h`, which the stale guard below proves is the hash of the row's content
+    // as this very statement sees it. A row is then "missing" its vector also when its
+    // stored hash is not that content's (it was edited after its last embedding).
+    let (set_hash, only_missing) = match hash {
+        Some((column, kind)) => {
+            let column = quote_ident(column);
+            let planned = kind.from_hex("u.h");
+            (
+                format!(", {column} = {planned}"),
+                if overwrite {
+                    String::new()
+                } else {
+                    format!("\n  AND (t.{emb} IS NULL OR t.{column} IS DISTINCT FROM {planned})")
+                },
+            )
+        }
+        None => (
+            String::new(),
+            if overwrite {
+                String::new()
+            } else {
+                format!("\n  AND t.{emb} IS NULL")
+            },
+        ),
     };
     format!(
-        "UPDATE {table} AS t SET {emb} = u.v
+        "UPDATE {table} AS t SET {emb} = u.v{set_hash}
 FROM unnest($1::text[], $2::vector[], $3::text[]) AS u(id, v, h)
 WHERE t.{id} = u.id::{id_type}{only_missing}
   AND encode(sha256(convert_to(t.{text}, 'UTF8')), 'hex') = u.h
@@ -389,17 +420,27 @@ RETURNING u.id"
 /// What the table says about rows the write statement did not write (same parameters as
 /// [`write_sql`]): whether each exists, still has the planned content, has an embedding, and
 /// whether that embedding is the vector sent. Reads only.
-fn diagnose_sql(source: &SourceSettings) -> String {
+fn diagnose_sql(source: &SourceSettings, hash: Option<(&str, HashKind)>) -> String {
     let id_type = source.id_type.as_str();
     let table = quote_qualified(&source.table);
     let id = quote_ident(&source.id_column);
     let text = quote_ident(&source.text_column);
     let emb = quote_ident(&source.embedding_column);
+    // With a content hash column, an embedding counts as present only when it is this
+    // content's (the stored hash is the planned one).
+    let has_embedding = match hash {
+        Some((column, kind)) => format!(
+            "coalesce(t.{emb} IS NOT NULL AND t.{} IS NOT DISTINCT FROM {}, false)",
+            quote_ident(column),
+            kind.from_hex("u.h")
+        ),
+        None => format!("t.{emb} IS NOT NULL"),
+    };
     format!(
         "SELECT u.id,
        t.{id} IS NOT NULL,
        coalesce(encode(sha256(convert_to(t.{text}, 'UTF8')), 'hex') = u.h, false),
-       t.{emb} IS NOT NULL,
+       {has_embedding},
        coalesce(t.{emb} = u.v, false)
 FROM unnest($1::text[], $2::vector[], $3::text[]) AS u(id, v, h)
 LEFT JOIN {table} AS t ON t.{id} = u.id::{id_type}"

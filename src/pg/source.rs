@@ -76,6 +76,10 @@ pub struct SourceConfig {
     /// `None` when `--family-table none`: no check that the family exists.
     pub family_table: Option<String>,
     pub scope_sql: Option<String>,
+    /// `--content-hash-column`: where every write of a vector also stores the sha256 of the
+    /// content embedded (`bytea`: the digest, `text`: its lowercase hex); a row whose stored
+    /// hash differs from its content's is pending again (DESIGN.md §9).
+    pub content_hash_column: Option<String>,
 }
 
 impl Default for SourceConfig {
@@ -88,8 +92,76 @@ impl Default for SourceConfig {
             family_column: "equipment_family_id".to_owned(),
             family_table: Some("equipment_families".to_owned()),
             scope_sql: None,
+            content_hash_column: None,
         }
     }
+}
+
+/// How a `--content-hash-column` holds the sha256 of a chunk's content (UTF-8 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashKind {
+    /// `bytea`: the 32-byte digest.
+    Bytea,
+    /// `text` (or varchar): the lowercase hex of the digest.
+    Text,
+}
+
+impl HashKind {
+    /// The kind a catalog type name (`format_type` without modifiers) stands for.
+    pub fn from_catalog(type_name: &str) -> Option<HashKind> {
+        match type_name {
+            "bytea" => Some(HashKind::Bytea),
+            "text" | "character varying" => Some(HashKind::Text),
+            _ => None,
+        }
+    }
+
+    /// SQL for the hash of the text expression `text`, as this kind stores it.
+    pub fn of_content(self, text: &str) -> String {
+        match self {
+            HashKind::Bytea => format!("sha256(convert_to({text}, 'UTF8'))"),
+            HashKind::Text => format!("encode(sha256(convert_to({text}, 'UTF8')), 'hex')"),
+        }
+    }
+
+    /// SQL turning `hex` (an expression holding the lowercase hex digest) into this kind.
+    pub fn from_hex(self, hex: &str) -> String {
+        match self {
+            HashKind::Bytea => format!("decode({hex}, 'hex')"),
+            HashKind::Text => hex.to_owned(),
+        }
+    }
+}
+
+/// The `--content-hash-column` of `table` and its kind, read from the catalog; an error saying
+/// what to do when the column is missing or of another type.
+pub async fn content_hash_kind(
+    client: &Client,
+    table: &str,
+    column: &str,
+) -> Result<HashKind, SourceError> {
+    let table_sql = quote_qualified(table);
+    let row = client
+        .query_opt(
+            "SELECT format_type(atttypid, NULL) FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attname = $2::text AND attnum > 0 AND NOT attisdropped",
+            &[&table_sql, &column],
+        )
+        .await
+        .map_err(db(format!("could not read the columns of {table_sql}")))?;
+    let Some(row) = row else {
+        return Err(invalid(format!(
+            "table {table_sql} has no column {col}; add it (`ALTER TABLE {table_sql} ADD COLUMN {col} bytea`) or check --content-hash-column",
+            col = quote_ident(column)
+        )));
+    };
+    let type_name: String = row.get(0);
+    HashKind::from_catalog(&type_name).ok_or_else(|| {
+        invalid(format!(
+            "content hash column {} is {type_name}; it must be bytea (the sha256 digest) or text (its lowercase hex); check --content-hash-column",
+            quote_ident(column)
+        ))
+    })
 }
 
 /// The id type a catalog type name stands for: `integer` ids are read as bigint and
@@ -180,6 +252,8 @@ pub struct Source {
     pub table_identity: String,
     /// The family column's type (`format_type`, without modifiers), when the table has one.
     pub family_column_type: Option<String>,
+    /// The `--content-hash-column`'s kind, when one is given.
+    pub content_hash: Option<HashKind>,
 }
 
 struct ColumnInfo {
@@ -297,12 +371,17 @@ impl Source {
                 .find(|c| c.name == config.family_column)
                 .map(|c| c.type_name.clone())
         };
+        let content_hash = match &config.content_hash_column {
+            Some(column) => Some(content_hash_kind(client, &config.table, column).await?),
+            None => None,
+        };
         Ok(Source {
             config: config.clone(),
             id_type,
             dimensions,
             table_identity,
             family_column_type,
+            content_hash,
         })
     }
 
@@ -386,7 +465,6 @@ impl Source {
         let table = quote_qualified(&c.table);
         let id = format!("t.{}", quote_ident(&c.id_column));
         let text = format!("t.{}", quote_ident(&c.text_column));
-        let embedding = format!("t.{}", quote_ident(&c.embedding_column));
         let mut sql = format!("SELECT {id}::text, {text} FROM {table} AS t WHERE ");
         match &c.scope_sql {
             Some(scope) => sql.push_str(&format!(
@@ -395,7 +473,7 @@ impl Source {
             None => sql.push_str(&format!("t.{} = $1", quote_ident(&c.family_column))),
         }
         if !reembed {
-            sql.push_str(&format!(" AND {embedding} IS NULL"));
+            sql.push_str(&format!(" AND {}", self.pending_sql()));
         }
         sql.push_str(&format!(" ORDER BY {id}{}", order_suffix(self.id_type)));
         // A number we formatted ourselves: a literal keeps $1 the only parameter, which a
@@ -404,6 +482,114 @@ impl Source {
             sql.push_str(&format!(" LIMIT {limit}"));
         }
         sql
+    }
+
+    /// The condition that makes a row of `t` pending: no embedding, or (with
+    /// `--content-hash-column`) a stored hash that is not its content's.
+    pub fn pending_sql(&self) -> String {
+        let c = &self.config;
+        let embedding = format!("t.{}", quote_ident(&c.embedding_column));
+        match (&c.content_hash_column, self.content_hash) {
+            (Some(column), Some(kind)) => format!(
+                "({embedding} IS NULL OR t.{} IS DISTINCT FROM {})",
+                quote_ident(column),
+                kind.of_content(&format!("t.{}", quote_ident(&c.text_column)))
+            ),
+            _ => format!("{embedding} IS NULL"),
+        }
+    }
+
+    /// The families with pending chunks, as `(family id as text, pending chunks)`, by family:
+    /// the distinct values of the family column among pending rows. Without `--scope-sql`
+    /// only (with it, a family is reached through joins: see [`Source::count_pending`]).
+    /// Runs in a READ ONLY transaction.
+    pub async fn families_with_pending(
+        &self,
+        client: &mut Client,
+    ) -> Result<Vec<(String, u64)>, SourceError> {
+        let c = &self.config;
+        let family = format!("t.{}", quote_ident(&c.family_column));
+        let sql = format!(
+            "SELECT {family}::text, count(*) FROM {table} AS t WHERE {family} IS NOT NULL AND {pending} GROUP BY 1 ORDER BY 1",
+            table = quote_qualified(&c.table),
+            pending = self.pending_sql(),
+        );
+        let tx = client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db("could not start a read-only transaction"))?;
+        let rows = tx
+            .query(&sql, &[])
+            .await
+            .map_err(|err| self.query_error(err))?;
+        let _ = tx.commit().await;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get(0), u64::try_from(row.get::<_, i64>(1)).unwrap_or(0)))
+            .collect())
+    }
+
+    /// The family ids `--families-sql` returns (its first column, as text), in a READ ONLY
+    /// transaction.
+    pub async fn families_from_sql(
+        &self,
+        client: &mut Client,
+        families_sql: &str,
+    ) -> Result<Vec<String>, SourceError> {
+        let sql = format!(
+            "SELECT DISTINCT f.family::text FROM ({families_sql}\n) AS f(family) WHERE f.family IS NOT NULL ORDER BY 1"
+        );
+        let tx = client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db("could not start a read-only transaction"))?;
+        let rows = tx.query(&sql, &[]).await.map_err(|err| match err.as_db_error() {
+            Some(dbe) => invalid(format!(
+                "--families-sql failed: {} (it runs read-only and must return one column of family ids)",
+                dbe.message()
+            )),
+            None => db("--families-sql failed")(err),
+        })?;
+        let _ = tx.commit().await;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
+    /// How many chunks of `family_id` are pending (the plan's own selection, counted).
+    pub async fn count_pending(
+        &self,
+        client: &mut Client,
+        family_id: &str,
+    ) -> Result<u64, SourceError> {
+        let tx = client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db("could not start a read-only transaction"))?;
+        let sql = format!(
+            "SELECT count(*) FROM ({}) AS pending",
+            self.select_sql(false, None)
+        );
+        let statement = tx
+            .prepare(&sql)
+            .await
+            .map_err(|err| self.query_error(err))?;
+        let family = bind_family(&statement, family_id, "the family")?;
+        let params: Vec<&(dyn ToSql + Sync)> = if statement.params().is_empty() {
+            Vec::new()
+        } else {
+            vec![&family]
+        };
+        let row = tx
+            .query_one(&statement, &params)
+            .await
+            .map_err(|err| self.query_error(err))?;
+        let _ = tx.commit().await;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
     }
 
     /// Streams the pending chunks of `family_id` in id order, calling `each` per row.
@@ -478,6 +664,7 @@ impl Source {
             family_column: c.family_column.clone(),
             family_table: c.family_table.clone(),
             scope_sql: c.scope_sql.clone(),
+            content_hash_column: c.content_hash_column.clone(),
         }
     }
 }
@@ -598,6 +785,20 @@ pub struct ChunkRow {
     /// The id as text: the request's `custom_id`.
     pub id: String,
     pub content: Option<String>,
+}
+
+/// The table `table` (as a flag or `run.json` names it) as the catalog names it, quoted and
+/// schema-qualified (as [`Source::table_identity`]); `None` when there is no such table.
+pub async fn table_identity(client: &Client, table: &str) -> Result<Option<String>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+            &[&quote_qualified(table)],
+        )
+        .await
+        .map_err(db(format!("could not look up table {table}")))?;
+    Ok(row.map(|r| format!("{}.{}", quote_ident(r.get(0)), quote_ident(r.get(1)))))
 }
 
 /// The database's identity, recorded at plan time so `advance` never writes elsewhere.

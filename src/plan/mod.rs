@@ -61,6 +61,17 @@ pub enum PlanOutcome {
     },
 }
 
+/// A plan refused because its estimated cost is over `--max-cost` (nothing was written):
+/// `sync` tells it from other failures, and leaves the family for a later call.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the estimated cost ${cost:.4} is over --max-cost ${max:.4}; raise --max-cost or plan fewer chunks (--limit)"
+)]
+pub struct OverMaxCost {
+    pub cost: f64,
+    pub max: f64,
+}
+
 /// What an interrupted plan must clean up, filled in as the plan goes.
 #[derive(Default)]
 struct Progress {
@@ -224,9 +235,7 @@ async fn plan_uninterrupted(
     }
     if let Some((cost, max)) = over_cost {
         remove_partial(&partial_dir);
-        bail!(
-            "the estimated cost ${cost:.4} is over --max-cost ${max:.4}; raise --max-cost or plan fewer chunks (--limit)"
-        );
+        return Err(OverMaxCost { cost, max }.into());
     }
 
     let run = RunFile {

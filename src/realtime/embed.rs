@@ -256,12 +256,22 @@ impl Target {
         let c = &source.config;
         // The id type is one of three fixed names, never text from the user; ids are bound
         // as text and cast on our side so the primary-key index stays usable.
+        // With `--content-hash-column`, a chunk edited since its embedding was written counts
+        // as not embedded (its stored hash is not its content's).
+        let emb = quote_ident(&c.embedding_column);
+        let has_embedding = match (&c.content_hash_column, source.content_hash) {
+            (Some(column), Some(kind)) => format!(
+                "(t.{emb} IS NOT NULL AND t.{} IS NOT DISTINCT FROM {})",
+                quote_ident(column),
+                kind.of_content(&format!("t.{}", quote_ident(&c.text_column)))
+            ),
+            _ => format!("t.{emb} IS NOT NULL"),
+        };
         let load_sql = format!(
-            "SELECT t.{id}::text, t.{text}, t.{emb} IS NOT NULL FROM {table} AS t \
+            "SELECT t.{id}::text, t.{text}, {has_embedding} FROM {table} AS t \
              WHERE t.{id} = ANY($1::text[]::{id_type}[])",
             id = quote_ident(&c.id_column),
             text = quote_ident(&c.text_column),
-            emb = quote_ident(&c.embedding_column),
             table = quote_qualified(&c.table),
             id_type = source.id_type.as_str(),
         );

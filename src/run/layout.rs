@@ -26,6 +26,10 @@ pub const BACKUP_FILE: &str = "run.json.bak";
 pub const LOCK_FILE: &str = "run.lock";
 /// Held by `plan` in the family folder while it reads which chunks unfinished runs hold.
 pub const PLAN_LOCK_FILE: &str = "plan.lock";
+/// In the runs dir: held by the one `embatch sync` running on it.
+pub const SYNC_LOCK_FILE: &str = "sync.lock";
+/// In the runs dir: the families `sync` left waiting for `--max-cost`, served first next time.
+pub const SYNC_WAITING_FILE: &str = "sync-waiting.json";
 /// Chunks never sent: id, reason.
 pub const SKIPPED_FILE: &str = "skipped.tsv";
 /// The folder of the batch folders.

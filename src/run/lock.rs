@@ -14,7 +14,7 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::run::layout::{LOCK_FILE, PLAN_LOCK_FILE};
+use crate::run::layout::{LOCK_FILE, PLAN_LOCK_FILE, SYNC_LOCK_FILE};
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
@@ -44,6 +44,10 @@ pub enum LockError {
         PLAN_LOCK_WAIT.as_secs()
     )]
     FamilyHeld { family_id: String, holder: String },
+    #[error(
+        "another embatch sync is running on the runs dir {runs_dir} ({holder}); it will do this work: run sync again later"
+    )]
+    SyncHeld { runs_dir: PathBuf, holder: String },
     #[error("could not lock {path}")]
     Io {
         path: PathBuf,
@@ -60,7 +64,10 @@ pub enum LockError {
 impl LockError {
     /// Another process holds the lock: not done yet, run again later (exit 75).
     pub fn is_held(&self) -> bool {
-        matches!(self, LockError::Held { .. } | LockError::FamilyHeld { .. })
+        matches!(
+            self,
+            LockError::Held { .. } | LockError::FamilyHeld { .. } | LockError::SyncHeld { .. }
+        )
     }
 }
 
@@ -118,6 +125,24 @@ impl RunLock {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Takes the one lock of `sync` (`sync.lock` in the runs dir, which is created if
+    /// missing), or fails at once naming the sync that holds it.
+    pub fn acquire_sync(runs_dir: &Path, command: &str) -> Result<RunLock, LockError> {
+        let io_err = |source| LockError::Io {
+            path: runs_dir.to_path_buf(),
+            source,
+        };
+        fs_err::create_dir_all(runs_dir).map_err(io_err)?;
+        let path = runs_dir.join(SYNC_LOCK_FILE);
+        match try_lock_file(&path, command)? {
+            Ok(file) => Ok(RunLock { _file: file, path }),
+            Err(holder) => Err(LockError::SyncHeld {
+                runs_dir: runs_dir.to_path_buf(),
+                holder,
+            }),
+        }
     }
 }
 

@@ -77,6 +77,10 @@ pub struct SourceSettings {
     pub family_column: String,
     pub family_table: Option<String>,
     pub scope_sql: Option<String>,
+    /// `--content-hash-column`: ingest writes the sha256 of the content it embedded there.
+    /// Absent in runs planned without it (their `run.json` bytes are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_hash_column: Option<String>,
 }
 
 /// Every setting of the plan that later steps need. Never a secret.

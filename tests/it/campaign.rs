@@ -2,7 +2,8 @@
 //! emulator faults, terminated database backends (also right in the middle of an ingest),
 //! content edits, deleted rows, concurrent advances, `cancel`, `ingest`, plans of the family
 //! under other spellings of its id (two at once), `--reembed` plans and damaged `chunks.tsv`
-//! files, each on a fresh database and emulator, ended by advancing every run until finished
+//! files, `sync` calls (some with `--content-hash-column`, so later edits make written rows
+//! pending again), each on a fresh database and emulator, ended by advancing every run until finished
 //! with the faults off. After every sequence the guarantees of DESIGN.md §5 and §9 are checked
 //! from the outside:
 //!
@@ -322,6 +323,13 @@ enum Action {
         rounds: u8,
         every_ms: u8,
     },
+    /// `embatch sync --family-id <family>` (issue 17): advances every run of the family and
+    /// plans one for its pending chunks no run holds; with `hashed`, with
+    /// `--content-hash-column` (the column is added first), so that edits of rows it wrote are
+    /// pending again. The runs it plans join the sequence; the newest becomes the current one.
+    Sync {
+        hashed: bool,
+    },
 }
 
 impl Action {
@@ -346,6 +354,7 @@ impl Action {
             Action::Reembed { .. } => "reembed",
             Action::Delete { .. } => "delete rows",
             Action::TerminateMidIngest { .. } => "terminate mid-ingest",
+            Action::Sync { .. } => "sync",
         }
     }
 }
@@ -547,6 +556,12 @@ fn action() -> impl Strategy<Value = Action> {
                 .boxed(),
         ),
     ];
+    options.push((
+        2,
+        any::<bool>()
+            .prop_map(|hashed| Action::Sync { hashed })
+            .boxed(),
+    ));
     // A truncated or garbled `chunks.tsv` of a batch not yet ingested (DESIGN.md §9).
     options.push((
         2,
@@ -1675,6 +1690,74 @@ impl<'a> Sequence<'a> {
                     let creations = creations_of(&self.env.emu().counters(), &info.run_id);
                     self.runs[self.current].at_cancel = Some((creations, run.batches.len()));
                     self.stats.cancels += 1;
+                }
+            }
+            Action::Sync { hashed } => {
+                if hashed {
+                    self.env
+                        .client
+                        .batch_execute(
+                            "ALTER TABLE knowledge_chunks ADD COLUMN IF NOT EXISTS content_sha256 bytea",
+                        )
+                        .await
+                        .expect("add the hash column");
+                }
+                let rivals = self.unfinished_runs();
+                let audit = self.audit_seq().await;
+                let mut args: Vec<String> = [
+                    "sync",
+                    "--family-id",
+                    &self.family.to_string(),
+                    "--max-requests-per-batch",
+                    &self.scenario.max_requests_per_batch.to_string(),
+                    "--no-progress",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                if hashed {
+                    args.extend([
+                        "--content-hash-column".to_owned(),
+                        "content_sha256".to_owned(),
+                    ]);
+                }
+                if let Some(bound) = self.enqueued_bound {
+                    args.extend(["--max-enqueued-tokens".to_owned(), bound.to_string()]);
+                }
+                let exit = Sequence::finish(self.spawn(&args, &[])).await;
+                self.judge(&what, &exit, false, Cut::None);
+                if exit.code == Some(1) && self.names_damaged(&exit.stderr) {
+                    self.plan_failed_loudly = true;
+                }
+                let found = embatch::run::folders::find_runs(
+                    &self.env.runs_dir,
+                    Some(&self.family.to_string()),
+                )
+                .expect("read the runs dir");
+                for found in found {
+                    if self.runs.iter().any(|r| r.dir == found.dir) {
+                        continue;
+                    }
+                    let run = match found.run {
+                        Ok(run) => run,
+                        Err(err) => {
+                            self.stats.violations.unreadable_state += 1;
+                            self.notes.push(format!(
+                                "{what}: a run.json sync planned does not parse: {err}"
+                            ));
+                            continue;
+                        }
+                    };
+                    self.stats.extra_runs += 1;
+                    self.stats.batches_planned += run.batches.len() as u64;
+                    self.runs.push(RunInfo {
+                        dir: found.dir,
+                        run_id: run.run_id,
+                        rivals: rivals.clone(),
+                        reembed: false,
+                        audit_seq_at_plan: audit,
+                        at_cancel: None,
+                    });
+                    self.current = self.runs.len() - 1;
                 }
             }
             Action::Ingest => {

@@ -588,3 +588,24 @@ async fn embed_refuses_a_known_direct_model_of_another_size_before_sending() {
     embed.assert_error("model BAAI/bge-small-en-v1.5 produces 384 dimensions");
     assert_eq!(env.emu().counters().embedding_calls, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_sends_the_requests_of_direct_runs() {
+    let (env, family, _) = family(6, EmulatorConfig::default()).await;
+    let sync = exec_direct(
+        &env,
+        &[
+            "sync",
+            "--family-id",
+            &family.to_string(),
+            "--provider",
+            "direct",
+            "--max-requests-per-batch",
+            "4",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(sync.code, 0, "{sync:#?}");
+    assert_eq!(count_embedded_exactly(&env, family, DIMS).await, 6);
+}

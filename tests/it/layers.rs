@@ -42,6 +42,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The stages of a run.
     ("plan", &["plan"]),
     ("advance", &["advance"]),
+    ("sync", &["sync"]),
     // Arguments, dispatch, and the test support that drives the whole.
     ("top", &["cli", "crate", "testkit"]),
 ];

@@ -14,5 +14,6 @@ mod resilience;
 mod security;
 mod serve;
 mod status;
+mod sync;
 mod tls_front;
 mod version;

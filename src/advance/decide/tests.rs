@@ -245,3 +245,56 @@ fn every_state_kind_has_a_case() {
         assert_eq!(run.batches[0].state.kind().as_str(), state);
     }
 }
+
+#[test]
+fn a_shared_budget_counts_the_other_runs_in_flight() {
+    let uploaded = batch("uploaded", |b| b["create_started"] = Value::Null);
+    let tokens = in_flight_estimate(&alone(uploaded.clone()).batches[0]);
+    let lonely = alone(uploaded.clone());
+    let shared = |others| {
+        decide_shared(
+            &lonely,
+            0,
+            Goal::Done,
+            Some(tokens + 1),
+            Some(others),
+            clocks(),
+        )
+    };
+    // Other runs hold the budget: wait; nothing anywhere in flight: create, even over it.
+    assert_eq!(shared(2), Wait);
+    assert_eq!(shared(1), Create);
+    assert_eq!(shared(0), Create);
+    assert_eq!(
+        decide_shared(&lonely, 0, Goal::Done, Some(1), Some(0), clocks()),
+        Create
+    );
+    // A queued batch past its time waits too while the others hold the budget, and is not
+    // created at once merely because its own run has nothing in flight.
+    let queued = alone(batch("queued", |b| {
+        b["create_started"] = Value::Null;
+        b["not_before"] = at(t0() - Duration::minutes(5));
+    }));
+    assert_eq!(
+        decide_shared(
+            &queued,
+            0,
+            Goal::Done,
+            Some(tokens + 1),
+            Some(tokens),
+            clocks()
+        ),
+        Wait
+    );
+    assert_eq!(
+        decide(&queued, 0, Goal::Done, Some(tokens + 1), clocks()),
+        Create
+    );
+    // A batch whose creation was announced but never answered counts as in flight.
+    let marked = run_of(vec![uploaded, batch("uploaded", |_| {})], |_| {});
+    assert!(tokens_in_flight(&marked) > 0);
+    assert_eq!(
+        decide_shared(&marked, 0, Goal::Done, Some(tokens + 1), Some(0), clocks()),
+        Wait
+    );
+}

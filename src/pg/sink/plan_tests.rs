@@ -21,6 +21,7 @@ fn source() -> SourceSettings {
         family_column: "equipment_family_id".to_owned(),
         family_table: None,
         scope_sql: None,
+        content_hash_column: None,
     }
 }
 
@@ -84,7 +85,10 @@ async fn plan_nodes(
     chunks: &[&(String, String)],
     vectors: &[Vec<f32>],
 ) -> Vec<(String, Option<String>)> {
-    let sql = format!("EXPLAIN (FORMAT JSON) {}", write_sql(&source(), overwrite));
+    let sql = format!(
+        "EXPLAIN (FORMAT JSON) {}",
+        write_sql(&source(), overwrite, None)
+    );
     let ids: Vec<&str> = chunks.iter().map(|(id, _)| id.as_str()).collect();
     let hashes: Vec<&str> = chunks.iter().map(|(_, h)| h.as_str()).collect();
     let vectors: Vec<Vector> = vectors
@@ -165,7 +169,7 @@ async fn plan_stays_an_index_lookup_on_a_large_table() {
         for overwrite in [false, true] {
             let sql = format!(
                 "EXPLAIN (GENERIC_PLAN, FORMAT JSON) {}",
-                write_sql(&source(), overwrite)
+                write_sql(&source(), overwrite, None)
             );
             let messages = client.simple_query(&sql).await.unwrap();
             let text = messages

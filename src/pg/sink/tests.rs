@@ -36,6 +36,7 @@ fn settings(table: &str, id_column: &str, id_type: IdType) -> SourceSettings {
         family_column: "family".to_owned(),
         family_table: None,
         scope_sql: None,
+        content_hash_column: None,
     }
 }
 

@@ -292,3 +292,23 @@ fn released_run_files_round_trip_to_the_same_json() {
         assert_eq!(written, released);
     }
 }
+
+/// `--content-hash-column` is recorded only when given: a run planned without it keeps the
+/// bytes it always had, and one planned with it says so.
+#[test]
+fn content_hash_column_is_recorded_only_when_given() {
+    let mut run = fixture();
+    let plain = serde_json::to_string(&run).unwrap();
+    assert!(!plain.contains("content_hash_column"), "{plain}");
+    run.settings.source.content_hash_column = Some("content_sha256".to_owned());
+    let with = serde_json::to_string(&run).unwrap();
+    assert!(
+        with.contains("\"content_hash_column\":\"content_sha256\""),
+        "{with}"
+    );
+    let back = parse(with.as_bytes(), Path::new("with")).unwrap();
+    assert_eq!(
+        back.settings.source.content_hash_column.as_deref(),
+        Some("content_sha256")
+    );
+}

@@ -1,0 +1,684 @@
+//! `sync`: keep a whole table embedded from one cron line (DESIGN.md §9).
+//!
+//! One call: take the sync lock (`sync.lock` in the runs dir: one sync at a time, a second
+//! exits 75 naming the first); find the unfinished runs under the runs dir that belong to this
+//! database and table; find the families with pending chunks (the distinct family values among
+//! pending rows, or `--families-sql` with `--scope-sql`); plan a run for each, through `plan`
+//! itself — so the family lock, the canonical family id, the held chunks and the evidence
+//! digests are exactly `plan`'s — while the estimated cost stays within `--max-cost`; then
+//! advance every run, in rounds, through `advance` itself, under one shared
+//! `--max-enqueued-tokens` budget.
+//!
+//! Fairness: runs take turns, oldest first, and in each round a run may create at most one
+//! batch, so a huge family does not take the whole budget while a small one waits; rounds go
+//! on while anything moves, so a batch that finishes in this call frees room that the next
+//! waiting batch of any run takes in the same call. Families left waiting for `--max-cost` are
+//! remembered (`sync-waiting.json` in the runs dir) and planned first next time.
+//!
+//! A family that fails (its scope errors, a run of it is damaged) is reported and the others
+//! go on; the call then ends with an error (exit 1). It owns no SQL of its own (`pg::source`
+//! does) and never writes a run's files (`plan` and `advance` do).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::advance::{self, AdvanceOptions, Goal};
+use crate::config::{Global, SyncConfig};
+use crate::exit::ExitStatus;
+use crate::interrupt::Interrupted;
+use crate::pg::source::{self, Source};
+use crate::plan::{self, OverMaxCost, PlanOutcome};
+use crate::printer::{OutputSettings, Printer};
+use crate::run::folders;
+use crate::run::layout::{self, SYNC_WAITING_FILE};
+use crate::run::lock::{LockError, RunLock};
+use crate::run::state::StateKind;
+use crate::run::store::{self, RunFile};
+
+mod dry_run;
+
+/// A safety bound on the advance rounds of one call; each round but the last moves something,
+/// so this is never reached by real work.
+const MAX_ROUNDS: usize = 10_000;
+
+/// What became of one family in this call.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FamilyReport {
+    pub family_id: String,
+    /// `done`, `waiting` (work on the provider or for a later call), or `failed`.
+    pub status: &'static str,
+    /// Pending chunks found (before leaving out those runs hold); `null` when not counted.
+    pub pending_chunks: Option<u64>,
+    /// The run planned in this call (or, with `--dry-run`, the one that would be).
+    pub planned: Option<Planned>,
+    /// Why its new work waits for a later call, when it does.
+    pub waits: Option<String>,
+    /// Its unfinished runs (after this call).
+    pub runs: Vec<RunReport>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Planned {
+    /// `null` with `--dry-run`.
+    pub run_dir: Option<String>,
+    pub chunks: u64,
+    pub tokens: u64,
+    pub estimated_cost_usd: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run_dir: String,
+    pub finished: bool,
+    pub batches: usize,
+    /// Submitted batches and the tokens they count for against the budget.
+    pub in_flight: usize,
+    pub in_flight_tokens: u64,
+    /// Batches not created yet (planned, uploaded, queued).
+    pub waiting: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    pub families: usize,
+    pub planned_runs: usize,
+    pub planned_chunks: u64,
+    pub planned_tokens: u64,
+    pub planned_cost_usd: f64,
+    pub unfinished_runs: usize,
+    pub in_flight_tokens: u64,
+    pub max_enqueued_tokens: Option<u64>,
+    pub waiting_families: usize,
+    pub failed_families: usize,
+}
+
+/// `sync --json`: stable keys (added, never removed or renamed).
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    pub dry_run: bool,
+    pub families: Vec<FamilyReport>,
+    pub totals: Totals,
+    /// `done` (exit 0), `not_yet` (75) or `failed` (1).
+    pub outcome: &'static str,
+}
+
+/// An unfinished run of this table, as sync sees it.
+struct RunEntry {
+    dir: PathBuf,
+    family: String,
+    created_at: DateTime<Utc>,
+    run: RunFile,
+    /// Set once advancing it failed: it is left alone for the rest of the call.
+    error: Option<String>,
+}
+
+/// `embatch sync`.
+pub async fn sync(
+    global: &Global,
+    cfg: &SyncConfig,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
+    let _lock = if cfg.dry_run {
+        None
+    } else {
+        let lock = RunLock::acquire_sync(&global.runs_dir, "embatch sync")?;
+        // Fail on a missing key before planning anything.
+        crate::provider::connect::batch_client(&global.api)?;
+        Some(lock)
+    };
+    // What plan and advance say of each run is summed up here, one line per family; with -v
+    // their own messages show too.
+    let inner = if global.output.verbose {
+        *printer
+    } else {
+        Printer::new(OutputSettings {
+            quiet: true,
+            verbose: false,
+            progress: false,
+        })
+    };
+
+    let target = global.database()?.clone();
+    let mut client = target.connect().await?;
+    let source = Source::inspect(&client, &cfg.plan.source).await?;
+    let identity = source::database_identity(&client).await?;
+    let family_type = source.family_id_type(&client).await?;
+
+    let mut families: BTreeMap<String, FamilyReport> = BTreeMap::new();
+    let mut failures: Vec<String> = Vec::new();
+
+    // --family-id, in the database's spelling.
+    let mut only: Option<BTreeSet<String>> = None;
+    if !cfg.family_ids.is_empty() {
+        let mut set = BTreeSet::new();
+        for raw in &cfg.family_ids {
+            match family_type.canonical(&client, raw).await {
+                Ok(id) => {
+                    set.insert(id);
+                }
+                Err(err) => {
+                    let report = family_entry(&mut families, raw);
+                    report.error = Some(err.to_string());
+                }
+            }
+        }
+        only = Some(set);
+    }
+    let wanted = |family: &str| only.as_ref().is_none_or(|set| set.contains(family));
+
+    // The unfinished runs of this database and table.
+    let mut runs: Vec<RunEntry> = Vec::new();
+    let mut tables: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for found in folders::find_runs(&global.runs_dir, None)
+        .with_context(|| format!("could not read the runs dir {}", global.runs_dir.display()))?
+    {
+        let run = match found.run {
+            Ok(run) => run,
+            Err(err) => {
+                let family = found
+                    .dir
+                    .parent()
+                    .and_then(Path::file_name)
+                    .and_then(|n| layout::family_folder_id(&n.to_string_lossy()))
+                    .unwrap_or_else(|| found.dir.display().to_string());
+                if wanted(&family) {
+                    family_entry(&mut families, &family).error = Some(format!(
+                        "{err}; restore it from run.json.bak, or move the folder {} out of the runs dir",
+                        found.dir.display()
+                    ));
+                }
+                continue;
+            }
+        };
+        if run.is_finished() || !wanted(&run.family_id) || !same_database(&run, &identity) {
+            continue;
+        }
+        let table = match tables.get(&run.settings.source.table) {
+            Some(table) => table.clone(),
+            None => {
+                let table = source::table_identity(&client, &run.settings.source.table).await?;
+                tables.insert(run.settings.source.table.clone(), table.clone());
+                table
+            }
+        };
+        if table.as_deref() != Some(source.table_identity.as_str()) {
+            continue;
+        }
+        family_entry(&mut families, &run.family_id);
+        runs.push(RunEntry {
+            dir: found.dir,
+            family: run.family_id.clone(),
+            created_at: run.created_at,
+            run,
+            error: None,
+        });
+    }
+
+    // The families with pending chunks.
+    let pending = match pending_families(&source, &mut client, cfg, only.as_ref()).await {
+        Ok(pending) => pending,
+        Err(err) => {
+            failures.push(format!(
+                "finding the families with pending chunks failed: {err:#}"
+            ));
+            Vec::new()
+        }
+    };
+    for (family, counted) in pending {
+        if !wanted(&family) {
+            continue;
+        }
+        let report = family_entry(&mut families, &family);
+        match counted {
+            Ok(n) => report.pending_chunks = Some(n),
+            Err(err) => report.error = Some(err),
+        }
+    }
+    drop(client);
+
+    let mut waiting_since = load_waiting(&global.runs_dir);
+    // Oldest pending work first: families that waited for --max-cost before, longest first;
+    // then those with the oldest unfinished run; then the rest by id.
+    let oldest_run: BTreeMap<&str, DateTime<Utc>> =
+        runs.iter().fold(BTreeMap::new(), |mut acc, r| {
+            let at = acc.entry(r.family.as_str()).or_insert(r.created_at);
+            *at = (*at).min(r.created_at);
+            acc
+        });
+    let mut order: Vec<String> = families
+        .values()
+        .filter(|f| f.error.is_none() && f.pending_chunks.is_some_and(|n| n > 0))
+        .map(|f| f.family_id.clone())
+        .collect();
+    order.sort_by_cached_key(|family| {
+        (
+            waiting_since
+                .get(family)
+                .copied()
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            oldest_run
+                .get(family.as_str())
+                .copied()
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            family.clone(),
+        )
+    });
+
+    if cfg.dry_run {
+        for (family, plan) in dry_run::plan_families(global, cfg, &source, &order).await? {
+            let report = family_entry(&mut families, &family);
+            match plan {
+                dry_run::DryPlan::Nothing => {}
+                dry_run::DryPlan::Would {
+                    chunks,
+                    tokens,
+                    cost,
+                } => {
+                    report.planned = Some(Planned {
+                        run_dir: None,
+                        chunks,
+                        tokens,
+                        estimated_cost_usd: cost,
+                    });
+                }
+                dry_run::DryPlan::Waits(why) => report.waits = Some(why),
+                dry_run::DryPlan::Failed(err) => report.error = Some(err),
+            }
+        }
+    } else {
+        // The plans leave out pending chunks that these runs hold; a run that finishes in
+        // this call lets them go, and the next call plans them.
+        let held_before: BTreeSet<PathBuf> = runs.iter().map(|r| r.dir.clone()).collect();
+        let now = Utc::now();
+        let mut cost_left = cfg.plan.max_cost_usd;
+        for family in &order {
+            let report = family_entry(&mut families, family);
+            if cost_left.is_some_and(|left| left <= 0.0) {
+                report.waits =
+                    Some("--max-cost is spent for this call; a later sync plans it".to_owned());
+                waiting_since.entry(family.clone()).or_insert(now);
+                continue;
+            }
+            let plan_cfg = crate::config::PlanConfig {
+                family_id: family.clone(),
+                max_cost_usd: cost_left,
+                ..cfg.plan.clone()
+            };
+            match plan::plan(global, &plan_cfg, &inner, Utc::now()).await {
+                Ok(PlanOutcome::Planned { run_dir }) => {
+                    waiting_since.remove(family);
+                    let run = store::load(&run_dir)?;
+                    if let (Some(left), Some(cost)) = (cost_left, run.plan.estimated_cost_usd) {
+                        cost_left = Some(left - cost);
+                    }
+                    report.planned = Some(Planned {
+                        run_dir: Some(run_dir.display().to_string()),
+                        chunks: run.plan.chunks,
+                        tokens: run.plan.tokens,
+                        estimated_cost_usd: run.plan.estimated_cost_usd,
+                    });
+                    runs.push(RunEntry {
+                        dir: run_dir,
+                        family: family.clone(),
+                        created_at: run.created_at,
+                        run,
+                        error: None,
+                    });
+                }
+                Ok(PlanOutcome::NothingToDo | PlanOutcome::HeldByUnsubmitted { .. }) => {
+                    waiting_since.remove(family);
+                }
+                Err(err) => {
+                    if err.downcast_ref::<Interrupted>().is_some() {
+                        return Err(err);
+                    }
+                    if let Some(over) = err.downcast_ref::<OverMaxCost>() {
+                        report.waits = Some(format!(
+                            "its plan (${:.4}) is over what is left of --max-cost (${:.4}); a later sync plans it",
+                            over.cost, over.max
+                        ));
+                        waiting_since.entry(family.clone()).or_insert(now);
+                    } else if err
+                        .downcast_ref::<LockError>()
+                        .is_some_and(LockError::is_held)
+                    {
+                        report.waits = Some(format!("{err:#}"));
+                    } else {
+                        report.error = Some(format!("{err:#}"));
+                    }
+                }
+            }
+        }
+        save_waiting(&global.runs_dir, &waiting_since, printer);
+        runs.sort_by(|a, b| (a.created_at, &a.dir).cmp(&(b.created_at, &b.dir)));
+        advance_rounds(global, cfg, &inner, &mut runs).await?;
+        for entry in &runs {
+            if held_before.contains(&entry.dir) && entry.run.is_finished() {
+                let report = family_entry(&mut families, &entry.family);
+                if report.pending_chunks.is_some_and(|n| n > 0) && report.waits.is_none() {
+                    report.waits = Some(format!(
+                        "the run {} finished in this call and let go of chunks it held; the next sync plans those still pending",
+                        entry.dir.display()
+                    ));
+                }
+            }
+        }
+    }
+
+    // The report: one line per family, a totals line, the JSON.
+    for entry in &runs {
+        let report = family_entry(&mut families, &entry.family);
+        if let Some(err) = &entry.error {
+            report.error.get_or_insert_with(|| err.clone());
+        }
+        if !entry.run.is_finished() {
+            report.runs.push(run_report(entry));
+        }
+    }
+    let mut totals = Totals {
+        max_enqueued_tokens: cfg.opts.max_enqueued_tokens,
+        ..Totals::default()
+    };
+    for report in families.values_mut() {
+        report.status = if report.error.is_some() {
+            "failed"
+        } else if report.waits.is_some()
+            || !report.runs.is_empty()
+            // A dry run plans nothing: what it would plan is still to do.
+            || (cfg.dry_run && report.planned.is_some())
+        {
+            "waiting"
+        } else {
+            "done"
+        };
+        totals.families += 1;
+        if let Some(planned) = &report.planned {
+            totals.planned_runs += 1;
+            totals.planned_chunks += planned.chunks;
+            totals.planned_tokens += planned.tokens;
+            totals.planned_cost_usd += planned.estimated_cost_usd.unwrap_or(0.0);
+        }
+        totals.unfinished_runs += report.runs.len();
+        totals.in_flight_tokens += report.runs.iter().map(|r| r.in_flight_tokens).sum::<u64>();
+        match report.status {
+            "failed" => {
+                totals.failed_families += 1;
+                failures.push(format!(
+                    "family {}: {}",
+                    report.family_id,
+                    report.error.as_deref().unwrap_or_default()
+                ));
+            }
+            "waiting" => totals.waiting_families += 1,
+            _ => {}
+        }
+        printer.info(&family_line(report, cfg.dry_run));
+    }
+    printer.info(&totals_line(&totals, cfg.dry_run));
+    let outcome = if !failures.is_empty() {
+        "failed"
+    } else if totals.waiting_families > 0 {
+        "not_yet"
+    } else {
+        "done"
+    };
+    if cfg.json {
+        let report = SyncReport {
+            dry_run: cfg.dry_run,
+            families: families.into_values().collect(),
+            totals,
+            outcome,
+        };
+        printer.data(&serde_json::to_string_pretty(&report)?);
+    }
+    match outcome {
+        "failed" => anyhow::bail!(
+            "{} (the other families were served; fix these and run sync again)",
+            failures.join("; ")
+        ),
+        "not_yet" => Ok(ExitStatus::NotYet),
+        _ => Ok(ExitStatus::Done),
+    }
+}
+
+/// The report entry of `family`, created empty if new.
+fn family_entry<'a>(
+    families: &'a mut BTreeMap<String, FamilyReport>,
+    family: &str,
+) -> &'a mut FamilyReport {
+    families
+        .entry(family.to_owned())
+        .or_insert_with(|| FamilyReport {
+            family_id: family.to_owned(),
+            ..FamilyReport::default()
+        })
+}
+
+/// Whether `run` was planned against this database (`advance` refuses any other).
+fn same_database(run: &RunFile, identity: &crate::run::store::DatabaseIdentity) -> bool {
+    run.database.database == identity.database
+        && match (&run.database.system_identifier, &identity.system_identifier) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+}
+
+/// The families to look at, each with its pending chunk count or why it could not be
+/// counted: the distinct family values among pending rows; with `--families-sql` (or
+/// `--family-id` under `--scope-sql`), each family's scope counted.
+async fn pending_families(
+    source: &Source,
+    client: &mut tokio_postgres::Client,
+    cfg: &SyncConfig,
+    only: Option<&BTreeSet<String>>,
+) -> anyhow::Result<Vec<(String, Result<u64, String>)>> {
+    let scoped: Option<Vec<String>> = match (&cfg.families_sql, only) {
+        (Some(sql), _) => Some(source.families_from_sql(client, sql).await?),
+        (None, Some(only)) if source.config.scope_sql.is_some() => {
+            Some(only.iter().cloned().collect())
+        }
+        _ => None,
+    };
+    let Some(families) = scoped else {
+        return Ok(source
+            .families_with_pending(client)
+            .await?
+            .into_iter()
+            .map(|(family, n)| (family, Ok(n)))
+            .collect());
+    };
+    let mut counted = Vec::with_capacity(families.len());
+    for family in families {
+        let n = source
+            .count_pending(client, &family)
+            .await
+            .map_err(|err| err.to_string());
+        counted.push((family, n));
+    }
+    Ok(counted)
+}
+
+/// Advances every run in rounds until a round moves nothing: each round, oldest run first,
+/// each run may create one batch (with a budget), beside the tokens the other runs have in
+/// flight.
+async fn advance_rounds(
+    global: &Global,
+    cfg: &SyncConfig,
+    printer: &Printer,
+    runs: &mut [RunEntry],
+) -> anyhow::Result<()> {
+    let budget = cfg.opts.max_enqueued_tokens;
+    for _ in 0..MAX_ROUNDS {
+        let before: Vec<Vec<StateKind>> = runs.iter().map(|r| kinds(&r.run)).collect();
+        for idx in 0..runs.len() {
+            if runs[idx].error.is_some() || runs[idx].run.is_finished() {
+                continue;
+            }
+            let total: u64 = runs.iter().map(|r| advance::tokens_in_flight(&r.run)).sum();
+            let own = advance::tokens_in_flight(&runs[idx].run);
+            let opts = AdvanceOptions {
+                shared_in_flight_tokens: budget.map(|_| total - own),
+                max_creations: budget.map(|_| 1),
+                wait: false,
+                ..cfg.opts.clone()
+            };
+            let entry = &mut runs[idx];
+            let result = advance::advance(
+                global,
+                &entry.dir,
+                Goal::Done,
+                &opts,
+                "embatch sync",
+                printer,
+            )
+            .await;
+            match result {
+                Ok(_) => {}
+                Err(err) if err.downcast_ref::<Interrupted>().is_some() => return Err(err),
+                // Another command has this run now: it is not ours to move in this call.
+                Err(err)
+                    if err
+                        .downcast_ref::<LockError>()
+                        .is_some_and(LockError::is_held) =>
+                {
+                    entry.error = None;
+                }
+                Err(err) => entry.error = Some(format!("{}: {err:#}", entry.dir.display())),
+            }
+            match store::load(&entry.dir) {
+                Ok(run) => entry.run = run,
+                Err(err) => {
+                    entry.error.get_or_insert_with(|| format!("{err:#}"));
+                }
+            }
+        }
+        let after: Vec<Vec<StateKind>> = runs.iter().map(|r| kinds(&r.run)).collect();
+        // Without a shared budget every run created all it could in its turn.
+        if after == before || budget.is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn kinds(run: &RunFile) -> Vec<StateKind> {
+    run.batches.iter().map(|b| b.state.kind()).collect()
+}
+
+fn run_report(entry: &RunEntry) -> RunReport {
+    let run = &entry.run;
+    RunReport {
+        run_dir: entry.dir.display().to_string(),
+        finished: run.is_finished(),
+        batches: run.batches.len(),
+        in_flight: run.count_in(StateKind::Submitted),
+        in_flight_tokens: advance::tokens_in_flight(run),
+        waiting: [StateKind::Planned, StateKind::Uploaded, StateKind::Queued]
+            .into_iter()
+            .map(|k| run.count_in(k))
+            .sum(),
+    }
+}
+
+fn family_line(report: &FamilyReport, dry_run: bool) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(err) = &report.error {
+        parts.push(format!("failed: {err}"));
+    }
+    if let Some(p) = &report.planned {
+        let cost = p
+            .estimated_cost_usd
+            .map(|c| format!(", ${c:.4}"))
+            .unwrap_or_default();
+        parts.push(match (&p.run_dir, dry_run) {
+            (Some(dir), _) => format!(
+                "planned {} chunks ({} tokens{cost}) in {dir}",
+                p.chunks, p.tokens
+            ),
+            (None, _) => format!("would plan {} chunks ({} tokens{cost})", p.chunks, p.tokens),
+        });
+    }
+    if let Some(waits) = &report.waits {
+        parts.push(format!("waits: {waits}"));
+    }
+    if !report.runs.is_empty() {
+        let in_flight: usize = report.runs.iter().map(|r| r.in_flight).sum();
+        let tokens: u64 = report.runs.iter().map(|r| r.in_flight_tokens).sum();
+        let waiting: usize = report.runs.iter().map(|r| r.waiting).sum();
+        parts.push(format!(
+            "{} unfinished run{}: {in_flight} batches in flight ({tokens} tokens), {waiting} not created yet",
+            report.runs.len(),
+            if report.runs.len() == 1 { "" } else { "s" }
+        ));
+    }
+    if parts.is_empty() {
+        parts.push(if report.pending_chunks.is_some_and(|n| n > 0) {
+            "done: nothing left to send (its pending chunks are skipped or held)".to_owned()
+        } else {
+            "done".to_owned()
+        });
+    }
+    format!(
+        "{}family {}: {}",
+        if dry_run { "dry run: " } else { "" },
+        report.family_id,
+        parts.join("; ")
+    )
+}
+
+fn totals_line(t: &Totals, dry_run: bool) -> String {
+    let budget = t
+        .max_enqueued_tokens
+        .map(|m| format!(" of --max-enqueued-tokens {m}"))
+        .unwrap_or_default();
+    format!(
+        "{}sync: {} families; {} {} runs ({} chunks, {} tokens, ${:.4}); {} unfinished runs with {} tokens in flight{budget}; {} waiting, {} failed",
+        if dry_run { "dry run: " } else { "" },
+        t.families,
+        if dry_run { "would plan" } else { "planned" },
+        t.planned_runs,
+        t.planned_chunks,
+        t.planned_tokens,
+        t.planned_cost_usd,
+        t.unfinished_runs,
+        t.in_flight_tokens,
+        t.waiting_families,
+        t.failed_families,
+    )
+}
+
+/// Families that waited for `--max-cost`, with when they first did (`sync-waiting.json`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct WaitingFile {
+    waiting_since: BTreeMap<String, DateTime<Utc>>,
+}
+
+fn load_waiting(runs_dir: &Path) -> BTreeMap<String, DateTime<Utc>> {
+    // Only an order depends on it: a missing or unreadable file is an empty one.
+    fs_err::read(runs_dir.join(SYNC_WAITING_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<WaitingFile>(&bytes).ok())
+        .map(|f| f.waiting_since)
+        .unwrap_or_default()
+}
+
+fn save_waiting(runs_dir: &Path, waiting: &BTreeMap<String, DateTime<Utc>>, printer: &Printer) {
+    let path = runs_dir.join(SYNC_WAITING_FILE);
+    let file = WaitingFile {
+        waiting_since: waiting.clone(),
+    };
+    let written = serde_json::to_vec_pretty(&file)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| store::write_atomic(&path, &bytes).map_err(anyhow::Error::from));
+    if let Err(err) = written {
+        printer.warn(&format!(
+            "could not save {} ({err:#}); the families waiting for --max-cost may not be served first next time",
+            path.display()
+        ));
+    }
+}
