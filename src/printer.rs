@@ -82,14 +82,16 @@ impl Printer {
         bar
     }
 
-    /// A one-line live display (a spinner with a message), for `--wait`.
-    pub fn waiting_line(&self, message: String) -> ProgressBar {
+    /// A one-line live display (a spinner with a message), for `--wait`: the time shown counts
+    /// from `waited` (the whole wait so far), not from this poll.
+    pub fn waiting_line(&self, message: String, waited: std::time::Duration) -> ProgressBar {
         if !self.bars {
             return ProgressBar::hidden();
         }
-        let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        let bar =
+            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()).with_elapsed(waited);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {wide_msg} ({elapsed})")
+            ProgressStyle::with_template("{spinner} {wide_msg} (waited {elapsed})")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         bar.set_message(message);
@@ -129,5 +131,41 @@ impl Printer {
         );
         bar.set_message(message);
         bar
+    }
+}
+
+/// A count as every message and table writes it: `950,000` (thousands separated by commas).
+pub fn number(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `1 chunk`, `2 chunks`, `1,000 chunks`: a count and its noun, in the right number. `plural`
+/// is the plural form (`batches`).
+pub fn count(n: u64, singular: &str, plural: &str) -> String {
+    format!("{} {}", number(n), if n == 1 { singular } else { plural })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{count, number};
+
+    #[test]
+    fn numbers_have_thousands_separators_and_nouns_agree() {
+        assert_eq!(number(0), "0");
+        assert_eq!(number(999), "999");
+        assert_eq!(number(1_000), "1,000");
+        assert_eq!(number(950_000), "950,000");
+        assert_eq!(number(12_345_678), "12,345,678");
+        assert_eq!(count(1, "chunk", "chunks"), "1 chunk");
+        assert_eq!(count(2, "batch", "batches"), "2 batches");
+        assert_eq!(count(1_000, "chunk", "chunks"), "1,000 chunks");
     }
 }

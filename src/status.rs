@@ -12,6 +12,8 @@ use crate::run::layout;
 use crate::run::state::{BatchState, LineAnomalies, RequestCounts, StateKind};
 use crate::run::store::{BatchRecord, RunFile};
 
+pub mod summary;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusJson {
     pub run_id: String,

@@ -14,4 +14,5 @@ mod security;
 mod serve;
 mod status;
 mod tls_front;
+mod ux;
 mod version;
