@@ -65,6 +65,21 @@ impl Printer {
         self.colour
     }
 
+    /// The width tables fit on stdout: `COLUMNS` when set to a number, else the terminal's
+    /// width (the `terminal_size` crate, which clap's help wrapping uses too); `None` when
+    /// stdout is not a terminal (a file or a pipe gets every column).
+    pub fn width(&self) -> Option<usize> {
+        if let Some(columns) = std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.trim().parse::<usize>().ok())
+            .filter(|&c| c > 0)
+        {
+            return Some(columns);
+        }
+        terminal_size::terminal_size_of(std::io::stdout())
+            .map(|(terminal_size::Width(w), _)| usize::from(w))
+    }
+
     /// A counter of rows with no known total (a spinner with a count and rate).
     pub fn row_counter(&self, message: &'static str) -> ProgressBar {
         if !self.bars {
