@@ -9,6 +9,7 @@ use comfy_table::{Cell, CellAlignment, Color, ContentArrangement, Table, presets
 use serde::Serialize;
 
 use crate::printer::{count, number};
+use crate::run::folders::run_state;
 use crate::run::layout;
 use crate::run::state::{BatchState, LineAnomalies, RequestCounts, StateKind};
 use crate::run::store::{BatchRecord, RunFile};
@@ -299,17 +300,6 @@ fn run_name(status: &StatusJson) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| status.run_id.clone())
-}
-
-/// The run's state in a word or three: `finished`, `cancelled`, `cancelled, batches still
-/// ending`, `in progress`.
-pub fn run_state(finished: bool, cancelled: bool) -> &'static str {
-    match (finished, cancelled) {
-        (true, false) => "finished",
-        (true, true) => "cancelled",
-        (false, true) => "cancelled, batches still ending",
-        (false, false) => "in progress",
-    }
 }
 
 /// The human table: one row per batch and a totals row, fitted to `width` columns (`None`:

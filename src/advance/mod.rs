@@ -175,8 +175,23 @@ pub async fn advance(
             ),
             started.elapsed(),
         );
-        tokio::time::sleep(opts.poll).await;
+        // ctrl-c or SIGTERM while waiting between polls: clear the line, say how to resume.
+        let guard =
+            crate::interrupt::Guard::install().context("could not set up the signal handlers")?;
+        let signal = tokio::select! {
+            () = tokio::time::sleep(opts.poll) => None,
+            signal = guard.wait() => Some(signal),
+        };
+        drop(guard);
         waiter.finish_and_clear();
+        if let Some(signal) = signal {
+            stepper.report(Next::Interrupted(signal));
+            return Err(crate::interrupt::Interrupted {
+                signal,
+                what: summary::resume_advice(run_dir),
+            }
+            .into());
+        }
     }
 }
 
@@ -199,7 +214,11 @@ pub async fn cancel(
         "embatch cancel",
         &AdvanceOptions::default(),
         printer,
-    )?;
+    )
+    .map_err(|err| match err.downcast::<crate::run::lock::LockError>() {
+        Ok(held) => anyhow::Error::new(held.for_cancel()),
+        Err(other) => other,
+    })?;
     stepper.run.cancelled = true;
     stepper.save()?;
     let mut failures: Vec<String> = Vec::new();

@@ -421,7 +421,7 @@ struct RunsArgs {
     /// Only the runs of this family
     #[arg(long, value_name = "ID")]
     family_id: Option<String>,
-    /// Print JSON, one object per run
+    /// Print one JSON array on stdout, an object per run (`[]` when there is none)
     #[arg(long)]
     json: bool,
 }

@@ -90,6 +90,8 @@ pub enum Next {
     DatabaseLost,
     /// An error stops the call; it is printed after this line (exit 1).
     Stopped,
+    /// ctrl-c or SIGTERM while waiting between polls (exit 128 + the signal).
+    Interrupted(i32),
 }
 
 /// `20 batches: 3 ingested, 17 in_progress (412,000 / 950,000 requests)`: the batches by
@@ -226,7 +228,25 @@ pub fn next(run: &RunFile, run_dir: &Path, next: Next) -> String {
                 .to_owned()
         }
         Next::Stopped => "stopped by the error below (exit 1)".to_owned(),
+        Next::Interrupted(signal) => format!(
+            "stopped by {}, the run is saved (exit {})",
+            match signal {
+                2 => "ctrl-c".to_owned(),
+                15 => "SIGTERM".to_owned(),
+                other => format!("signal {other}"),
+            },
+            128 + signal
+        ),
     }
+}
+
+/// What an interrupted wait prints last (after "interrupted by SIGINT"): the command that
+/// resumes it.
+pub fn resume_advice(run_dir: &Path) -> String {
+    format!(
+        "; the run is saved, resume it with: embatch advance --run-dir {} --wait",
+        run_dir.display()
+    )
 }
 
 /// The whole line: `20 batches: 3 ingested, 17 in_progress (412,000 / 950,000 requests); this

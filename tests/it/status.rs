@@ -96,7 +96,11 @@ async fn small_plan_snapshots_run_json_and_status() {
     assert_eq!(listed[0]["states"]["planned"], 2);
     let runs = env.run(&["runs", "--family-id", &family.to_string()]);
     assert!(runs.stdout.contains(&run_dir_str), "{runs:#?}");
-    assert!(runs.stdout.contains("unfinished"), "{runs:#?}");
+    assert!(runs.stdout.contains("  in progress  "), "{runs:#?}");
+    assert!(
+        runs.stdout.contains("3 chunks in 2 batches (2 planned)"),
+        "{runs:#?}"
+    );
 }
 
 #[tokio::test]

@@ -75,3 +75,119 @@ async fn the_last_advance_says_finished() {
         "2 batches: 2 ingested; this call: ingested 2; finished (exit 0)"
     );
 }
+
+fn spawn(env: &TestEnv, args: &[&str]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::from(env.command());
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd.spawn().expect("spawn embatch")
+}
+
+async fn finish(child: tokio::process::Child) -> crate::harness::Run {
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("embatch stops soon after the signal")
+        .expect("wait for embatch");
+    crate::harness::Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Waits until every batch of the run is created (the `advance --wait` child is then sleeping
+/// between polls, holding the run's lock).
+async fn until_submitted(run_dir: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let submitted = embatch::run::store::load(run_dir).is_ok_and(|run| {
+            run.batches
+                .iter()
+                .all(|b| b.state.kind() == embatch::run::state::StateKind::Submitted)
+        });
+        if submitted {
+            // The save comes before the sleep begins.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "never submitted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn ctrl_c_while_waiting_says_how_to_resume_and_cancel_names_the_holder() {
+    let (env, run_dir) = planned(3, Duration::from_secs(60)).await;
+    let dir = run_dir.to_str().unwrap();
+    for (signal, code) in [
+        (nix::sys::signal::Signal::SIGINT, 130),
+        (nix::sys::signal::Signal::SIGTERM, 143),
+    ] {
+        let child = spawn(
+            &env,
+            &[
+                "advance",
+                "--run-dir",
+                dir,
+                "--wait",
+                "--poll-seconds",
+                "30",
+            ],
+        );
+        let pid = child.id().expect("running");
+        until_submitted(&run_dir).await;
+
+        // `cancel` while the wait holds the lock: it names the process and says to stop it.
+        let cancel = env.exec(&["cancel", "--run-dir", dir]).await;
+        assert_eq!(cancel.code, 75, "{cancel:#?}");
+        assert!(
+            cancel.stderr.contains(&format!("(pid {pid} on "))
+                && cancel.stderr.contains("stop that process first")
+                && cancel.stderr.contains(&format!("`kill {pid}`"))
+                && cancel
+                    .stderr
+                    .contains(&format!("then run `embatch cancel --run-dir {dir}` again")),
+            "{cancel:#?}"
+        );
+
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
+        let run = finish(child).await;
+        assert_eq!(run.code, code, "{run:#?}");
+        assert!(
+            run.stderr.contains(&format!(
+                "the run is saved, resume it with: embatch advance --run-dir {dir} --wait"
+            )),
+            "{run:#?}"
+        );
+        assert!(
+            summary_line(&run.stderr).ends_with(&format!("the run is saved (exit {code})")),
+            "{run:#?}"
+        );
+    }
+
+    // Cancelled now (nothing holds the lock): `status` and `runs` say so.
+    let cancel = env.exec(&["cancel", "--run-dir", dir]).await;
+    assert!(cancel.code == 0 || cancel.code == 75, "{cancel:#?}");
+    let status = env.run(&["status", "--run-dir", dir]);
+    assert!(
+        status
+            .stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with(" · cancelled")
+                || l.ends_with(" · cancelled, batches still ending")),
+        "{status:#?}"
+    );
+    let runs = env.run(&["runs"]);
+    assert!(runs.stdout.contains("  cancelled"), "{runs:#?}");
+}
+
+#[tokio::test]
+async fn runs_json_is_one_array_even_when_empty() {
+    let env = TestEnv::new().await;
+    let runs = env.run(&["runs", "--json"]);
+    assert_eq!(runs.code, 0, "{runs:#?}");
+    assert_eq!(runs.stdout.trim(), "[]");
+}

@@ -208,6 +208,10 @@ fn summary_in_each_phase() {
             line(&downloaded, &downloaded, Next::DatabaseLost),
         ),
         ("refreshed", line(&validating, &refreshed, Next::Refreshed)),
+        (
+            "ctrl-c while waiting",
+            line(&in_progress, &in_progress, Next::Interrupted(2)),
+        ),
     ];
     let text: String = lines
         .iter()
