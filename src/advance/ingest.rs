@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 use super::{Progress, Stepper};
 use crate::output::{FailReason, LineOutcome, parse_line_bytes};
 use crate::pg::sink::{RowOutcome, Sink, VectorRow};
-use crate::pg::source::{self, quote_ident};
+use crate::pg::source;
 use crate::run::layout::{CHUNKS_FILE, ERRORS_FILE, FAILED_FILE, OUTPUT_FILE};
 use crate::run::state::{
     BatchState, Event, IngestCounts, IngestFile, IngestOutcome, IngestProgress, LineAnomalies,
@@ -107,14 +107,8 @@ impl Stepper {
             let source = &self.run.settings.source;
             let indexes = crate::pg::sink::ann_indexes(&client, source).await?;
             for index in &indexes {
-                self.printer.warn(&format!(
-                    "column {} has a {} index ({}): updates run about 100 times slower with it; drop it before the backfill and build it afterwards (`DROP INDEX {}` … `CREATE INDEX … USING {}`)",
-                    source.embedding_column,
-                    index.method,
-                    index.name,
-                    quote_ident(&index.name),
-                    index.method
-                ));
+                self.printer
+                    .warn(&index.slow_write_warning(&source.table, &source.embedding_column));
             }
             let overwrite = self.opts.overwrite || self.run.settings.reembed;
             let sink = Sink::prepare(&client, source, overwrite).await?;

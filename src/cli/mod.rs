@@ -298,8 +298,8 @@ struct PlanBatchArgs {
     /// Requests per batch file (provider maximum 50000)
     #[arg(long, value_name = "N", default_value_t = BatchLimits::MAX_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=i64::from(BatchLimits::MAX_REQUESTS)), help_heading = HEADING_BATCH_LIMITS)]
     max_requests_per_batch: u32,
-    /// Bytes per batch file (the provider's cap is 200 MB)
-    #[arg(long, value_name = "BYTES", default_value_t = BatchLimits::DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..), help_heading = HEADING_BATCH_LIMITS)]
+    /// Bytes per batch file (at most the provider's cap, 200 MiB = 209715200)
+    #[arg(long, value_name = "BYTES", default_value_t = BatchLimits::DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..=BatchLimits::PROVIDER_MAX_BYTES), help_heading = HEADING_BATCH_LIMITS)]
     max_bytes_per_batch: u64,
     /// Tokens per batch file
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = HEADING_BATCH_LIMITS)]

@@ -150,6 +150,24 @@ fn too_many_requests_per_batch_is_a_usage_error() {
     assert_eq!(err.exit_code(), 2);
 }
 
+#[test]
+fn bytes_per_batch_above_the_providers_cap_is_a_usage_error() {
+    let with = |bytes: &str| {
+        parse([
+            "embatch",
+            "submit",
+            "--family-id",
+            "f",
+            "--max-bytes-per-batch",
+            bytes,
+        ])
+    };
+    let err = with("209715201").err().unwrap();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("1..=209715200"), "{err}");
+    assert!(with("209715200").is_ok());
+}
+
 /// The help of `args` (e.g. `["plan", "--help"]`) as the binary prints it, at 100 columns.
 fn help_of(args: &[&str]) -> String {
     let err = command()

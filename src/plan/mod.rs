@@ -26,7 +26,7 @@ use crate::models;
 use crate::pg::conn::DbTarget;
 use crate::pg::source::{self, FamilyIdType, Source};
 use crate::plan::request::RequestTemplate;
-use crate::printer::Printer;
+use crate::printer::{Printer, count, number};
 use crate::run::folders::{self, HeldChunks};
 use crate::run::layout::{self, PARTIAL_PREFIX, SKIPPED_FILE};
 use crate::run::lock::{self, FamilyLock};
@@ -137,6 +137,7 @@ async fn plan_uninterrupted(
     let mut client = target.connect().await?;
     progress.cancel = Some((target.clone(), client.cancel_token()));
     let source = Source::inspect(&client, &cfg.source).await?;
+    warn_vector_indexes(&client, &source, printer).await;
     // One family, one identity: the id as the database reads it names the runs folder, the
     // held chunks, the lock and run.json, whichever way it was spelled.
     let family_type = source.family_id_type(&client).await?;
@@ -266,6 +267,7 @@ async fn plan_uninterrupted(
     report(
         printer,
         cfg,
+        dims.dimensions,
         &family,
         &summary,
         &written,
@@ -344,6 +346,18 @@ async fn plan_uninterrupted(
     progress.partial_dir = None;
     family_lock.release(&client).await;
     Ok(PlanOutcome::Planned { run_dir })
+}
+
+/// Warns about an HNSW or IVFFlat index on the embedding column here, where the user decides
+/// whether to drop it before the backfill (`advance` warns again before it writes). Best effort:
+/// a catalog that cannot be read only costs the warning.
+async fn warn_vector_indexes(client: &tokio_postgres::Client, source: &Source, printer: &Printer) {
+    let settings = source.settings();
+    if let Ok(indexes) = crate::pg::sink::ann_indexes(client, &settings).await {
+        for index in indexes {
+            printer.warn(&index.slow_write_warning(&settings.table, &settings.embedding_column));
+        }
+    }
 }
 
 /// Names the plan's database session `embatch plan <family>` (unless the connection string
@@ -452,6 +466,7 @@ fn remove_partial(partial_dir: &Path) {
 fn report(
     printer: &Printer,
     cfg: &PlanConfig,
+    dimensions: u32,
     family: &str,
     summary: &PlanSummary,
     written: &Written,
@@ -460,17 +475,17 @@ fn report(
     run_dir: Option<&Path>,
 ) {
     printer.info(&format!(
-        "family {family}: {} chunks to embed ({} tokens) in {} batch{}",
-        summary.chunks,
-        summary.tokens,
-        written.batches.len(),
-        if written.batches.len() == 1 { "" } else { "es" }
+        "family {family}: {} to embed ({}) in {}, {}, vector({dimensions})",
+        count(summary.chunks, "chunk", "chunks"),
+        count(summary.tokens, "token", "tokens"),
+        count(written.batches.len() as u64, "batch", "batches"),
+        cfg.model,
     ));
     if summary.skipped > 0 {
         let reasons: Vec<String> = written
             .skipped
             .iter()
-            .map(|(reason, n)| format!("{}: {n}", reason.as_str()))
+            .map(|(reason, n)| format!("{}: {}", reason.as_str(), number(*n)))
             .collect();
         // skipped.tsv exists only in a run that is created.
         let listed = match run_dir {
@@ -478,16 +493,16 @@ fn report(
             None => String::new(),
         };
         printer.info(&format!(
-            "skipped {} chunks, never sent ({}){listed}",
-            summary.skipped,
+            "skipped {}, never sent ({}){listed}",
+            count(summary.skipped, "chunk", "chunks"),
             reasons.join(", ")
         ));
     }
     if summary.truncated > 0 {
         printer.info(&format!(
-            "truncated {} chunks to {} tokens (--on-too-long truncate)",
-            summary.truncated,
-            tokens::MAX_INPUT_TOKENS
+            "truncated {} to {} tokens (--on-too-long truncate)",
+            count(summary.truncated, "chunk", "chunks"),
+            number(tokens::MAX_INPUT_TOKENS as u64)
         ));
     }
     for (idx, n) in written.held.iter().enumerate() {

@@ -191,3 +191,61 @@ async fn runs_json_is_one_array_even_when_empty() {
     assert_eq!(runs.code, 0, "{runs:#?}");
     assert_eq!(runs.stdout.trim(), "[]");
 }
+
+#[tokio::test]
+async fn a_database_without_pgvector_is_told_to_install_it() {
+    let env = TestEnv::empty().await;
+    env.client
+        .batch_execute(
+            "DROP EXTENSION vector;
+             CREATE TABLE equipment_families (id uuid PRIMARY KEY);
+             CREATE TABLE knowledge_chunks (id uuid PRIMARY KEY, equipment_family_id uuid,
+                                            content text, embedding real[]);",
+        )
+        .await
+        .unwrap();
+    let plan = env.run(&[
+        "plan",
+        "--family-id",
+        "3f8e0c9a-0000-4000-8000-000000000001",
+    ]);
+    plan.assert_error("install pgvector: `CREATE EXTENSION vector`");
+}
+
+#[tokio::test]
+async fn run_dir_at_a_family_folder_lists_its_runs() {
+    let (env, run_dir) = planned(3, Duration::ZERO).await;
+    let family_dir = run_dir.parent().unwrap();
+    let status = env.run(&["status", "--run-dir", family_dir.to_str().unwrap()]);
+    status.assert_error("is a family folder, not a run; point --run-dir at one of its runs:");
+    assert!(
+        status
+            .stderr
+            .contains(&format!("\n  {}", run_dir.display())),
+        "{status:#?}"
+    );
+    let advance = env
+        .exec(&["advance", "--run-dir", family_dir.to_str().unwrap()])
+        .await;
+    advance.assert_error("is a family folder, not a run");
+}
+
+#[tokio::test]
+async fn plan_shows_the_vector_size_with_thousands_separated() {
+    let env = TestEnv::new().await;
+    let family = env.add_family(1).await;
+    let texts: Vec<String> = (0..1_200)
+        .map(|i| format!("Chunk {i} of the manual."))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    env.add_chunks(family, &refs).await;
+    let plan = env.plan(family, &[]);
+    assert_eq!(plan.code, 0, "{plan:#?}");
+    assert!(
+        plan.stderr.contains("1,200 chunks to embed (")
+            && plan
+                .stderr
+                .contains(" in 1 batch, text-embedding-3-small, vector(1536)"),
+        "{plan:#?}"
+    );
+}
