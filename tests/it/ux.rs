@@ -249,3 +249,25 @@ async fn plan_shows_the_vector_size_with_thousands_separated() {
         "{plan:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_warns_at_start_when_the_api_refuses_the_key() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig::default())
+        .await;
+    let refused = env
+        .serve(&[], &[("OPENAI_API_KEY", "sk-not-the-emulators")])
+        .await;
+    let text = refused.stderr_text();
+    assert!(
+        text.contains("the API rejected the key (HTTP 401)") && text.contains("serving anyway"),
+        "{text}"
+    );
+    let accepted = env.serve(&[], &[]).await;
+    assert!(
+        !accepted.stderr_text().contains("rejected"),
+        "{}",
+        accepted.stderr_text()
+    );
+}
