@@ -475,7 +475,7 @@ fn report(
     run_dir: Option<&Path>,
 ) {
     printer.info(&format!(
-        "family {family}: {} to embed ({}) in {}, {}, vector({dimensions})",
+        "family {family}: {} to embed ({}) in {}, {}, {dimensions} dims",
         count(summary.chunks, "chunk", "chunks"),
         count(summary.tokens, "token", "tokens"),
         count(written.batches.len() as u64, "batch", "batches"),

@@ -245,7 +245,7 @@ async fn plan_shows_the_vector_size_with_thousands_separated() {
         plan.stderr.contains("1,200 chunks to embed (")
             && plan
                 .stderr
-                .contains(" in 1 batch, text-embedding-3-small, vector(1536)"),
+                .contains(" in 1 batch, text-embedding-3-small, 1536 dims"),
         "{plan:#?}"
     );
 }
