@@ -103,8 +103,14 @@ impl Printer {
         if !self.bars {
             return ProgressBar::hidden();
         }
-        let bar =
-            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()).with_elapsed(waited);
+        // Three columns short of the terminal: a line drawn to the last column leaves the cursor
+        // past the edge, where the terminal's echo of a ctrl-c (`^C`) wraps to a new line, and the
+        // bar could no longer be cleared from there.
+        let bar = ProgressBar::with_draw_target(
+            None,
+            ProgressDrawTarget::term_like_with_hz(Box::new(StderrShortOfEdge), 20),
+        )
+        .with_elapsed(waited);
         bar.set_style(
             ProgressStyle::with_template("{spinner} {wide_msg} (waited {elapsed})")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
@@ -146,6 +152,73 @@ impl Printer {
         );
         bar.set_message(message);
         bar
+    }
+}
+
+/// stderr as indicatif draws on it, but three columns narrower than the terminal (see
+/// [`Printer::waiting_line`]).
+#[derive(Debug)]
+struct StderrShortOfEdge;
+
+impl StderrShortOfEdge {
+    fn write(&self, text: &str) -> std::io::Result<()> {
+        std::io::stderr().lock().write_all(text.as_bytes())
+    }
+}
+
+impl indicatif::TermLike for StderrShortOfEdge {
+    fn width(&self) -> u16 {
+        terminal_size::terminal_size_of(std::io::stderr())
+            .map(|(terminal_size::Width(w), _)| w.saturating_sub(3).max(1))
+            .unwrap_or(79)
+    }
+
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            self.write(&format!("\x1b[{n}A"))
+        }
+    }
+
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            self.write(&format!("\x1b[{n}B"))
+        }
+    }
+
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            self.write(&format!("\x1b[{n}C"))
+        }
+    }
+
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            self.write(&format!("\x1b[{n}D"))
+        }
+    }
+
+    fn write_line(&self, line: &str) -> std::io::Result<()> {
+        self.write(&format!("{line}\n"))
+    }
+
+    fn write_str(&self, text: &str) -> std::io::Result<()> {
+        self.write(text)
+    }
+
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.write("\r\x1b[2K")
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
