@@ -88,8 +88,9 @@ impl Printer {
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
-                "{spinner} {msg}: {human_pos} rows ({per_sec}, {elapsed})",
+                "{spinner} {msg}: {human_pos} rows ({rows_per_sec}, {elapsed})",
             )
+            .map(|style| style.with_key("rows_per_sec", rows_per_sec))
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         bar.set_message(message);
@@ -128,8 +129,9 @@ impl Printer {
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
         bar.set_style(
             ProgressStyle::with_template(
-                "{msg} [{bar:30}] {human_pos}/{human_len} rows ({per_sec}, eta {eta})",
+                "{msg} [{bar:30}] {human_pos}/{human_len} rows ({rows_per_sec}, eta {eta})",
             )
+            .map(|style| style.with_key("rows_per_sec", rows_per_sec))
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(message);
@@ -220,6 +222,12 @@ impl indicatif::TermLike for StderrShortOfEdge {
     fn flush(&self) -> std::io::Result<()> {
         std::io::stderr().flush()
     }
+}
+
+/// The rate of a row bar as the rest of the output writes numbers: `24,928 rows/s` (indicatif's
+/// own `{per_sec}` writes `24928.1999/s`).
+fn rows_per_sec(state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write) {
+    let _ = write!(out, "{} rows/s", number(state.per_sec().max(0.0) as u64));
 }
 
 /// A count as every message and table writes it: `950,000` (thousands separated by commas).
