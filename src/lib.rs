@@ -239,7 +239,11 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             if status_cfg.json {
                 printer.data(&serde_json::to_string_pretty(&view)?);
             } else {
-                printer.data(&status::render_table(&view, printer.colour()));
+                printer.data(&status::render_table(
+                    &view,
+                    printer.colour(),
+                    printer.width(),
+                ));
             }
             Ok(ExitStatus::Done)
         }

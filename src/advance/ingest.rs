@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 use crate::output::{FailReason, LineOutcome, parse_line_bytes};
 use crate::pg::conn::DbTarget;
 use crate::pg::sink::{RowOutcome, Sink, VectorRow};
-use crate::pg::source::{self, quote_ident};
+use crate::pg::source;
 use crate::printer::Printer;
 use crate::run::layout::{CHUNKS_FILE, ERRORS_FILE, FAILED_FILE, OUTPUT_FILE};
 use crate::run::state::{
@@ -128,14 +128,7 @@ impl DbContext {
         let source = &run.settings.source;
         let indexes = crate::pg::sink::ann_indexes(&client, source).await?;
         for index in &indexes {
-            printer.warn(&format!(
-                "column {} has a {} index ({}): updates run about 100 times slower with it; drop it before the backfill and build it afterwards (`DROP INDEX {}` … `CREATE INDEX … USING {}`)",
-                source.embedding_column,
-                index.method,
-                index.name,
-                quote_ident(&index.name),
-                index.method
-            ));
+            printer.warn(&index.slow_write_warning(&source.table, &source.embedding_column));
         }
         let sink = Sink::prepare(&client, source, overwrite).await?;
         // Best effort: with one connection ingest is only slower.

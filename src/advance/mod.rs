@@ -43,6 +43,7 @@ use crate::run::layout;
 use crate::run::layout::{BATCH_JSON, ERRORS_FILE, INPUT_FILE, OUTPUT_FILE, batch_dir};
 use crate::run::state::{BatchState, Event, RemoteError, RemoteStatus, StateKind};
 use crate::run::store::{self, RunFile};
+use crate::status::summary::{self, Next};
 
 mod database;
 mod decide;
@@ -89,7 +90,7 @@ pub async fn advance(
             Ok(()) => db_faults_in_a_row = 0,
             // The provider is unreachable or overloaded: nothing is lost, try again later.
             Err(err) if is_transient(&err) && !opts.wait => {
-                stepper.report();
+                stepper.report(Next::ProviderUnavailable);
                 printer.warn(&format!(
                     "{err:#}; the run is saved, run advance again later"
                 ));
@@ -115,7 +116,7 @@ pub async fn advance(
                     stepper.db = None;
                     db_faults_in_a_row += 1;
                     if db_faults_in_a_row > MAX_DB_RECONNECTS {
-                        stepper.report();
+                        stepper.report(Next::DatabaseLost);
                         printer.warn(&format!(
                             "database connection lost ({what}) and {MAX_DB_RECONNECTS} reconnects in a row did not get through; the run is saved, run advance again later"
                         ));
@@ -130,11 +131,11 @@ pub async fn advance(
                     continue;
                 }
                 Some(DbFault::StatementTimeout) => {
-                    stepper.report();
+                    stepper.report(Next::Stopped);
                     return Err(err.context(statement_timeout_advice(&stepper.database)));
                 }
                 Some(DbFault::Unreachable(_)) | None => {
-                    stepper.report();
+                    stepper.report(Next::Stopped);
                     return Err(err);
                 }
             },
@@ -149,20 +150,50 @@ pub async fn advance(
             Goal::RefreshOnly => true,
         };
         if done {
-            stepper.report();
+            stepper.report(match goal {
+                Goal::Submitted => Next::Submitted,
+                Goal::RefreshOnly => Next::Refreshed,
+                Goal::Done | Goal::IngestOnly => Next::Finished,
+            });
             return Ok(ExitStatus::Done);
         }
         let out_of_time = opts
             .max_wait
             .is_some_and(|max| started.elapsed() + opts.poll > max);
         if !opts.wait || out_of_time {
-            stepper.report();
+            stepper.report(if out_of_time {
+                Next::OutOfTime
+            } else {
+                Next::Waiting
+            });
             return Ok(ExitStatus::NotYet);
         }
         // Shown only while sleeping, so that the steps' own messages never tear it.
-        let waiter = printer.waiting_line(stepper.live_line());
-        tokio::time::sleep(opts.poll).await;
+        let waiter = printer.waiting_line(
+            format!(
+                "{}; next poll in {}s",
+                summary::totals(&stepper.run),
+                opts.poll.as_secs()
+            ),
+            started.elapsed(),
+        );
+        // ctrl-c or SIGTERM while waiting between polls: clear the line, say how to resume.
+        let guard =
+            crate::interrupt::Guard::install().context("could not set up the signal handlers")?;
+        let signal = tokio::select! {
+            () = tokio::time::sleep(opts.poll) => None,
+            signal = guard.wait() => Some(signal),
+        };
+        drop(guard);
         waiter.finish_and_clear();
+        if let Some(signal) = signal {
+            stepper.report(Next::Interrupted(signal));
+            return Err(crate::interrupt::Interrupted {
+                signal,
+                what: summary::resume_advice(run_dir),
+            }
+            .into());
+        }
     }
 }
 
@@ -185,7 +216,11 @@ pub async fn cancel(
         "embatch cancel",
         &AdvanceOptions::default(),
         printer,
-    )?;
+    )
+    .map_err(|err| match err.downcast::<crate::run::lock::LockError>() {
+        Ok(held) => anyhow::Error::new(held.for_cancel()),
+        Err(other) => other,
+    })?;
     stepper.run.cancelled = true;
     stepper.save()?;
     let mut failures: Vec<String> = Vec::new();
@@ -198,7 +233,7 @@ pub async fn cancel(
                     matches!(e, ApiError::Auth { .. } | ApiError::Quota { .. })
                 }) =>
             {
-                stepper.report();
+                stepper.report(Next::Stopped);
                 return Err(err);
             }
             Err(err) => failures.push(format!("{}: {err:#}", stepper.name(idx))),
@@ -208,7 +243,14 @@ pub async fn cancel(
     if let Err(err) = stepper.drop_retries() {
         failures.push(format!("{err:#}"));
     }
-    stepper.report();
+    let finished = stepper.is_finished(Goal::Done);
+    stepper.report(if !failures.is_empty() {
+        Next::Stopped
+    } else if finished {
+        Next::Finished
+    } else {
+        Next::Waiting
+    });
     if !failures.is_empty() {
         const SHOWN: usize = 3;
         let mut listed = failures
@@ -227,7 +269,7 @@ pub async fn cancel(
             run_dir.display()
         );
     }
-    Ok(if stepper.is_finished(Goal::Done) {
+    Ok(if finished {
         ExitStatus::Done
     } else {
         ExitStatus::NotYet
@@ -274,6 +316,8 @@ pub(crate) struct Stepper {
     pub(crate) db_reached: bool,
     /// Batch creations tried by this call (bounded by `opts.max_creations`, for `sync`).
     creations: u32,
+    /// Each batch's phase when the call began, for the summary of what it did.
+    opened: summary::Snapshot,
 }
 
 /// What one step did.
@@ -303,6 +347,7 @@ impl Stepper {
         let api = crate::provider::connect::run_provider(&global.api, &run, run_dir, &opts.direct)?;
         let stepper = Stepper {
             run_dir: run_dir.to_path_buf(),
+            opened: summary::Snapshot::of(&run),
             run,
             api,
             printer: *printer,
@@ -415,24 +460,6 @@ impl Stepper {
             }
         }
         Ok(())
-    }
-
-    /// One line per batch for the live display while waiting.
-    fn live_line(&self) -> String {
-        let parts: Vec<String> = self
-            .run
-            .batches
-            .iter()
-            .filter(|b| !b.state.is_done())
-            .map(|b| match b.state.remote() {
-                Some(r) => format!(
-                    "{} {} {}/{}",
-                    b.name, r.status, r.request_counts.completed, r.request_counts.total
-                ),
-                None => format!("{} {}", b.name, b.state.kind().as_str()),
-            })
-            .collect();
-        format!("waiting: {}", parts.join(" · "))
     }
 
     /// One transition of batch `idx`, if one is possible now (`decide` says which).
@@ -1091,22 +1118,13 @@ impl Stepper {
         Ok(())
     }
 
-    pub(crate) fn report(&self) {
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for batch in &self.run.batches {
-            *counts.entry(batch.state.kind().as_str()).or_insert(0) += 1;
-        }
-        let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{n} {k}")).collect();
-        self.printer.info(&format!(
-            "run {}: {} batch{} ({})",
-            self.run.run_id,
-            self.run.batches.len(),
-            if self.run.batches.len() == 1 {
-                ""
-            } else {
-                "es"
-            },
-            parts.join(", ")
+    /// The one-line summary on stderr (`status::summary`): also without `-v`.
+    pub(crate) fn report(&self, ending: Next) {
+        self.printer.info(&summary::one_line(
+            &self.opened,
+            &self.run,
+            &self.run_dir,
+            ending,
         ));
     }
 }

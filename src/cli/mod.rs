@@ -23,7 +23,81 @@ use crate::provider::connect::{ApiSettings, DirectEndpoint};
 use crate::provider::direct::DirectOptions;
 use crate::run::store::OnTooLong;
 
-const AFTER_HELP: &str = "Exit codes: 0 done, 75 not done yet (run again later, or the run is locked), 2 usage error, 1 any other error.";
+/// The exit codes, under the help of the commands where 75 ("not done yet, run again later",
+/// or a lock held by another command) can happen.
+const EXIT_CODES: &str = "Exit codes: 0 done, 75 not done yet (run again later, or the run is locked), 2 usage error, 1 any other error.";
+
+/// Help headings. A command's own options come first, under clap's `Options`; then these
+/// groups, in this order. The global options carry theirs (`Database`, `API`, `Output`); a
+/// command's own options may be grouped under `Chunk table`, `Model`, `Batch limits` (plan's)
+/// or `Advance` (what `run` passes on to its advance).
+pub const HEADING_CHUNK_TABLE: &str = "Chunk table";
+pub const HEADING_MODEL: &str = "Model";
+pub const HEADING_BATCH_LIMITS: &str = "Batch limits";
+pub const HEADING_ADVANCE: &str = "Advance";
+pub const HEADING_DIRECT: &str = "Direct provider";
+pub const HEADING_DATABASE: &str = "Database";
+pub const HEADING_API: &str = "API";
+pub const HEADING_OUTPUT: &str = "Output";
+
+/// The global options each command has no use for: still accepted (old scripts pass them
+/// everywhere), but not listed in its help.
+fn unused_globals(command: &str) -> &'static [&'static str] {
+    const API: [&str; 5] = [
+        "api_key",
+        "base_url",
+        "organization",
+        "project",
+        "api_retries",
+    ];
+    match command {
+        "plan" => &API,
+        "runs" => &[
+            "database_url",
+            "api_key",
+            "base_url",
+            "organization",
+            "project",
+            "api_retries",
+        ],
+        // The emulator takes only the key it accepts.
+        "emulator" => &[
+            "database_url",
+            "base_url",
+            "organization",
+            "project",
+            "api_retries",
+            "runs_dir",
+        ],
+        // `status --refresh` and `cancel` ask the provider but never write vectors.
+        "status" | "cancel" => &["database_url", "runs_dir"],
+        "advance" | "ingest" | "embed" | "serve" => &["runs_dir"],
+        _ => &[],
+    }
+}
+
+/// The command line definition as the parser and `--help` use it: clap's derive output with
+/// each global option hidden from the commands that do not use it.
+fn command() -> clap::Command {
+    let mut cmd = Cli::command();
+    // The build copies each global option into every subcommand that has no option of that
+    // id yet: a hidden copy put there first keeps the option working there, out of its help.
+    let globals: Vec<clap::Arg> = cmd.get_arguments().cloned().collect();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|sc| sc.get_name().to_owned())
+        .collect();
+    for name in names {
+        for &id in unused_globals(&name) {
+            if let Some(arg) = globals.iter().find(|a| a.get_id() == id) {
+                // No heading: a hidden option's heading would still take its place in the order.
+                let hidden = arg.clone().hide(true).help_heading(None);
+                cmd = cmd.mut_subcommand(&name, |sc| sc.arg(hidden));
+            }
+        }
+    }
+    cmd
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,7 +105,7 @@ const AFTER_HELP: &str = "Exit codes: 0 done, 75 not done yet (run again later, 
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("EMBATCH_COMMIT"), ")"),
     about = "Embed Postgres text chunks in bulk through the OpenAI Batch API into pgvector",
     long_about = "Embed the pending text chunks of one family through the OpenAI Batch API (half the price of the realtime endpoint) and write the vectors into a pgvector column. Each run is a crash-safe state machine in run.json.",
-    after_help = AFTER_HELP
+    after_help = "Start with `embatch plan --help`; a run goes plan → advance (again and again) → done.\n\n".to_owned() + EXIT_CODES
 )]
 struct Cli {
     #[command(flatten)]
@@ -40,118 +114,141 @@ struct Cli {
     command: CommandArgs,
 }
 
+/// Options every command accepts (before or after its name). Listed after a command's own
+/// options (`display_order` from 1000), and hidden from the commands that do not use them.
 #[derive(Debug, Args)]
 struct GlobalArgs {
     /// Postgres connection string; `sslmode` and `sslrootcert` mean what they mean to libpq
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true, value_name = "URL", help_heading = HEADING_DATABASE, display_order = 1000)]
     database_url: Option<String>,
     /// OpenAI API key (prefer the environment: a flag shows in the process list)
-    #[arg(long, env = "OPENAI_API_KEY", global = true, hide_env_values = true)]
+    #[arg(long, env = "OPENAI_API_KEY", global = true, hide_env_values = true, value_name = "KEY", help_heading = HEADING_API, display_order = 1010)]
     api_key: Option<String>,
     /// Base URL of the OpenAI-compatible API
     #[arg(
         long,
         env = "OPENAI_BASE_URL",
         global = true,
-        default_value = "https://api.openai.com/v1"
+        hide_env_values = true,
+        value_name = "URL",
+        default_value = "https://api.openai.com/v1",
+        help_heading = HEADING_API,
+        display_order = 1011
     )]
     base_url: String,
     /// Sent as the OpenAI-Organization header
-    #[arg(long, env = "OPENAI_ORG_ID", global = true)]
+    #[arg(long, env = "OPENAI_ORG_ID", global = true, hide_env_values = true, value_name = "ID", help_heading = HEADING_API, display_order = 1012)]
     organization: Option<String>,
     /// Sent as the OpenAI-Project header
-    #[arg(long, env = "OPENAI_PROJECT_ID", global = true)]
+    #[arg(long, env = "OPENAI_PROJECT_ID", global = true, hide_env_values = true, value_name = "ID", help_heading = HEADING_API, display_order = 1013)]
     project: Option<String>,
     /// Retries of an API read or download after a 429, 5xx or connection error (with backoff)
-    #[arg(long, env = "EMBATCH_API_RETRIES", global = true, default_value_t = 6)]
+    #[arg(long, env = "EMBATCH_API_RETRIES", global = true, hide_env_values = true, value_name = "N", default_value_t = 6, help_heading = HEADING_API, display_order = 1014)]
     api_retries: usize,
     /// Folder that holds the runs
     #[arg(
         long,
         env = "EMBATCH_RUNS_DIR",
         global = true,
-        default_value = "./batches"
+        hide_env_values = true,
+        value_name = "DIR",
+        default_value = "./batches",
+        help_heading = HEADING_OUTPUT,
+        display_order = 1020
     )]
     runs_dir: PathBuf,
     /// Never show progress bars
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = HEADING_OUTPUT, display_order = 1021)]
     no_progress: bool,
     /// Print only errors on stderr
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = HEADING_OUTPUT, display_order = 1022)]
     quiet: bool,
     /// Print more detail on stderr
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, help_heading = HEADING_OUTPUT, display_order = 1023)]
     verbose: bool,
 }
 
 #[derive(Debug, Subcommand)]
 enum CommandArgs {
     /// Select the pending chunks of a family and write the run folder; calls no API
-    #[command(after_help = "Example:\n  embatch plan --family-id 3f8e…  # prints the run folder\n\n".to_owned() + AFTER_HELP)]
+    #[command(after_help = "Examples:\n  embatch plan --family-id \"$FAMILY\"              # prints the run folder on stdout\n  embatch plan --family-id \"$FAMILY\" --limit 100  # a trial on a new schema\n\n".to_owned() + EXIT_CODES)]
     Plan(PlanArgs),
-    /// Show the batches of a run (read-only, never locks)
-    #[command(after_help = "Examples:\n  embatch status --run-dir batches/<family>/run_20261124_104500_7f3a\n  embatch status --run-dir … --json\n  embatch status --batch-file …/batches/batch_001/batch.json\n\n".to_owned() + AFTER_HELP)]
+    /// Show the batches of a run (read-only, never locks); needs --run-dir or --batch-file
+    #[command(
+        override_usage = "embatch status --run-dir <DIR> [OPTIONS]\n       embatch status --batch-file <FILE> [OPTIONS]",
+        after_help = "Examples:\n  embatch status --run-dir \"$RUN\"\n  embatch status --run-dir \"$RUN\" --json\n  embatch status --batch-file \"$RUN/batches/batch_001/batch.json\"\n\n".to_owned() + EXIT_CODES
+    )]
     Status(StatusArgs),
     /// List the runs under the runs dir, one line each
-    #[command(after_help = "Example:\n  embatch runs --family-id 3f8e… --json\n\n".to_owned() + AFTER_HELP)]
+    #[command(
+        after_help = "Examples:\n  embatch runs\n  embatch runs --family-id \"$FAMILY\" --json"
+    )]
     Runs(RunsArgs),
     /// Move every batch of a run as far as it can go without waiting (exit 75: run it again later)
-    #[command(after_help = "Examples:\n  embatch advance --run-dir \"$RUN\"            # one step; exit 75 = run again later\n  embatch advance --run-dir \"$RUN\" --wait --max-wait 26h\n\n".to_owned() + AFTER_HELP)]
+    #[command(after_help = "Examples:\n  embatch advance --run-dir \"$RUN\"            # one step; exit 75 = run again later\n  embatch advance --run-dir \"$RUN\" --wait --max-wait 26h\n\n".to_owned() + EXIT_CODES)]
     Advance(AdvanceArgs),
     /// Download and ingest what is complete; never uploads, creates or retries (never spends)
-    #[command(after_help = "Example:\n  embatch ingest --run-dir batches/<family>/run_20261124_104500_7f3a --redownload\n\n".to_owned() + AFTER_HELP)]
+    #[command(after_help = "Examples:\n  embatch ingest --run-dir \"$RUN\"\n  embatch ingest --run-dir \"$RUN\" --redownload\n\n".to_owned() + EXIT_CODES)]
     Ingest(IngestArgs),
     /// Plan, then advance until the run is finished (polls every --poll-seconds)
-    #[command(after_help = "Example:\n  embatch run --family-id 3f8e… --poll-seconds 60\n\n".to_owned() + AFTER_HELP)]
+    #[command(after_help = "Example:\n  embatch run --family-id \"$FAMILY\" --poll-seconds 60\n\n".to_owned() + EXIT_CODES)]
     Run(RunArgs),
     /// Cancel a run: no more creations or retries; remote batches are cancelled
-    #[command(after_help = "Example:\n  embatch cancel --run-dir batches/<family>/run_20261124_104500_7f3a\n\n".to_owned() + AFTER_HELP)]
+    #[command(after_help = "Example:\n  embatch cancel --run-dir \"$RUN\"\n\n".to_owned() + EXIT_CODES)]
     Cancel(RunDirArgs),
     /// Run the built-in OpenAI-compatible emulator (try embatch with no API key)
-    #[command(after_help = "Example:\n  embatch emulator --listen 127.0.0.1:8089 &\n  export OPENAI_BASE_URL=http://127.0.0.1:8089/v1 OPENAI_API_KEY=sk-emulator\n\n".to_owned() + AFTER_HELP)]
+    #[command(
+        after_help = "Example:\n  embatch emulator --listen 127.0.0.1:8089 &\n  export OPENAI_BASE_URL=http://127.0.0.1:8089/v1 OPENAI_API_KEY=sk-emulator"
+    )]
     Emulator(EmulatorArgs),
     /// Plan, then submit the batches (`--dry-run`: write the files only, call no API)
-    #[command(after_help = "Example:\n  embatch submit --family-id 3f8e… --dry-run\n\n".to_owned() + AFTER_HELP)]
+    #[command(after_help = "Examples:\n  embatch submit --family-id \"$FAMILY\"\n  embatch submit --family-id \"$FAMILY\" --dry-run\n\n".to_owned() + EXIT_CODES)]
     Submit(SubmitArgs),
     /// Embed the given chunks now through the realtime /v1/embeddings endpoint
-    #[command(after_help = "Examples:\n  embatch embed --chunk-id 5b1d…                 # one chunk\n  embatch embed --chunk-id 5b1d… --chunk-id 9c2e… --overwrite\n\nstdout: one line per --chunk-id given, in order (repeats too): id, outcome, tokens (tab-separated).\n\n".to_owned() + AFTER_HELP)]
+    #[command(
+        after_help = "Examples:\n  embatch embed --chunk-id \"$CHUNK\"\n  embatch embed --chunk-id \"$CHUNK\" --chunk-id \"$OTHER\" --overwrite\n\nstdout: one line per --chunk-id given, in order (repeats too): id, outcome, tokens (tab-separated).\nExit codes: 0 every chunk has an embedding, 1 some chunk was not embedded (the error names it), 2 usage error."
+    )]
     Embed(EmbedArgs),
     /// Keep a whole table embedded: advance every unfinished run, plan a run per family with pending chunks (for cron)
     #[command(after_help = "Examples:\n  embatch sync --max-enqueued-tokens 3000000 --max-cost 20   # from cron, every 10 minutes\n  embatch sync --dry-run\n  embatch sync --embedding-column embedding_next --model text-embedding-3-large\n\nExit codes: 0 nothing pending and every run finished, 75 work is waiting on the provider (run again later; also when another sync holds the lock), 1 some family failed (the others were still served), 2 usage error.".to_owned())]
     Sync(SyncArgs),
     /// Serve the realtime path over HTTP: POST /api/v1/embed/chunk/{chunk_id}, GET /healthz
-    #[command(after_help = "Example:\n  EMBATCH_SERVE_TOKEN=… embatch serve --listen 127.0.0.1:8080\n  curl -X POST -H \"Authorization: Bearer $EMBATCH_SERVE_TOKEN\" http://127.0.0.1:8080/api/v1/embed/chunk/5b1d…\n\nEMBATCH_SERVE_TOKEN is required on any address other than loopback. SIGTERM or ctrl-c stops it after the requests in flight.\n\n".to_owned() + AFTER_HELP)]
+    #[command(
+        after_help = "Example:\n  export EMBATCH_SERVE_TOKEN=$(openssl rand -hex 32)\n  embatch serve --listen 127.0.0.1:8080 &\n  curl -X POST -H \"Authorization: Bearer $EMBATCH_SERVE_TOKEN\" \\\n    http://127.0.0.1:8080/api/v1/embed/chunk/\"$CHUNK\"\n\nEMBATCH_SERVE_TOKEN is required on any address other than loopback. SIGTERM or ctrl-c stops it after the requests in flight."
+    )]
     Serve(ServeArgs),
 }
 
 /// Where the chunks live: shared by `plan` (inside [`SourceArgs`]), `embed` and `serve`.
 #[derive(Debug, Args)]
+#[command(next_help_heading = HEADING_CHUNK_TABLE)]
 struct ChunkColumnsArgs {
     /// Table holding the chunks (`schema.table` allowed)
-    #[arg(long, default_value = "knowledge_chunks")]
+    #[arg(long, value_name = "TABLE", default_value = "knowledge_chunks")]
     table: String,
     /// Primary key column (uuid, text or bigint)
-    #[arg(long, default_value = "id")]
+    #[arg(long, value_name = "COLUMN", default_value = "id")]
     id_column: String,
     /// Column with the text to embed
-    #[arg(long, default_value = "content")]
+    #[arg(long, value_name = "COLUMN", default_value = "content")]
     text_column: String,
     /// pgvector column that receives the embedding
-    #[arg(long, default_value = "embedding")]
+    #[arg(long, value_name = "COLUMN", default_value = "embedding")]
     embedding_column: String,
     /// Column (bytea or text) that receives the sha256 of the content embedded; rows whose stored hash differs from their content's are pending again
-    #[arg(long)]
+    #[arg(long, value_name = "COLUMN")]
     content_hash_column: Option<String>,
 }
 
 /// The model and the vector size: shared by `plan`, `embed` and `serve`.
 #[derive(Debug, Args)]
+#[command(next_help_heading = HEADING_MODEL)]
 struct ModelArgs {
     /// Embedding model
-    #[arg(long, default_value = DEFAULT_MODEL)]
+    #[arg(long, value_name = "MODEL", default_value = DEFAULT_MODEL)]
     model: String,
     /// Vector size; must equal the column's vector(N)
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     dimensions: Option<u32>,
     /// Who embeds: `openai` (the Batch API) or `direct` (embatch sends the batch files itself to an OpenAI-compatible /v1/embeddings at EMBATCH_DIRECT_BASE_URL or --base-url)
     #[arg(long, value_enum, default_value_t = Provider::Openai)]
@@ -159,50 +256,29 @@ struct ModelArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = HEADING_CHUNK_TABLE)]
 struct SourceArgs {
     #[command(flatten)]
     columns: ChunkColumnsArgs,
     /// Column holding the family id
-    #[arg(long, default_value = "equipment_family_id")]
+    #[arg(long, value_name = "COLUMN", default_value = "equipment_family_id")]
     family_column: String,
     /// Table whose `id` lists the families (`none` skips the check)
-    #[arg(long, default_value = "equipment_families")]
+    #[arg(long, value_name = "TABLE", default_value = "equipment_families")]
     family_table: String,
     /// Query taking $1 = the family id and returning chunk ids (runs read-only); replaces --family-column
-    #[arg(long)]
+    #[arg(long, value_name = "SQL")]
     scope_sql: Option<String>,
 }
 
 #[derive(Debug, Args)]
 struct PlanArgs {
     /// Id of the family whose pending chunks are embedded
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     family_id: String,
-    #[command(flatten)]
-    source: SourceArgs,
     /// At most this many chunks (for trials)
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     limit: Option<u64>,
-    #[command(flatten)]
-    model: ModelArgs,
-    /// `base64` makes output files about 4× smaller; try it on a tiny batch first
-    #[arg(long, value_enum, default_value_t = EncodingFormat::Float)]
-    encoding_format: EncodingFormat,
-    /// Requests per batch file (provider maximum 50000)
-    #[arg(long, default_value_t = BatchLimits::MAX_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=i64::from(BatchLimits::MAX_REQUESTS)))]
-    max_requests_per_batch: u32,
-    /// Bytes per batch file (the provider's cap is 200 MB)
-    #[arg(long, default_value_t = BatchLimits::DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
-    max_bytes_per_batch: u64,
-    /// Tokens per batch file
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    max_tokens_per_batch: Option<u64>,
-    /// Bound on tokens in flight; also caps each batch
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    max_enqueued_tokens: Option<u64>,
-    /// What to do with a chunk over 8191 tokens
-    #[arg(long, value_enum, default_value_t = OnTooLong::Skip)]
-    on_too_long: OnTooLong,
     /// Embed every chunk of the family, not only those without an embedding
     #[arg(long)]
     reembed: bool,
@@ -210,11 +286,41 @@ struct PlanArgs {
     #[arg(long)]
     force: bool,
     /// Refuse the plan if its estimated cost in US dollars is higher
-    #[arg(long)]
+    #[arg(long, value_name = "USD")]
     max_cost: Option<f64>,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    batches: PlanBatchArgs,
+}
+
+/// The model options only plan takes (the price and the output encoding), and the limits of
+/// each batch file.
+#[derive(Debug, Args)]
+struct PlanBatchArgs {
+    /// `base64` makes output files about 4× smaller; try it on a tiny batch first
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = EncodingFormat::Float, help_heading = HEADING_MODEL)]
+    encoding_format: EncodingFormat,
     /// Batch price per million tokens, overriding the built-in table
-    #[arg(long)]
+    #[arg(long, value_name = "USD", help_heading = HEADING_MODEL)]
     price_per_million_tokens: Option<f64>,
+    /// Requests per batch file (provider maximum 50000)
+    #[arg(long, value_name = "N", default_value_t = BatchLimits::MAX_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=i64::from(BatchLimits::MAX_REQUESTS)), help_heading = HEADING_BATCH_LIMITS)]
+    max_requests_per_batch: u32,
+    /// Bytes per batch file (at most the provider's cap, 200 MiB = 209715200)
+    #[arg(long, value_name = "BYTES", default_value_t = BatchLimits::DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..=BatchLimits::PROVIDER_MAX_BYTES), help_heading = HEADING_BATCH_LIMITS)]
+    max_bytes_per_batch: u64,
+    /// Tokens per batch file
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = HEADING_BATCH_LIMITS)]
+    max_tokens_per_batch: Option<u64>,
+    /// Bound on tokens in flight; also caps each batch
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = HEADING_BATCH_LIMITS)]
+    max_enqueued_tokens: Option<u64>,
+    /// What to do with a chunk over 8191 tokens
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = OnTooLong::Skip, help_heading = HEADING_BATCH_LIMITS)]
+    on_too_long: OnTooLong,
 }
 
 #[derive(Debug, Args)]
@@ -222,12 +328,13 @@ struct StatusArgs {
     /// The run folder (run_…)
     #[arg(
         long,
+        value_name = "DIR",
         required_unless_present = "batch_file",
         conflicts_with = "batch_file"
     )]
     run_dir: Option<PathBuf>,
     /// One batch: its batch.json (or its folder)
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     batch_file: Option<PathBuf>,
     /// Print the stable JSON form
     #[arg(long)]
@@ -240,7 +347,7 @@ struct StatusArgs {
 #[derive(Debug, Args)]
 struct RunDirArgs {
     /// The run folder (run_…)
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     run_dir: PathBuf,
 }
 
@@ -250,7 +357,7 @@ struct WriteArgs {
     #[arg(long)]
     overwrite: bool,
     /// Rows per transaction when writing vectors
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     update_chunk_size: u64,
     /// Keep the remote input, output and error files after ingest
     #[arg(long)]
@@ -262,15 +369,15 @@ struct StepArgs {
     #[command(flatten)]
     write: WriteArgs,
     /// Attempts per chunk before it is reported failed
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
     /// Seconds between polls while waiting
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     poll_seconds: u64,
     /// Give up waiting after this long (e.g. 90m, 26h); exit 75
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     max_wait: Option<std::time::Duration>,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = HEADING_DIRECT)]
     direct: DirectArgs,
 }
 
@@ -278,35 +385,35 @@ struct StepArgs {
 #[derive(Debug, Args)]
 struct DirectArgs {
     /// Direct runs: inputs per /v1/embeddings request
-    #[arg(long, default_value_t = crate::provider::direct::DEFAULT_INPUTS_PER_REQUEST, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=2048))]
+    #[arg(long, value_name = "N", default_value_t = crate::provider::direct::DEFAULT_INPUTS_PER_REQUEST, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=2048))]
     direct_batch_size: usize,
     /// Direct runs: bytes of input text per request (one larger input goes alone)
-    #[arg(long, default_value_t = crate::provider::direct::DEFAULT_MAX_REQUEST_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, value_name = "BYTES", default_value_t = crate::provider::direct::DEFAULT_MAX_REQUEST_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     direct_max_request_bytes: usize,
     /// Direct runs: requests in flight at once
-    #[arg(long, default_value_t = crate::provider::direct::DEFAULT_CONCURRENCY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    #[arg(long, value_name = "N", default_value_t = crate::provider::direct::DEFAULT_CONCURRENCY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     direct_concurrency: usize,
     /// Direct runs: at most this many requests per minute
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     max_requests_per_minute: Option<std::num::NonZeroU32>,
     /// Direct runs: at most this many input tokens per minute (cl100k_base estimate)
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     max_tokens_per_minute: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Debug, Args)]
 struct AdvanceArgs {
     /// The run folder (run_…)
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     run_dir: PathBuf,
     /// Loop until the run is finished
     #[arg(long)]
     wait: bool,
     /// Keep the tokens in flight under this bound (overrides the plan's)
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_enqueued_tokens: Option<u64>,
     /// Direct runs: start no new request after this long (e.g. 10m), then exit 75 while work remains
-    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "wait")]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "wait")]
     direct_time_budget: Option<std::time::Duration>,
     #[command(flatten)]
     step: StepArgs,
@@ -315,7 +422,7 @@ struct AdvanceArgs {
 #[derive(Debug, Args)]
 struct IngestArgs {
     /// The run folder (run_…)
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     run_dir: PathBuf,
     #[command(flatten)]
     write: WriteArgs,
@@ -323,7 +430,7 @@ struct IngestArgs {
     #[arg(long)]
     redownload: bool,
     /// The vector size, checked against the run
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     dims: Option<u32>,
 }
 
@@ -331,32 +438,35 @@ struct IngestArgs {
 struct RunArgs {
     #[command(flatten)]
     plan: PlanArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = HEADING_ADVANCE)]
     step: StepArgs,
 }
 
 #[derive(Debug, Args)]
 struct EmulatorArgs {
     /// Address to listen on
-    #[arg(long, default_value = "127.0.0.1:8089")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8089")]
     listen: std::net::SocketAddr,
     /// Seconds a batch spends in each of validating, in_progress and finalizing
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 2)]
     stage_seconds: u64,
 }
 
 #[derive(Debug, Args)]
 struct RunsArgs {
     /// Only the runs of this family
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     family_id: Option<String>,
-    /// Print JSON, one object per run
+    /// Print one JSON array on stdout, an object per run (`[]` when there is none)
     #[arg(long)]
     json: bool,
 }
 
 #[derive(Debug, Args)]
 struct EmbedArgs {
+    /// Embed even chunks that already have an embedding
+    #[arg(long)]
+    overwrite: bool,
     /// A chunk to embed (repeat the flag for several; they share API requests)
     #[arg(long = "chunk-id", required = true, value_name = "ID")]
     chunk_ids: Vec<String>,
@@ -364,29 +474,26 @@ struct EmbedArgs {
     columns: ChunkColumnsArgs,
     #[command(flatten)]
     model: ModelArgs,
-    /// Embed even chunks that already have an embedding
-    #[arg(long)]
-    overwrite: bool,
 }
 
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// Address to listen on; any address but loopback needs EMBATCH_SERVE_TOKEN
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     listen: std::net::SocketAddr,
+    /// Database connections in the pool shared by all requests
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    max_connections: u64,
+    /// Client connections open at once; more wait to be accepted until one closes
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_http_connections: u32,
+    /// Time a client has to send a request's headers and body, and that a kept-alive connection may sit idle (e.g. 30s)
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_header_timeout)]
+    header_timeout: std::time::Duration,
     #[command(flatten)]
     columns: ChunkColumnsArgs,
     #[command(flatten)]
     model: ModelArgs,
-    /// Database connections in the pool shared by all requests
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
-    max_connections: u64,
-    /// Client connections open at once; more wait to be accepted until one closes
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    max_http_connections: u32,
-    /// Time a client has to send a request's headers and body, and that a kept-alive connection may sit idle (e.g. 30s)
-    #[arg(long, default_value = "30s", value_parser = parse_header_timeout)]
-    header_timeout: std::time::Duration,
 }
 
 fn parse_header_timeout(text: &str) -> Result<std::time::Duration, String> {
@@ -405,33 +512,11 @@ struct SyncArgs {
     #[arg(long = "family-id", value_name = "ID")]
     family_ids: Vec<String>,
     /// Query returning the family ids to look at (one column; runs read-only), needed with --scope-sql
-    #[arg(long)]
+    #[arg(long, value_name = "SQL")]
     families_sql: Option<String>,
-    #[command(flatten)]
-    source: SourceArgs,
     /// At most this many chunks per family and call (for trials, or to plan a huge family in pieces)
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     limit: Option<u64>,
-    #[command(flatten)]
-    model: ModelArgs,
-    /// `base64` makes output files about 4× smaller; try it on a tiny batch first
-    #[arg(long, value_enum, default_value_t = EncodingFormat::Float)]
-    encoding_format: EncodingFormat,
-    /// Requests per batch file (provider maximum 50000)
-    #[arg(long, default_value_t = BatchLimits::MAX_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=i64::from(BatchLimits::MAX_REQUESTS)))]
-    max_requests_per_batch: u32,
-    /// Bytes per batch file (the provider's cap is 200 MB)
-    #[arg(long, default_value_t = BatchLimits::DEFAULT_MAX_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
-    max_bytes_per_batch: u64,
-    /// Tokens per batch file
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    max_tokens_per_batch: Option<u64>,
-    /// One bound on the tokens in flight across all runs; also caps each new batch
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
-    max_enqueued_tokens: Option<u64>,
-    /// What to do with a chunk over 8191 tokens
-    #[arg(long, value_enum, default_value_t = OnTooLong::Skip)]
-    on_too_long: OnTooLong,
     /// Embed every chunk of each family, not only the pending ones
     #[arg(long)]
     reembed: bool,
@@ -439,15 +524,10 @@ struct SyncArgs {
     #[arg(long)]
     force: bool,
     /// Plan new runs only up to this estimated cost in US dollars in this call; the rest wait for a later call
-    #[arg(long)]
+    #[arg(long, value_name = "USD")]
     max_cost: Option<f64>,
-    /// Batch price per million tokens, overriding the built-in table
-    #[arg(long)]
-    price_per_million_tokens: Option<f64>,
-    #[command(flatten)]
-    write: WriteArgs,
     /// Attempts per chunk before it is reported failed
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     max_attempts: u32,
     /// Print what would be planned and advanced; write nothing, call no API
     #[arg(long)]
@@ -455,15 +535,25 @@ struct SyncArgs {
     /// Print the outcome as JSON on stdout
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The batch limits of every run planned; --max-enqueued-tokens is one bound on the tokens
+    /// in flight across all runs.
+    #[command(flatten)]
+    batches: PlanBatchArgs,
+    #[command(flatten, next_help_heading = HEADING_ADVANCE)]
+    write: WriteArgs,
 }
 
 #[derive(Debug, Args)]
 struct SubmitArgs {
-    #[command(flatten)]
-    plan: PlanArgs,
     /// Write the files and metadata but call no API
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    plan: PlanArgs,
 }
 
 /// Loads `folder/.env` into the environment, never overriding a variable already set (clap
@@ -535,7 +625,7 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let matches = Cli::command().try_get_matches_from(args)?;
+    let matches = command().try_get_matches_from(args)?;
     let on_command_line = |id: &str| value_source(&matches, id) == Some(ValueSource::CommandLine);
     let api_key_on_command_line = on_command_line("api_key");
     let base_url_on_command_line = on_command_line("base_url");
@@ -750,7 +840,7 @@ fn step_options(args: StepArgs) -> AdvanceOptions {
 }
 
 fn usage_error(message: &str) -> clap::Error {
-    Cli::command().error(clap::error::ErrorKind::ValueValidation, message)
+    command().error(clap::error::ErrorKind::ValueValidation, message)
 }
 
 /// The chunk table's names, checked non-empty; the family settings keep their defaults
@@ -830,34 +920,24 @@ fn sync_config(args: SyncArgs) -> Result<SyncConfig, clap::Error> {
     let write = args.write;
     let opts = AdvanceOptions {
         max_attempts: args.max_attempts,
-        max_enqueued_tokens: args.max_enqueued_tokens,
+        max_enqueued_tokens: args.batches.max_enqueued_tokens,
         // sync moves runs as `advance` does: the batches of a direct run are sent.
         direct: DirectOptions {
             send: true,
             ..DirectOptions::default()
         },
-        ..write_options(WriteArgs {
-            overwrite: write.overwrite,
-            update_chunk_size: write.update_chunk_size,
-            keep_remote_files: write.keep_remote_files,
-        })
+        ..write_options(write)
     };
     let mut plan = plan_config(PlanArgs {
         // A placeholder that passes the check; each family planned replaces it.
         family_id: "sync".to_owned(),
-        source: args.source,
         limit: args.limit,
-        model: args.model,
-        encoding_format: args.encoding_format,
-        max_requests_per_batch: args.max_requests_per_batch,
-        max_bytes_per_batch: args.max_bytes_per_batch,
-        max_tokens_per_batch: args.max_tokens_per_batch,
-        max_enqueued_tokens: args.max_enqueued_tokens,
-        on_too_long: args.on_too_long,
         reembed: args.reembed,
         force: args.force,
         max_cost: args.max_cost,
-        price_per_million_tokens: args.price_per_million_tokens,
+        source: args.source,
+        model: args.model,
+        batches: args.batches,
     })?;
     plan.family_id = String::new();
     Ok(SyncConfig {
@@ -876,7 +956,10 @@ fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
     }
     for (flag, value) in [
         ("--max-cost", args.max_cost),
-        ("--price-per-million-tokens", args.price_per_million_tokens),
+        (
+            "--price-per-million-tokens",
+            args.batches.price_per_million_tokens,
+        ),
     ] {
         if let Some(v) = value
             && !(v.is_finite() && v >= 0.0)
@@ -887,6 +970,7 @@ fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
         }
     }
     check_model(&args.model)?;
+    let b = args.batches;
     let s = args.source;
     let chunks = chunk_source(s.columns)?;
     for (flag, value) in [
@@ -913,18 +997,18 @@ fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
         model: args.model.model,
         dimensions: args.model.dimensions,
         provider: args.model.provider,
-        encoding_format: args.encoding_format,
+        encoding_format: b.encoding_format,
         limits: BatchLimits {
-            max_requests: args.max_requests_per_batch,
-            max_bytes: args.max_bytes_per_batch,
-            max_tokens: args.max_tokens_per_batch,
-            max_enqueued_tokens: args.max_enqueued_tokens,
+            max_requests: b.max_requests_per_batch,
+            max_bytes: b.max_bytes_per_batch,
+            max_tokens: b.max_tokens_per_batch,
+            max_enqueued_tokens: b.max_enqueued_tokens,
         },
-        on_too_long: args.on_too_long,
+        on_too_long: b.on_too_long,
         reembed: args.reembed,
         force: args.force,
         max_cost_usd: args.max_cost,
-        usd_per_million_tokens: args.price_per_million_tokens,
+        usd_per_million_tokens: b.price_per_million_tokens,
     })
 }
 

@@ -1,8 +1,10 @@
+use std::path::Path;
+
 use super::*;
 
 #[test]
 fn clap_definition_is_consistent() {
-    Cli::command().debug_assert();
+    command().debug_assert();
 }
 
 #[test]
@@ -146,6 +148,141 @@ fn too_many_requests_per_batch_is_a_usage_error() {
     .err()
     .unwrap();
     assert_eq!(err.exit_code(), 2);
+}
+
+#[test]
+fn bytes_per_batch_above_the_providers_cap_is_a_usage_error() {
+    let with = |bytes: &str| {
+        parse([
+            "embatch",
+            "submit",
+            "--family-id",
+            "f",
+            "--max-bytes-per-batch",
+            bytes,
+        ])
+    };
+    let err = with("209715201").err().unwrap();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("1..=209715200"), "{err}");
+    assert!(with("209715200").is_ok());
+}
+
+/// The help of `args` (e.g. `["plan", "--help"]`) as the binary prints it, at 100 columns.
+fn help_of(args: &[&str]) -> String {
+    let err = command()
+        .term_width(100)
+        .try_get_matches_from(std::iter::once("embatch").chain(args.iter().copied()))
+        .expect_err("--help ends parsing");
+    assert_eq!(err.kind(), clap::error::ErrorKind::DisplayHelp);
+    err.render().to_string()
+}
+
+const SUBCOMMANDS: [&str; 12] = [
+    "plan", "status", "runs", "advance", "ingest", "run", "cancel", "emulator", "submit", "embed",
+    "serve", "sync",
+];
+
+#[test]
+fn every_commands_help_is_pinned() {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("snapshots"));
+    settings.set_prepend_module_to_snapshot(false);
+    settings.set_omit_expression(true);
+    settings.bind(|| {
+        insta::assert_snapshot!("help_embatch", help_of(&["--help"]));
+        for name in SUBCOMMANDS {
+            insta::assert_snapshot!(format!("help_{name}"), help_of(&[name, "--help"]));
+        }
+    });
+}
+
+#[test]
+fn help_lists_only_the_options_a_command_uses() {
+    let listed = |name: &str, flag: &str| help_of(&[name, "--help"]).contains(flag);
+    for name in ["plan", "runs", "emulator"] {
+        // The option's own line (other help text may name it).
+        assert!(!listed(name, "--base-url <"), "{name} lists --base-url");
+        assert!(
+            !listed(name, "--api-retries <"),
+            "{name} lists --api-retries"
+        );
+    }
+    assert!(!listed("runs", "--database-url"));
+    assert!(!listed("emulator", "--database-url"));
+    assert!(!listed("status", "--database-url"));
+    assert!(listed("plan", "--database-url"));
+    assert!(listed("emulator", "--api-key"));
+    assert!(listed("advance", "--base-url"));
+    // The exit-code footer only where 75 can happen.
+    assert!(!listed("runs", "75"));
+    assert!(!listed("emulator", "75"));
+    assert!(listed("advance", "75"));
+    // No empty environment values, whatever the environment holds.
+    for name in SUBCOMMANDS {
+        assert!(!help_of(&[name, "--help"]).contains("=]"), "{name}");
+    }
+}
+
+#[test]
+fn hidden_options_are_still_accepted_before_or_after_the_command() {
+    for args in [
+        &[
+            "embatch",
+            "runs",
+            "--database-url",
+            "postgres://h/db",
+            "--api-key",
+            "k",
+        ][..],
+        &["embatch", "--database-url", "postgres://h/db", "runs"][..],
+        &[
+            "embatch",
+            "plan",
+            "--family-id",
+            "f",
+            "--base-url",
+            "http://x/v1",
+            "--api-retries",
+            "2",
+        ][..],
+        &[
+            "embatch",
+            "emulator",
+            "--runs-dir",
+            "/tmp/r",
+            "--organization",
+            "o",
+        ][..],
+        &[
+            "embatch",
+            "status",
+            "--run-dir",
+            "r",
+            "--database-url",
+            "postgres://h/db",
+        ][..],
+    ] {
+        let parsed = parse(args.iter().copied()).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(parsed.config.global.api.max_retries >= 2, "{args:?}");
+    }
+    let parsed = parse([
+        "embatch",
+        "plan",
+        "--family-id",
+        "f",
+        "--api-retries",
+        "2",
+        "--runs-dir",
+        "/r",
+    ])
+    .unwrap();
+    assert_eq!(parsed.config.global.api.max_retries, 2);
+    assert_eq!(parsed.config.global.runs_dir, PathBuf::from("/r"));
+    let parsed = parse(["embatch", "--api-retries", "3", "runs"]).unwrap();
+    assert_eq!(parsed.config.global.api.max_retries, 3);
+    let parsed = parse(["embatch", "runs", "--api-retries", "4"]).unwrap();
+    assert_eq!(parsed.config.global.api.max_retries, 4);
 }
 
 #[test]

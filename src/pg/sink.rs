@@ -450,6 +450,8 @@ LEFT JOIN {table} AS t ON t.{id} = u.id::{id_type}"
 /// An approximate-nearest-neighbour index on the embedding column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnnIndex {
+    /// The index's schema (an index lives in its table's schema).
+    pub schema: String,
     pub name: String,
     /// `hnsw` or `ivfflat`.
     pub method: String,
@@ -469,9 +471,10 @@ pub async fn ann_indexes(
     // expressions alike; indkey alone misses expression indexes.
     let rows = client
         .query(
-            "SELECT i.relname::text, am.amname::text
+            "SELECT n.nspname::text, i.relname::text, am.amname::text
              FROM pg_index x
              JOIN pg_class i ON i.oid = x.indexrelid
+             JOIN pg_namespace n ON n.oid = i.relnamespace
              JOIN pg_am am ON am.oid = i.relam
              JOIN pg_attribute a ON a.attrelid = x.indrelid
              WHERE x.indrelid = $1::text::regclass
@@ -495,10 +498,44 @@ pub async fn ann_indexes(
     Ok(rows
         .iter()
         .map(|row| AnnIndex {
-            name: row.get(0),
-            method: row.get(1),
+            schema: row.get(0),
+            name: row.get(1),
+            method: row.get(2),
         })
         .collect())
+}
+
+impl AnnIndex {
+    /// The index's name as SQL takes it, schema-qualified: `public.knowledge_hnsw`, with
+    /// quotes only where a name needs them (`"My Schema".idx`).
+    pub fn qualified_name(&self) -> String {
+        let plain = |name: &str| {
+            let mut chars = name.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        let shown = |name: &str| {
+            if plain(name) {
+                name.to_owned()
+            } else {
+                quote_ident(name)
+            }
+        };
+        format!("{}.{}", shown(&self.schema), shown(&self.name))
+    }
+
+    /// The warning `plan` and `advance` give before writing into a column with this index.
+    pub fn slow_write_warning(&self, table: &str, column: &str) -> String {
+        format!(
+            "{table}.{column} has the {} index {}: vector writes run about 100 times slower with it; drop it before the backfill and build it afterwards (`DROP INDEX {}` … `CREATE INDEX … USING {}`)",
+            self.method,
+            self.qualified_name(),
+            self.qualified_name(),
+            self.method
+        )
+    }
 }
 
 #[cfg(test)]

@@ -282,6 +282,19 @@ impl Source {
         config: &SourceConfig,
         needs_family_column: bool,
     ) -> Result<Source, SourceError> {
+        let has_pgvector: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector')",
+                &[],
+            )
+            .await
+            .map_err(db("could not read the database's extensions"))?
+            .get(0);
+        if !has_pgvector {
+            return Err(invalid(
+                "this database has no pgvector: install pgvector: `CREATE EXTENSION vector` (on a hosted Postgres, enable the vector extension in its console first), then give the embedding column the type vector(N)",
+            ));
+        }
         let table_sql = quote_qualified(&config.table);
         let row = client
             .query_opt(

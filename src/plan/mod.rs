@@ -26,7 +26,7 @@ use crate::models;
 use crate::pg::conn::DbTarget;
 use crate::pg::source::{self, FamilyIdType, Source};
 use crate::plan::request::RequestTemplate;
-use crate::printer::Printer;
+use crate::printer::{Printer, count, number};
 use crate::run::folders::{self, HeldChunks};
 use crate::run::layout::{self, PARTIAL_PREFIX, SKIPPED_FILE};
 use crate::run::lock::{self, FamilyLock};
@@ -148,6 +148,7 @@ async fn plan_uninterrupted(
     let mut client = target.connect().await?;
     progress.cancel = Some((target.clone(), client.cancel_token()));
     let source = Source::inspect(&client, &cfg.source).await?;
+    warn_vector_indexes(&client, &source, printer).await;
     let (family, family_type) = resolve_family(&client, &source, cfg, printer).await?;
 
     if models::lookup_for(cfg.provider, &cfg.model).is_none() {
@@ -221,6 +222,7 @@ async fn plan_uninterrupted(
     report(
         printer,
         cfg,
+        dims.dimensions,
         &family,
         &summary,
         &written,
@@ -413,6 +415,18 @@ fn put_in_place(
     Ok(())
 }
 
+/// Warns about an HNSW or IVFFlat index on the embedding column here, where the user decides
+/// whether to drop it before the backfill (`advance` warns again before it writes). Best effort:
+/// a catalog that cannot be read only costs the warning.
+async fn warn_vector_indexes(client: &tokio_postgres::Client, source: &Source, printer: &Printer) {
+    let settings = source.settings();
+    if let Ok(indexes) = crate::pg::sink::ann_indexes(client, &settings).await {
+        for index in indexes {
+            printer.warn(&index.slow_write_warning(&settings.table, &settings.embedding_column));
+        }
+    }
+}
+
 /// Names the plan's database session `embatch plan <family>` (unless the connection string
 /// named it), so that a plan waiting for the family's advisory lock can name its holder.
 async fn name_session(client: &tokio_postgres::Client, family: &str) {
@@ -519,6 +533,7 @@ fn remove_partial(partial_dir: &Path) {
 fn report(
     printer: &Printer,
     cfg: &PlanConfig,
+    dimensions: u32,
     family: &str,
     summary: &PlanSummary,
     written: &Written,
@@ -527,17 +542,17 @@ fn report(
     run_dir: Option<&Path>,
 ) {
     printer.info(&format!(
-        "family {family}: {} chunks to embed ({} tokens) in {} batch{}",
-        summary.chunks,
-        summary.tokens,
-        written.batches.len(),
-        if written.batches.len() == 1 { "" } else { "es" }
+        "family {family}: {} to embed ({}) in {}, {}, {dimensions} dims",
+        count(summary.chunks, "chunk", "chunks"),
+        count(summary.tokens, "token", "tokens"),
+        count(written.batches.len() as u64, "batch", "batches"),
+        cfg.model,
     ));
     if summary.skipped > 0 {
         let reasons: Vec<String> = written
             .skipped
             .iter()
-            .map(|(reason, n)| format!("{}: {n}", reason.as_str()))
+            .map(|(reason, n)| format!("{}: {}", reason.as_str(), number(*n)))
             .collect();
         // skipped.tsv exists only in a run that is created.
         let listed = match run_dir {
@@ -545,16 +560,16 @@ fn report(
             None => String::new(),
         };
         printer.info(&format!(
-            "skipped {} chunks, never sent ({}){listed}",
-            summary.skipped,
+            "skipped {}, never sent ({}){listed}",
+            count(summary.skipped, "chunk", "chunks"),
             reasons.join(", ")
         ));
     }
     if summary.truncated > 0 {
         printer.info(&format!(
-            "truncated {} chunks to {} tokens (--on-too-long truncate)",
-            summary.truncated,
-            tokens::MAX_INPUT_TOKENS
+            "truncated {} to {} tokens (--on-too-long truncate)",
+            count(summary.truncated, "chunk", "chunks"),
+            number(tokens::MAX_INPUT_TOKENS as u64)
         ));
     }
     for (idx, n) in written.held.iter().enumerate() {

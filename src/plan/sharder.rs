@@ -34,6 +34,9 @@ impl BatchLimits {
     pub const MAX_REQUESTS: u32 = 50_000;
     /// 180 MiB: under the provider's 200 MB file cap with room to spare.
     pub const DEFAULT_MAX_BYTES: u64 = 188_743_680;
+    /// The provider's cap on an input file (OpenAI: 200 MB): `--max-bytes-per-batch` above it
+    /// is refused when the arguments are read.
+    pub const PROVIDER_MAX_BYTES: u64 = 200 * 1024 * 1024;
 
     /// Checks the limits a user gave. The sharder itself stays well-defined on any limits (an
     /// item that cannot fit is reported [`Placement::TooLarge`]), but a zero cap would make

@@ -51,7 +51,7 @@ use tower::ServiceExt as _;
 use crate::config::{Global, ServeConfig};
 use crate::pg::conn::{DbError, DbTarget};
 use crate::printer::Printer;
-use crate::provider::BatchProvider;
+use crate::provider::{ApiError, BatchProvider};
 use crate::realtime::embed::{self, Conn, EmbedError, Outcome, Readiness, Target};
 
 /// How long a request waits for a free database connection before answering 503.
@@ -802,6 +802,23 @@ async fn shutdown_signal() {
 
 /// `embatch serve --listen ADDR`: serves until SIGTERM or ctrl-c, then stops accepting,
 /// finishes the requests in flight (up to a minute) and returns.
+/// Asks the provider once, at start, whether it takes the API key (a file lookup: free, and
+/// refused with 401 for a wrong key), so a wrong key is a warning now rather than a 502 on
+/// every request later. Only a refusal is reported; no answer within 5 s, or any other answer,
+/// says nothing about the key and is let pass.
+async fn check_api_key(api: &dyn BatchProvider, printer: &Printer) {
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        api.get_file("file-embatch-serve-key-check"),
+    )
+    .await;
+    if let Ok(Err(err @ (ApiError::Auth { .. } | ApiError::Quota { .. }))) = answer {
+        printer.warn(&format!(
+            "{err}; serving anyway, but every embedding request will fail with 502 until the key is fixed"
+        ));
+    }
+}
+
 pub async fn serve_command(
     global: &Global,
     cfg: &ServeConfig,
@@ -809,6 +826,7 @@ pub async fn serve_command(
 ) -> anyhow::Result<()> {
     check_listen(cfg.listen, cfg.token.is_some())?;
     let state = app_state(global, cfg).await?;
+    check_api_key(state.api.as_ref(), printer).await;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| {

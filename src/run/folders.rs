@@ -356,24 +356,39 @@ fn read_chunk_list(path: &Path, add: &mut dyn FnMut(&str)) -> Result<(), String>
     .map_err(|err| format!("{} cannot be read ({err})", path.display()))
 }
 
-/// The one-line human form of a run summary.
+/// A run's state in a word or three, as `status` and `runs` both say it: `finished`,
+/// `cancelled`, `cancelled, batches still ending`, `in progress`.
+pub fn run_state(finished: bool, cancelled: bool) -> &'static str {
+    match (finished, cancelled) {
+        (true, false) => "finished",
+        (true, true) => "cancelled",
+        (false, true) => "cancelled, batches still ending",
+        (false, false) => "in progress",
+    }
+}
+
+/// The one-line human form of a run summary: the folder (what `--run-dir` takes), its state,
+/// then the family, when it was planned, and its chunks and batches.
 pub fn summary_line(s: &RunSummary) -> String {
     if let Some(err) = &s.error {
         return format!("{}  unreadable: {err}", s.run_dir);
     }
-    let states: Vec<String> = s.states.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let states: Vec<String> = s
+        .states
+        .iter()
+        .map(|(k, n)| format!("{} {k}", crate::printer::number(*n as u64)))
+        .collect();
     format!(
-        "{}  family {}  {}  {} chunks in {} batches ({})  {}{}",
+        "{}  {}  family {}  {}  {} in {} ({})",
         s.run_dir,
+        run_state(s.finished, s.cancelled),
         s.family_id.as_deref().unwrap_or("?"),
         s.created_at
             .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
             .unwrap_or_default(),
-        s.chunks,
-        s.batches,
+        crate::printer::count(s.chunks, "chunk", "chunks"),
+        crate::printer::count(s.batches as u64, "batch", "batches"),
         states.join(", "),
-        if s.finished { "finished" } else { "unfinished" },
-        if s.cancelled { ", cancelled" } else { "" }
     )
 }
 

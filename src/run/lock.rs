@@ -39,6 +39,13 @@ pub enum LockError {
         "the run in {run_dir} is locked by another embatch ({holder}); wait for it to finish and run this again"
     )]
     Held { run_dir: PathBuf, holder: String },
+    /// `cancel` found the run held: it cannot cancel under a running advance, whose steps
+    /// would go on creating batches, so the user stops that process first.
+    #[error(
+        "the run in {run_dir} is in use by another embatch ({holder}); stop that process first (ctrl-c in its terminal{}), then run `embatch cancel --run-dir {run_dir}` again",
+        holder_pid(holder).map(|pid| format!(", or `kill {pid}`")).unwrap_or_default()
+    )]
+    HeldAgainstCancel { run_dir: PathBuf, holder: String },
     #[error(
         "another plan of family {family_id} is running ({holder}); waited {} s for it — wait for it to finish and run this again",
         PLAN_LOCK_WAIT.as_secs()
@@ -66,9 +73,25 @@ impl LockError {
     pub fn is_held(&self) -> bool {
         matches!(
             self,
-            LockError::Held { .. } | LockError::FamilyHeld { .. } | LockError::SyncHeld { .. }
+            LockError::Held { .. }
+                | LockError::HeldAgainstCancel { .. }
+                | LockError::FamilyHeld { .. }
+                | LockError::SyncHeld { .. }
         )
     }
+
+    /// The same refusal, worded for `cancel`: stop the holder first.
+    pub fn for_cancel(self) -> LockError {
+        match self {
+            LockError::Held { run_dir, holder } => LockError::HeldAgainstCancel { run_dir, holder },
+            other => other,
+        }
+    }
+}
+
+/// The pid in a holder's note (`pid 4242 on host: embatch advance`), when it names one.
+fn holder_pid(holder: &str) -> Option<u32> {
+    holder.strip_prefix("pid ")?.split(' ').next()?.parse().ok()
 }
 
 /// Tries once to lock the file at `path` for `command`: the locked file, or the holder's note

@@ -237,6 +237,9 @@ pub enum StoreError {
         "{path} is missing; this folder is not an embatch run (point --run-dir at a run_… folder, or plan a new run)"
     )]
     Missing { path: PathBuf },
+    /// `--run-dir` names a family folder: its runs are listed (newline-separated, indented).
+    #[error("{dir} is a family folder, not a run; point --run-dir at one of its runs:\n  {runs}")]
+    FamilyFolder { dir: PathBuf, runs: String },
     #[error("could not read {path}")]
     Read {
         path: PathBuf,
@@ -309,11 +312,38 @@ pub fn load(run_dir: &Path) -> Result<RunFile, StoreError> {
     let bytes = match fs_err::read(&path) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let runs = runs_inside(run_dir);
+            if !runs.is_empty() {
+                return Err(StoreError::FamilyFolder {
+                    dir: run_dir.to_path_buf(),
+                    runs: runs.join("\n  "),
+                });
+            }
             return Err(StoreError::Missing { path });
         }
         Err(source) => return Err(StoreError::Read { path, source }),
     };
     parse(&bytes, &path)
+}
+
+/// The run folders directly inside `dir` (a family folder, when `--run-dir` points one level
+/// too high), sorted, as paths to paste; empty when there are none or `dir` cannot be read.
+fn runs_inside(dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs_err::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut runs: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(crate::run::layout::RUN_PREFIX)
+                && e.path().join(RUN_FILE).is_file()
+        })
+        .map(|e| e.path().display().to_string())
+        .collect();
+    runs.sort();
+    runs
 }
 
 /// Parses the bytes of a `run.json`; `path` is for messages.

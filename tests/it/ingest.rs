@@ -341,10 +341,14 @@ async fn an_indexed_embedding_column_is_warned_about_before_ingest() {
         )
         .await
         .unwrap();
-    let run_dir = env.plan(family, &[]).run_dir();
+    // Warned at plan, where the user decides, and again before the writes.
+    let plan = env.plan(family, &[]);
+    let warning = "knowledge_chunks.embedding has the hnsw index public.chunks_hnsw";
+    assert!(plan.stderr.contains(warning), "{plan:#?}");
+    let run_dir = plan.run_dir();
     let run = advance(&env, &run_dir, &[]).await;
     assert_eq!(run.code, 0, "{run:#?}");
-    assert!(run.stderr.contains("hnsw index (chunks_hnsw)"), "{run:#?}");
+    assert!(run.stderr.contains(warning), "{run:#?}");
     assert!(run.stderr.contains("100 times slower"), "{run:#?}");
     assert!(run.stderr.contains("build it afterwards"), "{run:#?}");
 }

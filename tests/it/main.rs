@@ -16,4 +16,5 @@ mod serve;
 mod status;
 mod sync;
 mod tls_front;
+mod ux;
 mod version;

@@ -501,7 +501,7 @@ async fn on_too_long_truncate_and_fail() {
     assert!(env.run_folders().is_empty());
 
     let run = env.plan(family, &["--on-too-long", "truncate"]);
-    assert!(run.stderr.contains("truncated 1 chunks"), "{run:#?}");
+    assert!(run.stderr.contains("truncated 1 chunk to"), "{run:#?}");
     let lines = jsonl(&run.run_dir().join("batches/batch_001/input.jsonl"));
     let input = lines[0]["body"]["input"].as_str().unwrap();
     assert!(long.starts_with(input));

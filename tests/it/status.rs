@@ -39,6 +39,20 @@ async fn small_plan_snapshots_run_json_and_status() {
         "no colours when stdout is not a terminal"
     );
 
+    // A narrow terminal (COLUMNS) gets a table that fits it; a pipe gets every column.
+    assert!(table.stdout.contains("batch id"), "{table:#?}");
+    let narrow = env
+        .command()
+        .env("COLUMNS", "80")
+        .args(["status", "--run-dir", &run_dir_str])
+        .output()
+        .unwrap();
+    let narrow = String::from_utf8(narrow.stdout).unwrap();
+    assert!(!narrow.contains("batch id"), "{narrow}");
+    for line in narrow.lines() {
+        assert!(line.chars().count() <= 80, "wider than 80 columns: {line}");
+    }
+
     let one = env.run(&[
         "status",
         "--batch-file",
@@ -55,6 +69,7 @@ async fn small_plan_snapshots_run_json_and_status() {
     let mut settings = snapshot_settings();
     settings.add_filter(r"\d{8}T\d{6}Z-[0-9a-f]{4}", "[run_id]");
     settings.add_filter(&regex_escape(&run_dir_str), "[run_dir]");
+    settings.add_filter(r"run_\d{8}_\d{6}_[0-9a-f]{4}", "[run]");
     settings.bind(|| {
         insta::assert_json_snapshot!("small_plan_run_json", run_json, {
             ".run_id" => "[run_id]",
@@ -81,7 +96,11 @@ async fn small_plan_snapshots_run_json_and_status() {
     assert_eq!(listed[0]["states"]["planned"], 2);
     let runs = env.run(&["runs", "--family-id", &family.to_string()]);
     assert!(runs.stdout.contains(&run_dir_str), "{runs:#?}");
-    assert!(runs.stdout.contains("unfinished"), "{runs:#?}");
+    assert!(runs.stdout.contains("  in progress  "), "{runs:#?}");
+    assert!(
+        runs.stdout.contains("3 chunks in 2 batches (2 planned)"),
+        "{runs:#?}"
+    );
 }
 
 #[tokio::test]

@@ -563,6 +563,7 @@ async fn ann_indexes_find_hnsw_and_ivfflat_on_the_embedding_column_only() {
         .await
         .unwrap();
     let expect = |name: &str, method: &str| AnnIndex {
+        schema: "public".to_owned(),
         name: name.to_owned(),
         method: method.to_owned(),
     };
