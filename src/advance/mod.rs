@@ -86,7 +86,32 @@ pub async fn advance(
     let started = std::time::Instant::now();
     let mut db_faults_in_a_row = 0u32;
     loop {
-        match stepper.step_all(goal).await {
+        let stepped = if opts.wait {
+            // ctrl-c or SIGTERM during a step of `run` / `advance --wait`: the step stops where
+            // it is — as a crash there would, and every step is safe to crash at — and the user
+            // is told how to resume.
+            let guard = crate::interrupt::Guard::install()
+                .context("could not set up the signal handlers")?;
+            let stepped = tokio::select! {
+                result = stepper.step_all(goal) => Ok(result),
+                signal = guard.wait() => Err(signal),
+            };
+            drop(guard);
+            match stepped {
+                Ok(result) => result,
+                Err(signal) => {
+                    stepper.report(Next::Interrupted(signal));
+                    return Err(crate::interrupt::Interrupted {
+                        signal,
+                        what: summary::resume_advice(run_dir),
+                    }
+                    .into());
+                }
+            }
+        } else {
+            stepper.step_all(goal).await
+        };
+        match stepped {
             Ok(()) => db_faults_in_a_row = 0,
             // The provider is unreachable or overloaded: nothing is lost, try again later.
             Err(err) if is_transient(&err) && !opts.wait => {

@@ -271,3 +271,48 @@ async fn serve_warns_at_start_when_the_api_refuses_the_key() {
         accepted.stderr_text()
     );
 }
+
+/// ctrl-c or SIGTERM in the middle of a step (here an upload the provider is slow to answer):
+/// the step stops as a crash there would, the user is told how to resume, and resuming pays for
+/// nothing twice (the upload is adopted or made once more, one batch is created).
+#[tokio::test]
+async fn ctrl_c_during_a_step_says_how_to_resume_and_nothing_is_paid_twice() {
+    let (env, run_dir) = planned(3, Duration::ZERO).await;
+    let dir = run_dir.to_str().unwrap();
+    env.emu().set_faults(embatch::emulator::Faults {
+        latency: Duration::from_secs(4),
+        ..embatch::emulator::Faults::default()
+    });
+    let child = spawn(
+        &env,
+        &["advance", "--run-dir", dir, "--wait", "--poll-seconds", "1"],
+    );
+    let pid = child.id().expect("running");
+    // The upload is under way (its mark saved, the answer 4 s away).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let run = finish(child).await;
+    assert_eq!(run.code, 130, "{run:#?}");
+    assert!(
+        run.stderr.contains(&format!(
+            "the run is saved, resume it with: embatch advance --run-dir {dir} --wait"
+        )),
+        "{run:#?}"
+    );
+
+    env.emu().set_faults(embatch::emulator::Faults::default());
+    let resumed = env.exec(&["advance", "--run-dir", dir, "--wait"]).await;
+    assert_eq!(resumed.code, 0, "{resumed:#?}");
+    let counters = env.emu().counters();
+    let batches = embatch::run::store::load(&run_dir).unwrap().batches.len() as u64;
+    assert_eq!(counters.batch_creations, batches, "{counters:?}");
+    assert!(
+        counters.creations_by_metadata.values().all(|&n| n == 1),
+        "{counters:?}"
+    );
+    assert!(counters.uploads <= batches + 1, "{counters:?}");
+}
