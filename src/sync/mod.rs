@@ -128,7 +128,7 @@ pub async fn sync(
     } else {
         let lock = RunLock::acquire_sync(&global.runs_dir, "embatch sync")?;
         // Fail on a missing key before planning anything.
-        crate::provider::connect::batch_client(&global.api)?;
+        crate::provider::connect::check(&global.api, cfg.plan.provider)?;
         Some(lock)
     };
     // What plan and advance say of each run is summed up here, one line per family; with -v
@@ -151,27 +151,84 @@ pub async fn sync(
 
     let mut families: BTreeMap<String, FamilyReport> = BTreeMap::new();
     let mut failures: Vec<String> = Vec::new();
-
-    // --family-id, in the database's spelling.
-    let mut only: Option<BTreeSet<String>> = None;
-    if !cfg.family_ids.is_empty() {
-        let mut set = BTreeSet::new();
-        for raw in &cfg.family_ids {
-            match family_type.canonical(&client, raw).await {
-                Ok(id) => {
-                    set.insert(id);
-                }
-                Err(err) => {
-                    let report = family_entry(&mut families, raw);
-                    report.error = Some(err.to_string());
+    let only = canonical_family_ids(&client, &family_type, cfg, &mut families).await;
+    let wanted = |family: &str| only.as_ref().is_none_or(|set| set.contains(family));
+    let mut runs =
+        unfinished_runs(global, &client, &source, &identity, &wanted, &mut families).await?;
+    match pending_families(&source, &mut client, cfg, only.as_ref()).await {
+        Ok(pending) => {
+            for (family, counted) in pending.into_iter().filter(|(f, _)| wanted(f)) {
+                let report = family_entry(&mut families, &family);
+                match counted {
+                    Ok(n) => report.pending_chunks = Some(n),
+                    Err(err) => report.error = Some(err),
                 }
             }
         }
-        only = Some(set);
+        Err(err) => failures.push(format!(
+            "finding the families with pending chunks failed: {err:#}"
+        )),
     }
-    let wanted = |family: &str| only.as_ref().is_none_or(|set| set.contains(family));
+    drop(client);
 
-    // The unfinished runs of this database and table.
+    let mut waiting_since = load_waiting(&global.runs_dir);
+    let order = planning_order(&families, &runs, &waiting_since);
+    if cfg.dry_run {
+        dry_run_plans(global, cfg, &source, &order, &mut families).await?;
+    } else {
+        // The plans leave out pending chunks that these runs hold; a run that finishes in
+        // this call lets them go, and the next call plans them.
+        let held_before: BTreeSet<PathBuf> = runs.iter().map(|r| r.dir.clone()).collect();
+        let mut call = Call {
+            global,
+            cfg,
+            printer: &inner,
+            families: &mut families,
+            runs: &mut runs,
+            waiting_since: &mut waiting_since,
+        };
+        call.plan_families(&order).await?;
+        save_waiting(&global.runs_dir, &waiting_since, printer);
+        runs.sort_by(|a, b| (a.created_at, &a.dir).cmp(&(b.created_at, &b.dir)));
+        advance_rounds(global, cfg, &inner, &mut runs).await?;
+        note_released_chunks(&runs, &held_before, &mut families);
+    }
+    finish(cfg, printer, families, &runs, failures)
+}
+
+/// `--family-id`, each in the database's spelling; a spelling the database refuses is that
+/// family's error. `None`: every family.
+async fn canonical_family_ids(
+    client: &tokio_postgres::Client,
+    family_type: &source::FamilyIdType,
+    cfg: &SyncConfig,
+    families: &mut BTreeMap<String, FamilyReport>,
+) -> Option<BTreeSet<String>> {
+    if cfg.family_ids.is_empty() {
+        return None;
+    }
+    let mut set = BTreeSet::new();
+    for raw in &cfg.family_ids {
+        match family_type.canonical(client, raw).await {
+            Ok(id) => {
+                set.insert(id);
+            }
+            Err(err) => family_entry(families, raw).error = Some(err.to_string()),
+        }
+    }
+    Some(set)
+}
+
+/// The unfinished runs of this database and table, for the wanted families; a run folder
+/// that cannot be read is its family's error.
+async fn unfinished_runs(
+    global: &Global,
+    client: &tokio_postgres::Client,
+    source: &Source,
+    identity: &crate::run::store::DatabaseIdentity,
+    wanted: &dyn Fn(&str) -> bool,
+    families: &mut BTreeMap<String, FamilyReport>,
+) -> anyhow::Result<Vec<RunEntry>> {
     let mut runs: Vec<RunEntry> = Vec::new();
     let mut tables: BTreeMap<String, Option<String>> = BTreeMap::new();
     for found in folders::find_runs(&global.runs_dir, None)
@@ -187,7 +244,7 @@ pub async fn sync(
                     .and_then(|n| layout::family_folder_id(&n.to_string_lossy()))
                     .unwrap_or_else(|| found.dir.display().to_string());
                 if wanted(&family) {
-                    family_entry(&mut families, &family).error = Some(format!(
+                    family_entry(families, &family).error = Some(format!(
                         "{err}; restore it from run.json.bak, or move the folder {} out of the runs dir",
                         found.dir.display()
                     ));
@@ -195,13 +252,13 @@ pub async fn sync(
                 continue;
             }
         };
-        if run.is_finished() || !wanted(&run.family_id) || !same_database(&run, &identity) {
+        if run.is_finished() || !wanted(&run.family_id) || !same_database(&run, identity) {
             continue;
         }
         let table = match tables.get(&run.settings.source.table) {
             Some(table) => table.clone(),
             None => {
-                let table = source::table_identity(&client, &run.settings.source.table).await?;
+                let table = source::table_identity(client, &run.settings.source.table).await?;
                 tables.insert(run.settings.source.table.clone(), table.clone());
                 table
             }
@@ -209,7 +266,7 @@ pub async fn sync(
         if table.as_deref() != Some(source.table_identity.as_str()) {
             continue;
         }
-        family_entry(&mut families, &run.family_id);
+        family_entry(families, &run.family_id);
         runs.push(RunEntry {
             dir: found.dir,
             family: run.family_id.clone(),
@@ -218,32 +275,16 @@ pub async fn sync(
             error: None,
         });
     }
+    Ok(runs)
+}
 
-    // The families with pending chunks.
-    let pending = match pending_families(&source, &mut client, cfg, only.as_ref()).await {
-        Ok(pending) => pending,
-        Err(err) => {
-            failures.push(format!(
-                "finding the families with pending chunks failed: {err:#}"
-            ));
-            Vec::new()
-        }
-    };
-    for (family, counted) in pending {
-        if !wanted(&family) {
-            continue;
-        }
-        let report = family_entry(&mut families, &family);
-        match counted {
-            Ok(n) => report.pending_chunks = Some(n),
-            Err(err) => report.error = Some(err),
-        }
-    }
-    drop(client);
-
-    let mut waiting_since = load_waiting(&global.runs_dir);
-    // Oldest pending work first: families that waited for --max-cost before, longest first;
-    // then those with the oldest unfinished run; then the rest by id.
+/// Oldest pending work first: families that waited for --max-cost before, longest first;
+/// then those with the oldest unfinished run; then the rest by id.
+fn planning_order(
+    families: &BTreeMap<String, FamilyReport>,
+    runs: &[RunEntry],
+    waiting_since: &BTreeMap<String, DateTime<Utc>>,
+) -> Vec<String> {
     let oldest_run: BTreeMap<&str, DateTime<Utc>> =
         runs.iter().fold(BTreeMap::new(), |mut acc, r| {
             let at = acc.entry(r.family.as_str()).or_insert(r.created_at);
@@ -268,110 +309,162 @@ pub async fn sync(
             family.clone(),
         )
     });
+    order
+}
 
-    if cfg.dry_run {
-        for (family, plan) in dry_run::plan_families(global, cfg, &source, &order).await? {
-            let report = family_entry(&mut families, &family);
-            match plan {
-                dry_run::DryPlan::Nothing => {}
-                dry_run::DryPlan::Would {
+/// `--dry-run`: what each family's plan would be, written nowhere.
+async fn dry_run_plans(
+    global: &Global,
+    cfg: &SyncConfig,
+    source: &Source,
+    order: &[String],
+    families: &mut BTreeMap<String, FamilyReport>,
+) -> anyhow::Result<()> {
+    for (family, plan) in dry_run::plan_families(global, cfg, source, order).await? {
+        let report = family_entry(families, &family);
+        match plan {
+            dry_run::DryPlan::Nothing => {}
+            dry_run::DryPlan::Would {
+                chunks,
+                tokens,
+                cost,
+            } => {
+                report.planned = Some(Planned {
+                    run_dir: None,
                     chunks,
                     tokens,
-                    cost,
-                } => {
-                    report.planned = Some(Planned {
-                        run_dir: None,
-                        chunks,
-                        tokens,
-                        estimated_cost_usd: cost,
-                    });
-                }
-                dry_run::DryPlan::Waits(why) => report.waits = Some(why),
-                dry_run::DryPlan::Failed(err) => report.error = Some(err),
+                    estimated_cost_usd: cost,
+                });
             }
+            dry_run::DryPlan::Waits(why) => report.waits = Some(why),
+            dry_run::DryPlan::Failed(err) => report.error = Some(err),
         }
-    } else {
-        // The plans leave out pending chunks that these runs hold; a run that finishes in
-        // this call lets them go, and the next call plans them.
-        let held_before: BTreeSet<PathBuf> = runs.iter().map(|r| r.dir.clone()).collect();
+    }
+    Ok(())
+}
+
+/// The planning part of one call.
+struct Call<'a> {
+    global: &'a Global,
+    cfg: &'a SyncConfig,
+    /// What plan says is summed up in the family's line.
+    printer: &'a Printer,
+    families: &'a mut BTreeMap<String, FamilyReport>,
+    runs: &'a mut Vec<RunEntry>,
+    waiting_since: &'a mut BTreeMap<String, DateTime<Utc>>,
+}
+
+impl Call<'_> {
+    /// Plans a run for each family in `order` while the estimated cost stays within
+    /// `--max-cost`; the families beyond it wait for a later call.
+    async fn plan_families(&mut self, order: &[String]) -> anyhow::Result<()> {
         let now = Utc::now();
-        let mut cost_left = cfg.plan.max_cost_usd;
-        for family in &order {
-            let report = family_entry(&mut families, family);
+        let mut cost_left = self.cfg.plan.max_cost_usd;
+        for family in order {
             if cost_left.is_some_and(|left| left <= 0.0) {
-                report.waits =
+                family_entry(self.families, family).waits =
                     Some("--max-cost is spent for this call; a later sync plans it".to_owned());
-                waiting_since.entry(family.clone()).or_insert(now);
+                self.waiting_since.entry(family.clone()).or_insert(now);
                 continue;
             }
             let plan_cfg = crate::config::PlanConfig {
                 family_id: family.clone(),
                 max_cost_usd: cost_left,
-                ..cfg.plan.clone()
+                ..self.cfg.plan.clone()
             };
-            match plan::plan(global, &plan_cfg, &inner, Utc::now()).await {
-                Ok(PlanOutcome::Planned { run_dir }) => {
-                    waiting_since.remove(family);
-                    let run = store::load(&run_dir)?;
-                    if let (Some(left), Some(cost)) = (cost_left, run.plan.estimated_cost_usd) {
-                        cost_left = Some(left - cost);
-                    }
-                    report.planned = Some(Planned {
-                        run_dir: Some(run_dir.display().to_string()),
-                        chunks: run.plan.chunks,
-                        tokens: run.plan.tokens,
-                        estimated_cost_usd: run.plan.estimated_cost_usd,
-                    });
-                    runs.push(RunEntry {
-                        dir: run_dir,
-                        family: family.clone(),
-                        created_at: run.created_at,
-                        run,
-                        error: None,
-                    });
-                }
-                Ok(PlanOutcome::NothingToDo | PlanOutcome::HeldByUnsubmitted { .. }) => {
-                    waiting_since.remove(family);
-                }
-                Err(err) => {
-                    if err.downcast_ref::<Interrupted>().is_some() {
-                        return Err(err);
-                    }
-                    if let Some(over) = err.downcast_ref::<OverMaxCost>() {
-                        report.waits = Some(format!(
-                            "its plan (${:.4}) is over what is left of --max-cost (${:.4}); a later sync plans it",
-                            over.cost, over.max
-                        ));
-                        waiting_since.entry(family.clone()).or_insert(now);
-                    } else if err
-                        .downcast_ref::<LockError>()
-                        .is_some_and(LockError::is_held)
-                    {
-                        report.waits = Some(format!("{err:#}"));
-                    } else {
-                        report.error = Some(format!("{err:#}"));
-                    }
+            let planned = plan::plan(self.global, &plan_cfg, self.printer, Utc::now()).await;
+            if let Some(cost) = self.record_plan(family, planned, now)?
+                && let Some(left) = cost_left
+            {
+                cost_left = Some(left - cost);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records what planning `family` gave; returns the estimated cost of a run planned.
+    fn record_plan(
+        &mut self,
+        family: &str,
+        planned: anyhow::Result<PlanOutcome>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<Option<f64>> {
+        let report = family_entry(self.families, family);
+        match planned {
+            Ok(PlanOutcome::Planned { run_dir }) => {
+                self.waiting_since.remove(family);
+                let run = store::load(&run_dir)?;
+                report.planned = Some(Planned {
+                    run_dir: Some(run_dir.display().to_string()),
+                    chunks: run.plan.chunks,
+                    tokens: run.plan.tokens,
+                    estimated_cost_usd: run.plan.estimated_cost_usd,
+                });
+                let cost = run.plan.estimated_cost_usd;
+                self.runs.push(RunEntry {
+                    dir: run_dir,
+                    family: family.to_owned(),
+                    created_at: run.created_at,
+                    run,
+                    error: None,
+                });
+                return Ok(cost);
+            }
+            Ok(PlanOutcome::NothingToDo | PlanOutcome::HeldByUnsubmitted { .. }) => {
+                self.waiting_since.remove(family);
+            }
+            Err(err) if err.downcast_ref::<Interrupted>().is_some() => return Err(err),
+            Err(err) => {
+                if let Some(over) = err.downcast_ref::<OverMaxCost>() {
+                    report.waits = Some(format!(
+                        "its plan (${:.4}) is over what is left of --max-cost (${:.4}); a later sync plans it",
+                        over.cost, over.max
+                    ));
+                    self.waiting_since.entry(family.to_owned()).or_insert(now);
+                } else if err
+                    .downcast_ref::<LockError>()
+                    .is_some_and(LockError::is_held)
+                {
+                    report.waits = Some(format!("{err:#}"));
+                } else {
+                    report.error = Some(format!("{err:#}"));
                 }
             }
         }
-        save_waiting(&global.runs_dir, &waiting_since, printer);
-        runs.sort_by(|a, b| (a.created_at, &a.dir).cmp(&(b.created_at, &b.dir)));
-        advance_rounds(global, cfg, &inner, &mut runs).await?;
-        for entry in &runs {
-            if held_before.contains(&entry.dir) && entry.run.is_finished() {
-                let report = family_entry(&mut families, &entry.family);
-                if report.pending_chunks.is_some_and(|n| n > 0) && report.waits.is_none() {
-                    report.waits = Some(format!(
-                        "the run {} finished in this call and let go of chunks it held; the next sync plans those still pending",
-                        entry.dir.display()
-                    ));
-                }
+        Ok(None)
+    }
+}
+
+/// A run that held chunks when the call began and finished in it let them go: its family
+/// still waits (the next call plans what is pending), it is not done.
+fn note_released_chunks(
+    runs: &[RunEntry],
+    held_before: &BTreeSet<PathBuf>,
+    families: &mut BTreeMap<String, FamilyReport>,
+) {
+    for entry in runs {
+        if held_before.contains(&entry.dir) && entry.run.is_finished() {
+            let report = family_entry(families, &entry.family);
+            if report.pending_chunks.is_some_and(|n| n > 0) && report.waits.is_none() {
+                report.waits = Some(format!(
+                    "the run {} finished in this call and let go of chunks it held; the next sync plans those still pending",
+                    entry.dir.display()
+                ));
             }
         }
     }
+}
 
+/// The report: one line per family, a totals line, the JSON; and the exit.
+fn finish(
+    cfg: &SyncConfig,
+    printer: &Printer,
+    mut families: BTreeMap<String, FamilyReport>,
+    runs: &[RunEntry],
+    mut failures: Vec<String>,
+) -> anyhow::Result<ExitStatus> {
     // The report: one line per family, a totals line, the JSON.
-    for entry in &runs {
+    for entry in runs {
         let report = family_entry(&mut families, &entry.family);
         if let Some(err) = &entry.error {
             report.error.get_or_insert_with(|| err.clone());

@@ -589,12 +589,17 @@ async fn embed_refuses_a_known_direct_model_of_another_size_before_sending() {
     assert_eq!(env.emu().counters().embedding_calls, 0);
 }
 
+/// `sync --provider direct` sends the requests of its runs, and needs no OpenAI key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_sends_the_requests_of_direct_runs() {
     let (env, family, _) = family(6, EmulatorConfig::default()).await;
-    let sync = exec_direct(
-        &env,
-        &[
+    let mut cmd = tokio::process::Command::from(env.command());
+    cmd.env_remove("OPENAI_API_KEY");
+    for (key, value) in direct_env(&env) {
+        cmd.env(key, value);
+    }
+    let out = cmd
+        .args([
             "sync",
             "--family-id",
             &family.to_string(),
@@ -602,10 +607,11 @@ async fn sync_sends_the_requests_of_direct_runs() {
             "direct",
             "--max-requests-per-batch",
             "4",
-        ],
-        &[],
-    )
-    .await;
+        ])
+        .output()
+        .await
+        .expect("run embatch");
+    let sync = Run::from_output(out);
     assert_eq!(sync.code, 0, "{sync:#?}");
     assert_eq!(count_embedded_exactly(&env, family, DIMS).await, 6);
 }
