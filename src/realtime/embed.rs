@@ -485,13 +485,34 @@ pub async fn embed_command(
     }
     let mut conn = Conn::new(client);
 
+    let (lines, lookup_ids) = given_ids(&cfg.chunk_ids, target.source.id_type);
+    let loaded = conn.load(&target, &lookup_ids).await?;
+    let (ready, mut decided) = sort_loaded(&target, &lookup_ids, &loaded, cfg.overwrite);
+    let failure = send_ready(
+        &mut conn,
+        &api,
+        &target,
+        cfg.overwrite,
+        &ready,
+        &mut decided,
+    )
+    .await?;
+    report_outcomes(printer, &target.model, lines, &decided, failure)
+}
+
+/// One line per id given, repeats included, in order (with the outcome of an id that is not
+/// one), and the valid ids to look up, each once.
+fn given_ids(
+    chunk_ids: &[String],
+    id_type: crate::run::store::IdType,
+) -> (Vec<(String, Option<Outcome>)>, Vec<String>) {
     // Normalize, then look up every valid id in one query. `lines` keeps one entry per id
     // given, repeats included, in order; each chunk is looked up, sent and counted once.
-    let mut lines: Vec<(String, Option<Outcome>)> = Vec::with_capacity(cfg.chunk_ids.len());
+    let mut lines: Vec<(String, Option<Outcome>)> = Vec::with_capacity(chunk_ids.len());
     let mut lookup_ids: Vec<String> = Vec::new();
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
-    for raw in &cfg.chunk_ids {
-        match normalize_id(target.source.id_type, raw) {
+    for raw in chunk_ids {
+        match normalize_id(id_type, raw) {
             Ok(id) => {
                 if seen.insert(id.clone()) {
                     lookup_ids.push(id.clone());
@@ -501,10 +522,20 @@ pub async fn embed_command(
             Err(why) => lines.push((raw.clone(), Some(Outcome::NotFound { why }))),
         }
     }
-    let loaded = conn.load(&target, &lookup_ids).await?;
+    (lines, lookup_ids)
+}
+
+/// The chunks ready to send, and the outcome of those already decided (not found, already
+/// embedded, empty, too long).
+fn sort_loaded(
+    target: &Target,
+    lookup_ids: &[String],
+    loaded: &HashMap<String, LoadedChunk>,
+    overwrite: bool,
+) -> (Vec<Ready>, HashMap<String, Outcome>) {
     let mut ready: Vec<Ready> = Vec::new();
     let mut decided: HashMap<String, Outcome> = HashMap::new();
-    for id in &lookup_ids {
+    for id in lookup_ids {
         match loaded.get(id) {
             None => {
                 decided.insert(
@@ -517,7 +548,7 @@ pub async fn embed_command(
                     },
                 );
             }
-            Some(chunk) => match classify(chunk, cfg.overwrite) {
+            Some(chunk) => match classify(chunk, overwrite) {
                 Readiness::Ready(r) => ready.push(r),
                 Readiness::Done(outcome) => {
                     decided.insert(id.clone(), outcome);
@@ -526,15 +557,27 @@ pub async fn embed_command(
         }
     }
 
-    // Send what can be sent, request by request; stop at the first failed call (the same
-    // failure would meet the next one) and report the rest as not embedded.
+    (ready, decided)
+}
+
+/// Sends what can be sent, request by request; stops at the first failed call (the same
+/// failure would meet the next one) and reports the rest as not embedded. Returns that
+/// failure.
+async fn send_ready(
+    conn: &mut Conn,
+    api: &dyn BatchProvider,
+    target: &Target,
+    overwrite: bool,
+    ready: &[Ready],
+    decided: &mut HashMap<String, Outcome>,
+) -> anyhow::Result<Option<String>> {
     let token_counts: Vec<usize> = ready.iter().map(|r| r.tokens).collect();
     let mut failure: Option<String> = None;
     for range in pack_requests(&token_counts, RequestLimits::PROVIDER) {
         let group = &ready[range];
         let results = match &failure {
             Some(message) => Err(message.clone()),
-            None => match embed_group(&mut conn, &api, &target, cfg.overwrite, group).await {
+            None => match embed_group(conn, api, target, overwrite, group).await {
                 Ok(results) => Ok(results),
                 Err(EmbedError::Api(e)) => Err(format!("{e}")),
                 Err(EmbedError::BadOutput(m)) => Err(EmbedError::BadOutput(m).to_string()),
@@ -561,6 +604,17 @@ pub async fn embed_command(
         }
     }
 
+    Ok(failure)
+}
+
+/// Prints one line per id given and the summary; an error names every chunk left undone.
+fn report_outcomes(
+    printer: &Printer,
+    model: &str,
+    lines: Vec<(String, Option<Outcome>)>,
+    decided: &HashMap<String, Outcome>,
+    failure: Option<String>,
+) -> anyhow::Result<()> {
     let mut problems: Vec<String> = Vec::new();
     let mut n_failed = 0usize;
     let (mut n_embedded, mut n_tokens) = (0usize, 0usize);
@@ -605,8 +659,10 @@ pub async fn embed_command(
     }
     let n_chunks = counted.len();
     printer.info(&format!(
-        "embedded {n_embedded} of {n_chunks} chunks ({n_tokens} tokens) with {}",
-        target.model
+        "embedded {} of {} ({}) with {model}",
+        crate::printer::number(n_embedded as u64),
+        crate::printer::count(n_chunks as u64, "chunk", "chunks"),
+        crate::printer::count(n_tokens as u64, "token", "tokens"),
     ));
     if problems.is_empty() {
         return Ok(());
