@@ -204,49 +204,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             )
             .await
         }
-        Command::Status(status_cfg) => {
-            let (run_dir, only) = match &status_cfg.target {
-                StatusTarget::Run(dir) => (dir.clone(), None),
-                StatusTarget::Batch(file) => match run::layout::locate_batch(file) {
-                    Some((dir, name)) => (dir, Some(name)),
-                    None => bail!(
-                        "{} is not inside a run folder (expected …/run_…/batches/batch_NNN/batch.json)",
-                        file.display()
-                    ),
-                },
-            };
-            if status_cfg.refresh {
-                advance::advance(
-                    &config.global,
-                    &run_dir,
-                    advance::Goal::RefreshOnly,
-                    &advance::AdvanceOptions::default(),
-                    "embatch status --refresh",
-                    &printer,
-                )
-                .await?;
-            }
-            let run = run::store::load(&run_dir)?;
-            if let Some(name) = &only
-                && !run.batches.iter().any(|b| &b.name == name)
-            {
-                bail!("run {} has no batch {name}", run_dir.display());
-            }
-            let view = status::view(&run, &run_dir, only.as_deref());
-            for message in status::missing_files(&run, &run_dir) {
-                printer.warn(&message);
-            }
-            if status_cfg.json {
-                printer.data(&serde_json::to_string_pretty(&view)?);
-            } else {
-                printer.data(&status::render_table(
-                    &view,
-                    printer.colour(),
-                    printer.width(),
-                ));
-            }
-            Ok(ExitStatus::Done)
-        }
+        Command::Status(status_cfg) => status_command(&config, status_cfg, &printer).await,
         Command::Advance(adv) => {
             advance::advance(
                 &config.global,
@@ -259,19 +217,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             .await
         }
         Command::Cancel(c) => advance::cancel(&config.global, &c.run_dir, &printer).await,
-        Command::Emulator(e) => {
-            // A key of the user's own may be a real one: the emulator accepts it but never
-            // prints it; only the built-in `sk-emulator` is shown.
-            let user_key = config.global.api.api_key.clone();
-            let show_key = user_key.is_none();
-            let emu_config = emulator::EmulatorConfig {
-                api_key: user_key.unwrap_or_else(|| emulator::EmulatorConfig::default().api_key),
-                stage_duration: std::time::Duration::from_secs(e.stage_seconds),
-                ..emulator::EmulatorConfig::default()
-            };
-            emulator::serve_forever(e.listen, emu_config, show_key).await?;
-            Ok(ExitStatus::Done)
-        }
+        Command::Emulator(e) => emulator_command(&config, e).await,
         Command::Embed(embed_cfg) => {
             realtime::embed::embed_command(&config.global, embed_cfg, &printer).await?;
             Ok(ExitStatus::Done)
@@ -281,24 +227,98 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             Ok(ExitStatus::Done)
         }
         Command::Sync(sync_cfg) => sync::sync(&config.global, sync_cfg, &printer).await,
-        Command::Runs(runs_cfg) => {
-            let found =
-                run::folders::find_runs(&config.global.runs_dir, runs_cfg.family_id.as_deref())?;
-            let summaries: Vec<run::folders::RunSummary> =
-                found.iter().map(run::folders::summarize).collect();
-            if runs_cfg.json {
-                printer.data(&serde_json::to_string_pretty(&summaries)?);
-            } else if summaries.is_empty() {
-                printer.info(&format!(
-                    "no runs under {}",
-                    config.global.runs_dir.display()
-                ));
-            } else {
-                for s in &summaries {
-                    printer.data(&run::folders::summary_line(s));
-                }
-            }
-            Ok(ExitStatus::Done)
+        Command::Runs(runs_cfg) => runs_command(&config, runs_cfg, &printer),
+    }
+}
+
+/// `embatch status`: the run (or one batch) as a table fitted to the terminal, or JSON;
+/// `--refresh` asks the provider first.
+async fn status_command(
+    config: &Config,
+    status_cfg: &config::StatusConfig,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
+    let (run_dir, only) = match &status_cfg.target {
+        StatusTarget::Run(dir) => (dir.clone(), None),
+        StatusTarget::Batch(file) => match run::layout::locate_batch(file) {
+            Some((dir, name)) => (dir, Some(name)),
+            None => bail!(
+                "{} is not inside a run folder (expected …/run_…/batches/batch_NNN/batch.json)",
+                file.display()
+            ),
+        },
+    };
+    if status_cfg.refresh {
+        advance::advance(
+            &config.global,
+            &run_dir,
+            advance::Goal::RefreshOnly,
+            &advance::AdvanceOptions::default(),
+            "embatch status --refresh",
+            printer,
+        )
+        .await?;
+    }
+    let run = run::store::load(&run_dir)?;
+    if let Some(name) = &only
+        && !run.batches.iter().any(|b| &b.name == name)
+    {
+        bail!("run {} has no batch {name}", run_dir.display());
+    }
+    let view = status::view(&run, &run_dir, only.as_deref());
+    for message in status::missing_files(&run, &run_dir) {
+        printer.warn(&message);
+    }
+    if status_cfg.json {
+        printer.data(&serde_json::to_string_pretty(&view)?);
+    } else {
+        printer.data(&status::render_table(
+            &view,
+            printer.colour(),
+            printer.width(),
+        ));
+    }
+    Ok(ExitStatus::Done)
+}
+
+/// `embatch emulator`: serves the OpenAI emulator until stopped.
+async fn emulator_command(
+    config: &Config,
+    e: &config::EmulatorCommandConfig,
+) -> anyhow::Result<ExitStatus> {
+    // A key of the user's own may be a real one: the emulator accepts it but never
+    // prints it; only the built-in `sk-emulator` is shown.
+    let user_key = config.global.api.api_key.clone();
+    let show_key = user_key.is_none();
+    let emu_config = emulator::EmulatorConfig {
+        api_key: user_key.unwrap_or_else(|| emulator::EmulatorConfig::default().api_key),
+        stage_duration: std::time::Duration::from_secs(e.stage_seconds),
+        ..emulator::EmulatorConfig::default()
+    };
+    emulator::serve_forever(e.listen, emu_config, show_key).await?;
+    Ok(ExitStatus::Done)
+}
+
+/// `embatch runs`: every run under the runs dir, one line each, or one JSON array.
+fn runs_command(
+    config: &Config,
+    runs_cfg: &config::RunsConfig,
+    printer: &Printer,
+) -> anyhow::Result<ExitStatus> {
+    let found = run::folders::find_runs(&config.global.runs_dir, runs_cfg.family_id.as_deref())?;
+    let summaries: Vec<run::folders::RunSummary> =
+        found.iter().map(run::folders::summarize).collect();
+    if runs_cfg.json {
+        printer.data(&serde_json::to_string_pretty(&summaries)?);
+    } else if summaries.is_empty() {
+        printer.info(&format!(
+            "no runs under {}",
+            config.global.runs_dir.display()
+        ));
+    } else {
+        for s in &summaries {
+            printer.data(&run::folders::summary_line(s));
         }
     }
+    Ok(ExitStatus::Done)
 }
