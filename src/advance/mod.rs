@@ -113,56 +113,10 @@ pub async fn advance(
         };
         match stepped {
             Ok(()) => db_faults_in_a_row = 0,
-            // The provider is unreachable or overloaded: nothing is lost, try again later.
-            Err(err) if is_transient(&err) && !opts.wait => {
-                stepper.report(Next::ProviderUnavailable);
-                printer.warn(&format!(
-                    "{err:#}; the run is saved, run advance again later"
-                ));
-                return Ok(ExitStatus::NotYet);
-            }
-            Err(err) if is_transient(&err) => {
-                printer.warn(&format!(
-                    "{err:#}; trying again in {}s",
-                    opts.poll.as_secs()
-                ));
-            }
-            Err(err) => match db_fault(&err).and_then(|fault| match fault {
-                // A database this call has not reached yet may be a wrong DATABASE_URL:
-                // that is for a person to fix (exit 1), not for a cron loop to wait out.
-                DbFault::Unreachable(_) if !stepper.db_reached => None,
-                DbFault::Unreachable(what) => Some(DbFault::Transient(what)),
-                other => Some(other),
-            }) {
-                Some(DbFault::Transient(what)) => {
-                    // The connections are no use now; the next step that needs the database
-                    // connects again, and resumes from what is saved (mid-ingest: the last
-                    // checkpoint, whose rows are committed), as a new advance would.
-                    stepper.db = None;
-                    db_faults_in_a_row += 1;
-                    if db_faults_in_a_row > MAX_DB_RECONNECTS {
-                        stepper.report(Next::DatabaseLost);
-                        printer.warn(&format!(
-                            "database connection lost ({what}) and {MAX_DB_RECONNECTS} reconnects in a row did not get through; the run is saved, run advance again later"
-                        ));
-                        return Ok(ExitStatus::NotYet);
-                    }
-                    let delay = Duration::from_secs(1 << (db_faults_in_a_row - 1));
-                    printer.verbose(&format!(
-                        "database connection lost ({what}); reconnecting in {}s ({db_faults_in_a_row} of {MAX_DB_RECONNECTS}) and resuming from the last saved step",
-                        delay.as_secs()
-                    ));
-                    tokio::time::sleep(delay).await;
-                    continue;
-                }
-                Some(DbFault::StatementTimeout) => {
-                    stepper.report(Next::Stopped);
-                    return Err(err.context(statement_timeout_advice(&stepper.database)));
-                }
-                Some(DbFault::Unreachable(_)) | None => {
-                    stepper.report(Next::Stopped);
-                    return Err(err);
-                }
+            Err(err) => match after_error(&mut stepper, err, opts, &mut db_faults_in_a_row).await {
+                AfterError::GoOn => {}
+                AfterError::StepAgain => continue,
+                AfterError::End(result) => return result,
             },
         }
         let done = match goal {
@@ -219,6 +173,81 @@ pub async fn advance(
             }
             .into());
         }
+    }
+}
+
+/// What the loop of [`advance`] does after a step failed.
+enum AfterError {
+    /// Go on as after a step that waits (the provider was unreachable; `--wait` polls again).
+    GoOn,
+    /// Step again at once (the database connection was lost and is made again).
+    StepAgain,
+    /// The call ends with this.
+    End(anyhow::Result<ExitStatus>),
+}
+
+/// Sorts a failed step: the provider unreachable or overloaded (nothing is lost: try again
+/// later), the database connection lost (reconnect, at most [`MAX_DB_RECONNECTS`] times in a
+/// row), or an error for a person to fix.
+async fn after_error(
+    stepper: &mut Stepper,
+    err: anyhow::Error,
+    opts: &AdvanceOptions,
+    db_faults_in_a_row: &mut u32,
+) -> AfterError {
+    let printer = stepper.printer;
+    match err {
+        err if is_transient(&err) && !opts.wait => {
+            stepper.report(Next::ProviderUnavailable);
+            printer.warn(&format!(
+                "{err:#}; the run is saved, run advance again later"
+            ));
+            AfterError::End(Ok(ExitStatus::NotYet))
+        }
+        err if is_transient(&err) => {
+            printer.warn(&format!(
+                "{err:#}; trying again in {}s",
+                opts.poll.as_secs()
+            ));
+            AfterError::GoOn
+        }
+        err => match db_fault(&err).and_then(|fault| match fault {
+            // A database this call has not reached yet may be a wrong DATABASE_URL:
+            // that is for a person to fix (exit 1), not for a cron loop to wait out.
+            DbFault::Unreachable(_) if !stepper.db_reached => None,
+            DbFault::Unreachable(what) => Some(DbFault::Transient(what)),
+            other => Some(other),
+        }) {
+            Some(DbFault::Transient(what)) => {
+                // The connections are no use now; the next step that needs the database
+                // connects again, and resumes from what is saved (mid-ingest: the last
+                // checkpoint, whose rows are committed), as a new advance would.
+                stepper.db = None;
+                *db_faults_in_a_row += 1;
+                if *db_faults_in_a_row > MAX_DB_RECONNECTS {
+                    stepper.report(Next::DatabaseLost);
+                    printer.warn(&format!(
+                        "database connection lost ({what}) and {MAX_DB_RECONNECTS} reconnects in a row did not get through; the run is saved, run advance again later"
+                    ));
+                    return AfterError::End(Ok(ExitStatus::NotYet));
+                }
+                let delay = Duration::from_secs(1 << (*db_faults_in_a_row - 1));
+                printer.verbose(&format!(
+                    "database connection lost ({what}); reconnecting in {}s ({db_faults_in_a_row} of {MAX_DB_RECONNECTS}) and resuming from the last saved step",
+                    delay.as_secs()
+                ));
+                tokio::time::sleep(delay).await;
+                AfterError::StepAgain
+            }
+            Some(DbFault::StatementTimeout) => {
+                stepper.report(Next::Stopped);
+                AfterError::End(Err(err.context(statement_timeout_advice(&stepper.database))))
+            }
+            Some(DbFault::Unreachable(_)) | None => {
+                stepper.report(Next::Stopped);
+                AfterError::End(Err(err))
+            }
+        },
     }
 }
 
