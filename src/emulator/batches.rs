@@ -488,6 +488,10 @@ pub(crate) fn advance(record: &mut BatchRecord, now: Instant, stage_duration: Du
         }
         let due = record.stage_started + stage_duration;
         if now < due {
+            // Reads during the run see the requests done so far, as the provider reports them.
+            if matches!(record.status, Status::InProgress | Status::Finalizing) {
+                record.completed = record.n_done_now(now, stage_duration) as u64;
+            }
             return Advance::Settled;
         }
         let due_unix = record.unix_at(due);
@@ -884,6 +888,22 @@ mod tests {
             record.to_json()["request_counts"],
             json!({"total": 5, "completed": 5, "failed": 0})
         );
+    }
+
+    #[test]
+    fn request_counts_grow_while_in_progress() {
+        let stage = Duration::from_secs(10);
+        let (mut record, start) = new_record(&lines(10));
+        advance(&mut record, start + stage, stage);
+        assert_eq!(record.status, Status::InProgress);
+        advance(&mut record, start + stage + stage / 2, stage);
+        assert_eq!(
+            record.to_json()["request_counts"],
+            json!({"total": 10, "completed": 5, "failed": 0})
+        );
+        advance(&mut record, start + stage * 2 + stage / 2, stage);
+        assert_eq!(record.status, Status::Finalizing);
+        assert_eq!(record.to_json()["request_counts"]["completed"], 10);
     }
 
     #[test]
