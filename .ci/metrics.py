@@ -97,6 +97,6 @@ def main():
     files.sort(reverse=True); fns.sort(reverse=True)
     print('production lines:', sum(f[0] for f in files), 'in', len(files), 'files')
     print('largest files:'); [print('  %5d %s' % f) for f in files[:6]]
-    print('longest fns:'); [print('  %5d %s' % f) for f in fns[:6]]
+    print('longest fns:'); [print('  %5d %s' % f) for f in fns[:int(os.environ.get('TOP', '6'))]]
 
 main()
