@@ -545,6 +545,8 @@ struct SyncArgs {
     batches: PlanBatchArgs,
     #[command(flatten, next_help_heading = HEADING_ADVANCE)]
     write: WriteArgs,
+    #[command(flatten, next_help_heading = HEADING_DIRECT)]
+    direct: DirectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -821,21 +823,25 @@ fn write_options(args: WriteArgs) -> AdvanceOptions {
 
 /// `advance` and `run`: the only commands whose direct runs send requests.
 fn step_options(args: StepArgs) -> AdvanceOptions {
-    let d = args.direct;
     AdvanceOptions {
         max_attempts: args.max_attempts,
         poll: std::time::Duration::from_secs(args.poll_seconds),
         max_wait: args.max_wait,
-        direct: DirectOptions {
-            inputs_per_request: d.direct_batch_size,
-            max_request_bytes: d.direct_max_request_bytes,
-            concurrency: d.direct_concurrency,
-            max_requests_per_minute: d.max_requests_per_minute,
-            max_tokens_per_minute: d.max_tokens_per_minute,
-            time_budget: None,
-            send: true,
-        },
+        direct: direct_options(args.direct),
         ..write_options(args.write)
+    }
+}
+
+/// How the direct runs of a command that sends (`advance`, `run`, `sync`) send.
+fn direct_options(d: DirectArgs) -> DirectOptions {
+    DirectOptions {
+        inputs_per_request: d.direct_batch_size,
+        max_request_bytes: d.direct_max_request_bytes,
+        concurrency: d.direct_concurrency,
+        max_requests_per_minute: d.max_requests_per_minute,
+        max_tokens_per_minute: d.max_tokens_per_minute,
+        time_budget: None,
+        send: true,
     }
 }
 
@@ -922,10 +928,7 @@ fn sync_config(args: SyncArgs) -> Result<SyncConfig, clap::Error> {
         max_attempts: args.max_attempts,
         max_enqueued_tokens: args.batches.max_enqueued_tokens,
         // sync moves runs as `advance` does: the batches of a direct run are sent.
-        direct: DirectOptions {
-            send: true,
-            ..DirectOptions::default()
-        },
+        direct: direct_options(args.direct),
         ..write_options(write)
     };
     let mut plan = plan_config(PlanArgs {

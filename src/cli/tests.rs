@@ -380,3 +380,30 @@ fn a_direct_time_budget_is_for_a_plain_advance() {
         .is_err()
     );
 }
+
+#[test]
+fn sync_sends_direct_runs_with_its_direct_flags() {
+    let parsed = parse([
+        "embatch",
+        "sync",
+        "--provider",
+        "direct",
+        "--direct-batch-size",
+        "8",
+        "--max-requests-per-minute",
+        "120",
+    ])
+    .unwrap();
+    let Command::Sync(sync) = parsed.config.command else {
+        panic!("expected sync");
+    };
+    assert!(
+        sync.opts.direct.send,
+        "sync sends its direct runs' requests"
+    );
+    assert_eq!(sync.opts.direct.inputs_per_request, 8);
+    assert_eq!(
+        sync.opts.direct.max_requests_per_minute.map(|n| n.get()),
+        Some(120)
+    );
+}
