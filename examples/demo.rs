@@ -58,7 +58,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
     eprintln!(
-        "loaded {CHUNKS} chunks in {} families ({:.1}s)\n",
+        "loaded {} chunks in {} families ({:.1}s)\n",
+        embatch::printer::number(CHUNKS as u64),
         family_ids.len(),
         started.elapsed().as_secs_f64()
     );

@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 
 use super::ingest::{self, DbContext, IngestJob};
 use super::{Progress, Stepper};
+use crate::printer::number;
 use crate::run::layout::{ERRORS_FILE, FAILED_FILE, OUTPUT_FILE};
 use crate::run::state::{BatchState, Event};
 
@@ -128,7 +129,11 @@ impl Stepper {
         let c = outcome.counts;
         self.printer.info(&format!(
             "{name}: {} written, {} already present, {} stale, {} failed, {} to retry",
-            c.ingested, c.already_present, c.stale, c.failed, outcome.to_retry
+            number(c.ingested),
+            number(c.already_present),
+            number(c.stale),
+            number(c.failed),
+            number(outcome.to_retry)
         ));
         let a = outcome.anomalies;
         if a.unknown_custom_id + a.repeated_custom_id + a.unparseable > 0 {
