@@ -243,8 +243,10 @@ const fn voyage_model(
 )]
 #[serde(rename_all = "lowercase")]
 pub enum InputType {
+    /// Texts to be found: Voyage prepends its prompt for documents
     #[default]
     Document,
+    /// Texts that search: Voyage prepends its prompt for queries
     Query,
     /// No `input_type`: the provider's default (`null`).
     None,

@@ -253,7 +253,7 @@ struct ModelArgs {
     /// Who embeds: `openai` (the Batch API), `direct` (embatch sends the batch files itself to an OpenAI-compatible /v1/embeddings at EMBATCH_DIRECT_BASE_URL or --base-url) or `voyage` (Voyage AI's Batch API, key in VOYAGE_API_KEY)
     #[arg(long, value_enum, default_value_t = Provider::Openai)]
     provider: Provider,
-    /// Voyage's input_type for the texts (other providers ignore it)
+    /// Voyage's input_type of a planned run's texts (ignored by other providers, and by embed and serve, which send `document`)
     #[arg(long, value_enum, value_name = "TYPE", default_value_t = InputType::Document)]
     input_type: InputType,
 }
@@ -454,7 +454,7 @@ struct EmulatorArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 2)]
     stage_seconds: u64,
     /// Whose API it speaks: `openai`, or `voyage` (Voyage AI's Batch API)
-    #[arg(long, value_enum, default_value_t = Provider::Openai)]
+    #[arg(long, value_enum, default_value_t = Provider::Openai, hide_possible_values = true)]
     provider: Provider,
 }
 
