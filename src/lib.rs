@@ -267,7 +267,10 @@ pub async fn run(config: Config) -> anyhow::Result<ExitStatus> {
             let emu_config = emulator::EmulatorConfig {
                 api_key: user_key.unwrap_or_else(|| emulator::EmulatorConfig::default().api_key),
                 stage_duration: std::time::Duration::from_secs(e.stage_seconds),
-                provider: e.provider,
+                api: match e.provider {
+                    crate::models::Provider::Voyage => emulator::Api::Voyage,
+                    _ => emulator::Api::Openai,
+                },
                 ..emulator::EmulatorConfig::default()
             };
             emulator::serve_forever(e.listen, emu_config, show_key).await?;

@@ -58,7 +58,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), guard))
         .layer(middleware::from_fn_with_state(
-            Arc::clone(&shared),
+            shared.api,
             super::voyage::translate,
         ))
         .layer(middleware::from_fn_with_state(

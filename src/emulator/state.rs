@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::batches::{self, Advance, BatchRecord, Generated, Job};
+use super::voyage::Api;
 
 /// How the emulator behaves apart from faults.
 #[derive(Clone, Debug)]
@@ -26,7 +27,7 @@ pub struct EmulatorConfig {
     /// Seeds the ids, the shuffling of output lines and the fault draws.
     pub seed: u64,
     /// Whose API the emulator speaks: OpenAI's (default) or Voyage's (`voyage` module).
-    pub provider: crate::models::Provider,
+    pub api: Api,
 }
 
 impl Default for EmulatorConfig {
@@ -35,7 +36,7 @@ impl Default for EmulatorConfig {
             api_key: "sk-emulator".to_owned(),
             stage_duration: Duration::ZERO,
             seed: 0,
-            provider: crate::models::Provider::Openai,
+            api: Api::Openai,
         }
     }
 }
@@ -263,7 +264,7 @@ pub(crate) struct Shared {
     pub api_key: String,
     pub stage_duration: Duration,
     pub seed: u64,
-    pub provider: crate::models::Provider,
+    pub api: Api,
     state: Mutex<State>,
 }
 
@@ -273,7 +274,7 @@ impl Shared {
             api_key: config.api_key,
             stage_duration: config.stage_duration,
             seed: config.seed,
-            provider: config.provider,
+            api: config.api,
             state: Mutex::new(State {
                 faults: Faults::default(),
                 counters: Counters::default(),
@@ -332,7 +333,7 @@ impl Shared {
         // The file contents move into the store; `generated` keeps the counts.
         let mut output = std::mem::take(&mut generated.output);
         let mut errors = std::mem::take(&mut generated.errors);
-        if self.provider == crate::models::Provider::Voyage {
+        if self.api == Api::Voyage {
             output = super::voyage::result_lines(&output, &batch_id);
             errors = super::voyage::result_lines(&errors, &batch_id);
         }

@@ -1,4 +1,4 @@
-//! The emulator speaking Voyage AI's Batch API (`EmulatorConfig::provider` = Voyage, or
+//! The emulator speaking Voyage AI's Batch API (`EmulatorConfig::api` = Voyage, or
 //! `embatch emulator --provider voyage`), following docs.voyageai.com ("Batch inference" and
 //! the API reference): the same routes as OpenAI's (`/v1/files`, `/v1/batches`,
 //! `/v1/embeddings`) with Voyage's shapes. A translation layer over the OpenAI emulator, so the
@@ -21,9 +21,6 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use std::sync::Arc;
-
-use super::state::Shared;
 
 /// Voyage's completion window, in seconds ("Currently only `12h` is supported").
 const WINDOW_SECS: i64 = 12 * 3600;
@@ -34,6 +31,16 @@ const MAX_INPUTS_PER_REQUEST: usize = 1000;
 /// The largest body translated (an upload is never translated: it is multipart).
 const MAX_JSON_BYTES: usize = 64 * 1024 * 1024;
 
+/// Whose API the emulator speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Api {
+    /// OpenAI's Files, Batches and Embeddings.
+    #[default]
+    Openai,
+    /// Voyage AI's Batch API: the same routes, Voyage's shapes (the `voyage` module).
+    Voyage,
+}
+
 /// A batch creation's `request_params`, handed from the translation layer to the handler.
 #[derive(Clone, Debug)]
 pub(crate) struct VoyageParams(pub Value);
@@ -43,12 +50,8 @@ fn detail(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// The translation layer: a no-op unless the emulator speaks Voyage.
-pub(crate) async fn translate(
-    State(shared): State<Arc<Shared>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if shared.provider != crate::models::Provider::Voyage {
+pub(crate) async fn translate(State(api): State<Api>, request: Request, next: Next) -> Response {
+    if api != Api::Voyage {
         return next.run(request).await;
     }
     let path = request.uri().path().to_owned();

@@ -977,12 +977,14 @@ impl ApiClient {
         dimensions: Option<u32>,
     ) -> Result<Vec<Vec<f32>>, ApiError> {
         let body = if self.provider == Provider::Voyage {
-            super::voyage::embeddings_body(
-                model,
-                inputs,
-                dimensions,
-                crate::models::InputType::Document,
-            )
+            // Voyage's body (as `voyage::embeddings_body`): `output_dimension` and
+            // `input_type`, no `encoding_format`; the realtime path embeds documents.
+            let mut body =
+                serde_json::json!({"model": model, "input": inputs, "input_type": "document"});
+            if let Some(dims) = dimensions {
+                body["output_dimension"] = dims.into();
+            }
+            body
         } else {
             let body = CreateEmbeddingRequest {
                 model,

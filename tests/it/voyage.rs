@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use embatch::emulator::{EmulatorConfig, Faults};
+use embatch::emulator::{Api, EmulatorConfig, Faults};
 use embatch::models::{InputType, Provider};
 use embatch::run::state::StateKind;
 use embatch::run::store::{self, RunFile};
@@ -17,7 +17,7 @@ const DIMS: usize = 1024;
 
 fn voyage_config() -> EmulatorConfig {
     EmulatorConfig {
-        provider: Provider::Voyage,
+        api: Api::Voyage,
         ..EmulatorConfig::default()
     }
 }

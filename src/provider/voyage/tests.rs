@@ -1,5 +1,5 @@
 use super::*;
-use crate::emulator::{Emulator, EmulatorConfig, Faults, LostAnswer};
+use crate::emulator::{Api, Emulator, EmulatorConfig, Faults, LostAnswer};
 use crate::provider::openai::Timeouts;
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ fn params(output_dimension: Option<u32>) -> BatchParams {
 
 async fn voyage_emulator() -> Emulator {
     Emulator::start(EmulatorConfig {
-        provider: Provider::Voyage,
+        api: Api::Voyage,
         ..EmulatorConfig::default()
     })
     .await
