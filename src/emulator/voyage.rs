@@ -159,6 +159,12 @@ fn embeddings_request(body: Map<String, Value>) -> Result<Value, String> {
             "The batch size limit is {MAX_INPUTS_PER_REQUEST}. Your batch size is {n_inputs}."
         ));
     }
+    // Voyage's `encoding_format` is null (floats) or `base64`; OpenAI's `float` is not one.
+    match body.get("encoding_format") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(format)) if format == "base64" => {}
+        Some(_) => return Err("'encoding_format' must be null or 'base64'".into()),
+    }
     let dims = match body.get("output_dimension") {
         None | Some(Value::Null) => DEFAULT_DIMENSIONS,
         Some(value) => match value.as_u64() {

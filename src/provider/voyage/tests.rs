@@ -236,3 +236,23 @@ async fn a_429_on_creation_is_the_queue_limit() {
         .unwrap_err();
     assert!(matches!(err, ApiError::QueueLimit { .. }), "{err:?}");
 }
+
+#[tokio::test]
+async fn the_realtime_client_speaks_voyage() {
+    let emu = voyage_emulator().await;
+    let client = ApiClient::new(ClientOptions {
+        base_url: emu.base_url(),
+        api_key: emu.api_key().to_owned(),
+        provider: Provider::Voyage,
+        ..ClientOptions::default()
+    })
+    .unwrap();
+    let vectors = client
+        .embed("voyage-3.5", &["a text".to_owned()], Some(256))
+        .await
+        .unwrap();
+    assert_eq!(
+        vectors,
+        [crate::emulator::vectors::embedding("a text", 256)]
+    );
+}
