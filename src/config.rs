@@ -88,6 +88,8 @@ pub struct PlanConfig {
     pub usd_per_million_tokens: Option<f64>,
     /// `--provider`: recorded in `run.json`; later steps use the recorded one.
     pub provider: Provider,
+    /// `--input-type`: Voyage's `input_type`, recorded for a Voyage run; ignored by the others.
+    pub input_type: crate::models::InputType,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -177,6 +179,8 @@ pub struct EmulatorCommandConfig {
     pub listen: std::net::SocketAddr,
     /// Seconds a batch spends in each of validating, in_progress and finalizing.
     pub stage_seconds: u64,
+    /// `--provider`: whose API the emulator speaks (OpenAI's, or Voyage's).
+    pub provider: Provider,
 }
 
 #[derive(Debug, Clone, PartialEq)]

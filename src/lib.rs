@@ -293,6 +293,10 @@ async fn emulator_command(
     let emu_config = emulator::EmulatorConfig {
         api_key: user_key.unwrap_or_else(|| emulator::EmulatorConfig::default().api_key),
         stage_duration: std::time::Duration::from_secs(e.stage_seconds),
+        api: match e.provider {
+            crate::models::Provider::Voyage => emulator::Api::Voyage,
+            _ => emulator::Api::Openai,
+        },
         ..emulator::EmulatorConfig::default()
     };
     emulator::serve_forever(e.listen, emu_config, show_key).await?;

@@ -16,6 +16,13 @@ pub struct ModelInfo {
     pub accepts_dimensions: bool,
     /// Batch API price in US dollars per million input tokens.
     pub batch_usd_per_million_tokens: f64,
+    /// The only sizes the model produces when it takes a size parameter (Voyage's
+    /// `output_dimension`); empty: any size up to the native one (OpenAI's `dimensions`).
+    pub accepted_dimensions: &'static [u32],
+    /// The provider's limit on the tokens of one input (its context length), when known.
+    pub max_input_tokens: Option<u32>,
+    /// The provider's limit on the tokens of all inputs of one request, when known.
+    pub max_request_tokens: Option<u32>,
 }
 
 /// Who embeds: the service a run or a realtime call talks to. Recorded in `run.json`
@@ -39,6 +46,8 @@ pub enum Provider {
     Openai,
     /// Any OpenAI-compatible `/v1/embeddings` endpoint, run as a batch by embatch itself.
     Direct,
+    /// Voyage AI's Batch API (files, batches, 33 % off, 12 h window).
+    Voyage,
 }
 
 impl Provider {
@@ -46,6 +55,7 @@ impl Provider {
         match self {
             Provider::Openai => "openai",
             Provider::Direct => "direct",
+            Provider::Voyage => "voyage",
         }
     }
 
@@ -59,6 +69,7 @@ impl Provider {
         match self {
             Provider::Openai => "OPENAI_API_KEY",
             Provider::Direct => "EMBATCH_DIRECT_API_KEY",
+            Provider::Voyage => "VOYAGE_API_KEY",
         }
     }
 
@@ -67,6 +78,34 @@ impl Provider {
         match self {
             Provider::Openai => "OPENAI_BASE_URL",
             Provider::Direct => "EMBATCH_DIRECT_BASE_URL",
+            Provider::Voyage => "VOYAGE_BASE_URL",
+        }
+    }
+
+    /// The provider's own base URL when neither `--base-url` nor its variable is set
+    /// (`direct` has none: the server is the user's).
+    pub fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            Provider::Openai => Some("https://api.openai.com/v1"),
+            Provider::Direct => None,
+            Provider::Voyage => Some(VOYAGE_DEFAULT_BASE_URL),
+        }
+    }
+
+    /// The provider's cap on the inputs of one batch: OpenAI counts requests and embedding
+    /// inputs (50,000 each); Voyage counts inputs (100,000, "100K inputs per batch").
+    pub fn max_inputs_per_batch(self) -> u32 {
+        match self {
+            Provider::Openai | Provider::Direct => 50_000,
+            Provider::Voyage => 100_000,
+        }
+    }
+
+    /// The provider's cap on the inputs of one realtime `/embeddings` request.
+    pub fn max_inputs_per_request(self) -> usize {
+        match self {
+            Provider::Openai | Provider::Direct => 2048,
+            Provider::Voyage => 1000,
         }
     }
 
@@ -75,13 +114,14 @@ impl Provider {
         match self {
             Provider::Openai => MODELS,
             Provider::Direct => DIRECT_MODELS,
+            Provider::Voyage => VOYAGE_MODELS,
         }
     }
 
     /// Whether a token count and a price make a cost: `direct` runs on the user's own server,
     /// so it has no price (its cost is not applicable, not zero dollars owed to anyone).
     pub fn has_price(self) -> bool {
-        self == Provider::Openai
+        self != Provider::Direct
     }
 }
 
@@ -99,18 +139,27 @@ pub const MODELS: &[ModelInfo] = &[
         native_dimensions: 1536,
         accepts_dimensions: true,
         batch_usd_per_million_tokens: 0.01,
+        accepted_dimensions: &[],
+        max_input_tokens: Some(8192),
+        max_request_tokens: Some(300_000),
     },
     ModelInfo {
         name: "text-embedding-3-large",
         native_dimensions: 3072,
         accepts_dimensions: true,
         batch_usd_per_million_tokens: 0.065,
+        accepted_dimensions: &[],
+        max_input_tokens: Some(8192),
+        max_request_tokens: Some(300_000),
     },
     ModelInfo {
         name: "text-embedding-ada-002",
         native_dimensions: 1536,
         accepts_dimensions: false,
         batch_usd_per_million_tokens: 0.05,
+        accepted_dimensions: &[],
+        max_input_tokens: Some(8192),
+        max_request_tokens: Some(300_000),
     },
 ];
 
@@ -137,6 +186,80 @@ const fn direct_model(name: &'static str, native_dimensions: u32) -> ModelInfo {
         native_dimensions,
         accepts_dimensions: false,
         batch_usd_per_million_tokens: 0.0,
+        accepted_dimensions: &[],
+        max_input_tokens: None,
+        max_request_tokens: None,
+    }
+}
+
+/// Voyage's API root.
+pub const VOYAGE_DEFAULT_BASE_URL: &str = "https://api.voyageai.com/v1";
+
+/// The sizes Voyage's current models produce through `output_dimension` (1024 by default).
+pub const VOYAGE_DIMENSIONS: &[u32] = &[256, 512, 1024, 2048];
+
+/// Voyage's batch-eligible embedding models of the 3 and 3.5 generations (docs.voyageai.com,
+/// "Text embeddings" and "Batch inference"): a 32,000-token context, 1024 dimensions by
+/// default, `output_dimension` 256/512/1024/2048, at most 1,000 inputs per request and a
+/// per-request token cap that depends on the model. Batch prices are the standard prices of
+/// the pricing page less the documented 33 % batch discount (standard × 0.67; the first 200M
+/// free tokens of an account are not counted).
+pub const VOYAGE_MODELS: &[ModelInfo] = &[
+    voyage_model("voyage-3.5", 0.06 * 0.67, 320_000),
+    voyage_model("voyage-3.5-lite", 0.02 * 0.67, 1_000_000),
+    voyage_model("voyage-3-large", 0.18 * 0.67, 120_000),
+    voyage_model("voyage-code-3", 0.18 * 0.67, 120_000),
+];
+
+const fn voyage_model(
+    name: &'static str,
+    batch_usd_per_million_tokens: f64,
+    max_request_tokens: u32,
+) -> ModelInfo {
+    ModelInfo {
+        name,
+        native_dimensions: 1024,
+        accepts_dimensions: true,
+        batch_usd_per_million_tokens,
+        accepted_dimensions: VOYAGE_DIMENSIONS,
+        max_input_tokens: Some(32_000),
+        max_request_tokens: Some(max_request_tokens),
+    }
+}
+
+/// Voyage's `input_type` (`--input-type`): `document` prepends the provider's retrieval
+/// prompt for documents, `query` its prompt for queries, `none` sends no type. Other
+/// providers take no such parameter and ignore it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum InputType {
+    /// Texts to be found: Voyage prepends its prompt for documents
+    #[default]
+    Document,
+    /// Texts that search: Voyage prepends its prompt for queries
+    Query,
+    /// No `input_type`: the provider's default (`null`).
+    None,
+}
+
+impl InputType {
+    /// The value sent, `None` for no `input_type` at all.
+    pub fn wire(self) -> Option<&'static str> {
+        match self {
+            InputType::Document => Some("document"),
+            InputType::Query => Some("query"),
+            InputType::None => None,
+        }
     }
 }
 
@@ -190,6 +313,14 @@ pub enum DimensionError {
         native: u32,
         column: u32,
     },
+    #[error(
+        "model {model} produces vectors of {accepted} dimensions, not {column}: point --embedding-column at a vector column of one of those sizes"
+    )]
+    SizeNotOffered {
+        model: String,
+        accepted: String,
+        column: u32,
+    },
 }
 
 /// [`choose_dimensions`] for a model of `provider`'s table. For `direct`, a model the table
@@ -213,6 +344,25 @@ pub fn choose_dimensions_for(
         });
     }
     match lookup_for(provider, model) {
+        Some(info) if !info.accepted_dimensions.is_empty() => {
+            if info.accepted_dimensions.contains(&column_dimensions) {
+                Ok(DimensionChoice {
+                    dimensions: column_dimensions,
+                    send_dimensions: column_dimensions != info.native_dimensions,
+                })
+            } else {
+                let accepted: Vec<String> = info
+                    .accepted_dimensions
+                    .iter()
+                    .map(u32::to_string)
+                    .collect();
+                Err(DimensionError::SizeNotOffered {
+                    model: model.to_owned(),
+                    accepted: accepted.join(", "),
+                    column: column_dimensions,
+                })
+            }
+        }
         Some(info) if info.native_dimensions != column_dimensions => {
             Err(DimensionError::FixedDimensions {
                 model: model.to_owned(),
@@ -434,7 +584,7 @@ mod tests {
 
     #[test]
     fn provider_names_and_variables() {
-        for provider in [Provider::Openai, Provider::Direct] {
+        for provider in [Provider::Openai, Provider::Direct, Provider::Voyage] {
             let json = serde_json::to_string(&provider).unwrap();
             assert_eq!(json, format!("\"{provider}\""));
             assert_eq!(serde_json::from_str::<Provider>(&json).unwrap(), provider);
@@ -442,6 +592,55 @@ mod tests {
         assert_eq!(Provider::default(), Provider::Openai);
         assert_eq!(Provider::Direct.key_var(), "EMBATCH_DIRECT_API_KEY");
         assert_eq!(Provider::Direct.base_url_var(), "EMBATCH_DIRECT_BASE_URL");
+    }
+
+    #[test]
+    fn voyage_models_take_only_the_offered_sizes() {
+        let choice = choose_dimensions_for(Provider::Voyage, "voyage-3.5", 1024, None).unwrap();
+        assert_eq!(
+            choice,
+            DimensionChoice {
+                dimensions: 1024,
+                send_dimensions: false
+            }
+        );
+        let choice = choose_dimensions_for(Provider::Voyage, "voyage-3-large", 2048, None).unwrap();
+        assert_eq!(
+            choice,
+            DimensionChoice {
+                dimensions: 2048,
+                send_dimensions: true
+            }
+        );
+        let err = choose_dimensions_for(Provider::Voyage, "voyage-code-3", 1536, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "model voyage-code-3 produces vectors of 256, 512, 1024, 2048 dimensions, not 1536: point --embedding-column at a vector column of one of those sizes"
+        );
+    }
+
+    #[test]
+    fn voyage_prices_are_a_third_off_and_named() {
+        let price = price_per_million_for(Provider::Voyage, "voyage-3.5", None).unwrap();
+        assert!((price - 0.0402).abs() < 1e-9, "{price}");
+        let lite = price_per_million_for(Provider::Voyage, "voyage-3.5-lite", None).unwrap();
+        assert!((lite - 0.0134).abs() < 1e-9, "{lite}");
+        assert_eq!(Provider::Voyage.key_var(), "VOYAGE_API_KEY");
+        assert_eq!(Provider::Voyage.base_url_var(), "VOYAGE_BASE_URL");
+        assert_eq!(
+            Provider::Voyage.default_base_url(),
+            Some("https://api.voyageai.com/v1")
+        );
+        assert_eq!(Provider::Voyage.max_inputs_per_batch(), 100_000);
+        assert_eq!(Provider::Voyage.max_inputs_per_request(), 1000);
+        let info = lookup_for(Provider::Voyage, "voyage-3-large").unwrap();
+        assert_eq!(info.max_input_tokens, Some(32_000));
+        assert_eq!(info.max_request_tokens, Some(120_000));
+        assert_eq!(
+            serde_json::to_string(&InputType::Document).unwrap(),
+            "\"document\""
+        );
+        assert_eq!(InputType::None.wire(), None);
     }
 
     #[test]

@@ -82,6 +82,9 @@ struct Response<'a> {
     status_code: Option<u16>,
     #[serde(borrow)]
     body: Option<&'a RawValue>,
+    /// Voyage's error lines say why beside the status, without a body:
+    /// `{"status_code": 500, "message": "Internal Server Error"}`.
+    message: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -93,6 +96,8 @@ struct ErrorObject {
 #[derive(Deserialize)]
 struct ErrorBody {
     error: Option<ErrorObject>,
+    /// Voyage's error body: `{"detail": "…"}`.
+    detail: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -215,8 +220,9 @@ fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineO
     let status = response.status_code.unwrap_or(0);
     let body = response.body.map(RawValue::get).unwrap_or("null");
     if status != 200 {
-        let message = serde_json::from_str::<ErrorBody>(body)
-            .ok()
+        let parsed = serde_json::from_str::<ErrorBody>(body).ok();
+        let detail = parsed.as_ref().and_then(|b| b.detail.clone());
+        let message = parsed
             .and_then(|b| b.error)
             .map(|e| {
                 format!(
@@ -225,6 +231,8 @@ fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineO
                     e.message.unwrap_or_default()
                 )
             })
+            .or(detail)
+            .or(response.message)
             .unwrap_or_default();
         let reason = match status {
             429 => FailReason::RateLimited,

@@ -61,6 +61,7 @@ impl Stepper {
             model: settings.model.clone(),
             dimensions: settings.send_dimensions.then_some(settings.dimensions),
             encoding_format: settings.encoding_format,
+            provider: settings.provider,
         };
         // A retry never aborts the run: an input now over the limit is skipped, not fatal.
         let on_too_long = match settings.on_too_long {

@@ -15,7 +15,7 @@ use crate::config::{
     EmulatorCommandConfig, Global, IngestConfig, PlanConfig, RealtimeConfig, RunConfig, RunsConfig,
     ServeConfig, StatusConfig, StatusTarget, SubmitConfig, SyncConfig,
 };
-use crate::models::{DEFAULT_MODEL, EncodingFormat, Provider};
+use crate::models::{DEFAULT_MODEL, EncodingFormat, InputType, Provider};
 use crate::pg::source::SourceConfig;
 use crate::plan::sharder::BatchLimits;
 use crate::printer::OutputSettings;
@@ -250,9 +250,12 @@ struct ModelArgs {
     /// Vector size; must equal the column's vector(N)
     #[arg(long, value_name = "N")]
     dimensions: Option<u32>,
-    /// Who embeds: `openai` (the Batch API) or `direct` (embatch sends the batch files itself to an OpenAI-compatible /v1/embeddings at EMBATCH_DIRECT_BASE_URL or --base-url)
+    /// Who embeds: `openai` (the Batch API), `direct` (embatch sends the batch files itself to an OpenAI-compatible /v1/embeddings at EMBATCH_DIRECT_BASE_URL or --base-url) or `voyage` (Voyage AI's Batch API, key in VOYAGE_API_KEY)
     #[arg(long, value_enum, default_value_t = Provider::Openai)]
     provider: Provider,
+    /// Voyage's input_type of a planned run's texts (ignored by other providers, and by embed and serve, which send `document`)
+    #[arg(long, value_enum, value_name = "TYPE", default_value_t = InputType::Document)]
+    input_type: InputType,
 }
 
 #[derive(Debug, Args)]
@@ -450,6 +453,9 @@ struct EmulatorArgs {
     /// Seconds a batch spends in each of validating, in_progress and finalizing
     #[arg(long, value_name = "SECONDS", default_value_t = 2)]
     stage_seconds: u64,
+    /// Whose API it speaks: `openai`, or `voyage` (Voyage AI's Batch API)
+    #[arg(long, value_enum, default_value_t = Provider::Openai, hide_possible_values = true)]
+    provider: Provider,
 }
 
 #[derive(Debug, Args)]
@@ -707,6 +713,21 @@ fn into_config(
             env("EMBATCH_DIRECT_API_KEY")
         },
     };
+    // `--provider voyage` likewise: `--base-url`, else VOYAGE_BASE_URL, else Voyage's own;
+    // `--api-key`, else VOYAGE_API_KEY.
+    let voyage = DirectEndpoint {
+        base_url: if base_url_on_command_line {
+            Some(g.base_url.clone())
+        } else {
+            env("VOYAGE_BASE_URL")
+        }
+        .map(|url| url.trim_end_matches('/').to_owned()),
+        api_key: if api_key_on_command_line {
+            g.api_key.clone().filter(|s| !s.is_empty())
+        } else {
+            env("VOYAGE_API_KEY")
+        },
+    };
     let global = Global {
         database: Database::from_url(g.database_url.as_deref()),
         api: ApiSettings {
@@ -716,6 +737,7 @@ fn into_config(
             project: g.project.filter(|s| !s.is_empty()),
             max_retries: g.api_retries,
             direct,
+            voyage,
         },
         runs_dir: g.runs_dir,
         output: OutputSettings {
@@ -770,6 +792,7 @@ fn into_config(
         CommandArgs::Emulator(args) => Command::Emulator(EmulatorCommandConfig {
             listen: args.listen,
             stage_seconds: args.stage_seconds,
+            provider: args.provider,
         }),
         CommandArgs::Runs(args) => Command::Runs(RunsConfig {
             family_id: args.family_id,
@@ -1000,6 +1023,7 @@ fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
         model: args.model.model,
         dimensions: args.model.dimensions,
         provider: args.model.provider,
+        input_type: args.model.input_type,
         encoding_format: b.encoding_format,
         limits: BatchLimits {
             max_requests: b.max_requests_per_batch,

@@ -348,6 +348,8 @@ pub(crate) struct BatchRecord {
     pub input: Bytes,
     pub seed: u64,
     pub faults: BatchFaults,
+    /// A Voyage batch's `request_params` (the `voyage` translation), shown in its answers.
+    pub request_params: Option<Value>,
 }
 
 impl BatchRecord {
@@ -359,7 +361,7 @@ impl BatchRecord {
     /// The spec's `Batch` object. Every optional key is present (null when unknown), as the
     /// provider sends them.
     pub(crate) fn to_json(&self) -> Value {
-        json!({
+        let mut batch = json!({
             "id": self.id,
             "object": "batch",
             "endpoint": self.endpoint,
@@ -388,7 +390,11 @@ impl BatchRecord {
                 "total_tokens": self.input_tokens,
             },
             "metadata": self.metadata,
-        })
+        });
+        if let Some(params) = &self.request_params {
+            batch["request_params"] = params.clone();
+        }
+        batch
     }
 
     /// How many requests count as done if the batch stops now (cancel, forced expiry).
@@ -800,6 +806,7 @@ mod tests {
             input: Bytes::from(input.to_owned()),
             seed: 7,
             faults: BatchFaults::default(),
+            request_params: None,
         };
         (record, now)
     }

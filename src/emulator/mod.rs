@@ -7,7 +7,8 @@
 //! response: each connection gets a kill switch in its requests' extensions, and the connection
 //! task drops the connection when it fires. `routes` holds the handlers, `batches` the batch
 //! lifecycle and output generation, `embeddings` one embeddings request, `vectors` the
-//! deterministic embedding function. Every response follows the OpenAPI description of the
+//! deterministic embedding function, `voyage` the translation into Voyage AI's Batch API
+//! (`EmulatorConfig::api`). Every response follows the OpenAPI description of the
 //! OpenAI API (DESIGN §8); the emulator never calls the network.
 //!
 //! All shared state sits behind one `std::sync::Mutex`, never held across an `.await`; the
@@ -18,6 +19,7 @@ mod embeddings;
 mod routes;
 mod state;
 pub mod vectors;
+mod voyage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +37,7 @@ use tower::ServiceExt as _;
 use self::batches::{BatchRecord, Status};
 use self::state::{ConnectionKill, Shared, StoredFile};
 pub use self::state::{Counters, EmulatorConfig, Faults, LostAnswer};
+pub use self::voyage::Api;
 
 /// A running emulator. Dropping it stops the server too; [`Emulator::shutdown`] also waits for
 /// the accept loop to end.
@@ -230,10 +233,14 @@ pub async fn serve_forever(
     let emulator = Emulator::bind(addr, config)
         .await
         .with_context(|| format!("cannot listen on {addr}; choose another --listen address"))?;
-    eprintln!("OpenAI-compatible emulator listening (ctrl-c stops it)");
-    eprintln!("  OPENAI_BASE_URL={}", emulator.base_url());
+    let (what, base_var, key_var) = match emulator.shared.api {
+        Api::Voyage => ("Voyage-compatible", "VOYAGE_BASE_URL", "VOYAGE_API_KEY"),
+        Api::Openai => ("OpenAI-compatible", "OPENAI_BASE_URL", "OPENAI_API_KEY"),
+    };
+    eprintln!("{what} emulator listening (ctrl-c stops it)");
+    eprintln!("  {base_var}={}", emulator.base_url());
     if show_key {
-        eprintln!("  OPENAI_API_KEY={}", emulator.api_key());
+        eprintln!("  {key_var}={}", emulator.api_key());
     } else {
         eprintln!("  it accepts the key given in OPENAI_API_KEY (or --api-key), not shown here");
     }

@@ -58,6 +58,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), guard))
         .layer(middleware::from_fn_with_state(
+            shared.api,
+            super::voyage::translate,
+        ))
+        .layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
             date_header,
         ))
@@ -562,8 +566,10 @@ fn metadata_key(metadata: Option<&Map<String, Value>>) -> String {
 async fn create_batch(
     State(shared): SharedState,
     Extension(kill): Extension<ConnectionKill>,
+    voyage: Option<Extension<super::voyage::VoyageParams>>,
     body: Bytes,
 ) -> Result<Response, RequestError> {
+    let request_params = voyage.map(|Extension(params)| params.0);
     let body = json_object(&body)?;
     let input_file_id = required_string(&body, "input_file_id")?.to_owned();
     let endpoint = required_string(&body, "endpoint")?.to_owned();
@@ -605,6 +611,11 @@ async fn create_batch(
             ));
         }
         (file.content.clone(), state.faults.invalid_line_validation)
+    };
+    // A Voyage batch's lines carry only their inputs: they run as lines of its parameters.
+    let input = match &request_params {
+        Some(params) => super::voyage::openai_lines(&input, params),
+        None => input,
     };
     // Parsing a file of up to 200 MB belongs outside the lock and off the async threads.
     let validation = {
@@ -695,6 +706,7 @@ async fn create_batch(
             seed,
             faults,
             metadata,
+            request_params,
         };
         let batch_json = record.to_json();
         let key = metadata_key(record.metadata.as_ref());

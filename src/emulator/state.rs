@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::batches::{self, Advance, BatchRecord, Generated, Job};
+use super::voyage::Api;
 
 /// How the emulator behaves apart from faults.
 #[derive(Clone, Debug)]
@@ -25,6 +26,8 @@ pub struct EmulatorConfig {
     pub stage_duration: Duration,
     /// Seeds the ids, the shuffling of output lines and the fault draws.
     pub seed: u64,
+    /// Whose API the emulator speaks: OpenAI's (default) or Voyage's (`voyage` module).
+    pub api: Api,
 }
 
 impl Default for EmulatorConfig {
@@ -33,6 +36,7 @@ impl Default for EmulatorConfig {
             api_key: "sk-emulator".to_owned(),
             stage_duration: Duration::ZERO,
             seed: 0,
+            api: Api::Openai,
         }
     }
 }
@@ -260,6 +264,7 @@ pub(crate) struct Shared {
     pub api_key: String,
     pub stage_duration: Duration,
     pub seed: u64,
+    pub api: Api,
     state: Mutex<State>,
 }
 
@@ -269,6 +274,7 @@ impl Shared {
             api_key: config.api_key,
             stage_duration: config.stage_duration,
             seed: config.seed,
+            api: config.api,
             state: Mutex::new(State {
                 faults: Faults::default(),
                 counters: Counters::default(),
@@ -325,8 +331,12 @@ impl Shared {
         let expires_at = record.output_expires_after.map(|secs| now_unix + secs);
         let batch_id = job.batch_id.clone();
         // The file contents move into the store; `generated` keeps the counts.
-        let output = std::mem::take(&mut generated.output);
-        let errors = std::mem::take(&mut generated.errors);
+        let mut output = std::mem::take(&mut generated.output);
+        let mut errors = std::mem::take(&mut generated.errors);
+        if self.api == Api::Voyage {
+            output = super::voyage::result_lines(&output, &batch_id);
+            errors = super::voyage::result_lines(&errors, &batch_id);
+        }
         // A file only when it has lines: a batch where every request failed has no output
         // file, one where none failed has no error file.
         let output_file_id = (!output.is_empty()).then(|| {

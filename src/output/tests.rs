@@ -292,3 +292,39 @@ proptest! {
         let _ = parse_line(&mangled, 3);
     }
 }
+
+/// Voyage's documented result and error lines (docs.voyageai.com, "Batch inference").
+#[test]
+fn voyage_result_and_error_lines_are_read() {
+    let ok = r#"{"batch_id":"batch-abc123","custom_id":"task_0","response":{"status_code":200,"body":{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.5,-0.25]}],"model":"voyage-3.5","usage":{"total_tokens":33}}},"error":null}"#;
+    assert_eq!(
+        parse_line(ok, 2),
+        LineOutcome::Vector {
+            custom_id: "task_0".to_owned(),
+            vector: vec![0.5, -0.25],
+        }
+    );
+    let server = r#"{"batch_id":"batch-abc123","custom_id":"task_1","response":{"status_code":500,"message":"Internal Server Error"},"error":null}"#;
+    assert_eq!(
+        parse_line(server, 2),
+        LineOutcome::Failed {
+            custom_id: Some("task_1".to_owned()),
+            reason: FailReason::ServerError,
+            detail: "HTTP 500 Internal Server Error".to_owned(),
+        }
+    );
+    let refused = r#"{"batch_id":"b","custom_id":"task_3","response":{"status_code":400,"body":{"detail":"Input is too long"}},"error":null}"#;
+    assert_eq!(
+        parse_line(refused, 2),
+        LineOutcome::Failed {
+            custom_id: Some("task_3".to_owned()),
+            reason: FailReason::InvalidRequest,
+            detail: "HTTP 400 Input is too long".to_owned(),
+        }
+    );
+    let expired = r#"{"batch_id":"batch-abc123","custom_id":"task_2","response":null,"error":{"code":"batch_expired","message":"This request could not be executed before the completion window expired."}}"#;
+    assert_eq!(
+        reason_of(&parse_line(expired, 2)),
+        Some((Some("task_2"), FailReason::Expired))
+    );
+}

@@ -190,6 +190,7 @@ async fn plan_uninterrupted(
         model: cfg.model.clone(),
         dimensions: dims.send_dimensions.then_some(dims.dimensions),
         encoding_format: cfg.encoding_format,
+        provider: cfg.provider,
     };
     let writer = RunWriter::new(
         &partial_dir,
@@ -291,6 +292,7 @@ fn run_settings(
         limit: cfg.limit,
         usd_per_million_tokens: price,
         provider: cfg.provider,
+        input_type: (cfg.provider == models::Provider::Voyage).then_some(cfg.input_type),
     }
 }
 
@@ -594,6 +596,12 @@ fn report(
     }
     match (summary.estimated_cost_usd, price) {
         _ if !cfg.provider.has_price() => printer.info(&direct_cost_line(cfg.provider)),
+        (Some(cost), Some(price)) if cfg.provider == models::Provider::Voyage => {
+            printer.info(&format!(
+                "estimated cost ${cost:.4} at batch prices ({}, ${price:.4} per 1M tokens), approximate: tokens are counted with cl100k_base, and Voyage's own tokenizer counts about 1.1-1.2 times as many",
+                cfg.model
+            ))
+        }
         (Some(cost), Some(price)) => printer.info(&format!(
             "estimated cost ${cost:.4} at batch prices ({}, ${price} per 1M tokens)",
             cfg.model
@@ -632,6 +640,15 @@ fn unknown_model_warning(cfg: &PlanConfig, column_dimensions: u32) -> String {
         models::Provider::Openai => format!(
             "unknown model {}: its tokens are counted with cl100k_base and no cost is estimated (pass --price-per-million-tokens for one)",
             cfg.model
+        ),
+        models::Provider::Voyage => format!(
+            "unknown model {} for --provider voyage (the table knows {}): Voyage refuses a model it does not serve when the batch is created, and no cost is estimated (pass --price-per-million-tokens for one)",
+            cfg.model,
+            models::VOYAGE_MODELS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         provider => format!(
             "unknown model {} for --provider {provider}: its dimension is taken from the server's first answer and checked against the column's vector({column_dimensions}) before anything is written; its tokens are estimated with cl100k_base",

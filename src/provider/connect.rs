@@ -10,6 +10,7 @@ use crate::models::Provider;
 use crate::provider::BatchProvider;
 use crate::provider::direct::{DirectOptions, DirectProvider};
 use crate::provider::openai::{ApiClient, ClientOptions};
+use crate::provider::voyage::{BatchParams, VoyageProvider};
 use crate::run::store::RunFile;
 
 /// How to reach the providers. Keys are secrets: never printed, never written (`Debug` shows
@@ -26,6 +27,10 @@ pub struct ApiSettings {
     pub max_retries: usize,
     /// The server of `--provider direct`.
     pub direct: DirectEndpoint,
+    /// Voyage's endpoint (`--provider voyage`): `--base-url` when given on the command line,
+    /// else `VOYAGE_BASE_URL`, else Voyage's own; the key is `--api-key` when given on the
+    /// command line, else `VOYAGE_API_KEY`. OpenAI's variables are never used for it.
+    pub voyage: DirectEndpoint,
 }
 
 impl fmt::Debug for ApiSettings {
@@ -37,6 +42,7 @@ impl fmt::Debug for ApiSettings {
             .field("project", &self.project)
             .field("max_retries", &self.max_retries)
             .field("direct", &self.direct)
+            .field("voyage", &self.voyage)
             .finish()
     }
 }
@@ -111,6 +117,24 @@ pub fn client_options_for(
                 ..ClientOptions::default()
             })
         }
+        Provider::Voyage => {
+            let api_key = settings.voyage.api_key.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no Voyage API key; set VOYAGE_API_KEY in the environment or in .env (to try embatch without one, run `embatch emulator --provider voyage` and point VOYAGE_BASE_URL at it)"
+                )
+            })?;
+            Ok(ClientOptions {
+                base_url: settings
+                    .voyage
+                    .base_url
+                    .clone()
+                    .unwrap_or_else(|| crate::models::VOYAGE_DEFAULT_BASE_URL.to_owned()),
+                api_key,
+                max_retries: settings.max_retries,
+                provider: Provider::Voyage,
+                ..ClientOptions::default()
+            })
+        }
     }
 }
 
@@ -159,6 +183,13 @@ pub fn run_provider(
                 direct.clone(),
             )?))
         }
+        Provider::Voyage => {
+            let options = client_options_for(settings, Provider::Voyage)?;
+            Ok(Box::new(VoyageProvider::new(
+                options,
+                BatchParams::of_run(&run.settings),
+            )?))
+        }
     }
 }
 
@@ -178,10 +209,15 @@ mod tests {
                 base_url: Some("http://127.0.0.1:8080/v1".into()),
                 api_key: Some("direct-secret".into()),
             },
+            voyage: DirectEndpoint {
+                base_url: None,
+                api_key: Some("voyage-secret".into()),
+            },
         };
         let shown = format!("{settings:?}");
         assert!(!shown.contains("sk-secret-openai"), "{shown}");
         assert!(!shown.contains("direct-secret"), "{shown}");
+        assert!(!shown.contains("voyage-secret"), "{shown}");
         assert!(shown.contains("<set>"), "{shown}");
     }
 }

@@ -275,12 +275,12 @@ struct CreateEmbeddingRequest<'a> {
 }
 
 #[derive(Deserialize)]
-struct CreateEmbeddingResponse {
-    data: Vec<Embedding>,
+pub(crate) struct CreateEmbeddingResponse {
+    pub(crate) data: Vec<Embedding>,
 }
 
 #[derive(Deserialize)]
-struct Embedding {
+pub(crate) struct Embedding {
     index: usize,
     embedding: Vec<f32>,
 }
@@ -290,6 +290,9 @@ struct Embedding {
 struct ErrorBody {
     #[serde(default)]
     error: ErrorDetail,
+    /// Voyage's (and FastAPI's) error body: `{"detail": "<message>"}`.
+    #[serde(default)]
+    detail: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -334,7 +337,18 @@ pub fn classify_status_for(
         _ => None,
     };
     let kind = parsed.error.kind.as_deref();
-    let message = match parsed.error.message.as_deref().map(str::trim) {
+    let detail = match &parsed.detail {
+        Some(serde_json::Value::String(text)) => Some(text.clone()),
+        Some(other) => Some(other.to_string()),
+        None => None,
+    };
+    let message = match parsed
+        .error
+        .message
+        .as_deref()
+        .or(detail.as_deref())
+        .map(str::trim)
+    {
         Some(m) if !m.is_empty() => truncate(m),
         _ => {
             let raw = body.trim();
@@ -491,7 +505,7 @@ impl ApiClient {
         let key_var = opts.provider.key_var();
         let key_given = !opts.api_key.trim().is_empty();
         // A self-hosted server (`direct`) often wants no key at all.
-        if !key_given && opts.provider == Provider::Openai {
+        if !key_given && opts.provider != Provider::Direct {
             return Err(ApiError::Config {
                 message: format!("no API key: set {key_var} (or pass --api-key)"),
             });
@@ -593,8 +607,24 @@ impl ApiClient {
         expires_after: Duration,
         observe: ByteObserver,
     ) -> Result<FileObject, ApiError> {
-        let seconds = expires_after.as_secs();
-        if !(3600..=2_592_000).contains(&seconds) {
+        self.upload_as(path, filename, Some(expires_after), observe)
+            .await
+    }
+
+    /// The multipart upload of [`ApiClient::upload_file_observed`], its answer decoded as `T`
+    /// (another provider's file object); `expires_after` `None` sends no expiry fields (a
+    /// provider whose files have a fixed lifetime).
+    pub(crate) async fn upload_as<T: DeserializeOwned>(
+        &self,
+        path: &Path,
+        filename: &str,
+        expires_after: Option<Duration>,
+        observe: ByteObserver,
+    ) -> Result<T, ApiError> {
+        let seconds = expires_after.map(|e| e.as_secs());
+        if let Some(seconds) = seconds
+            && !(3600..=2_592_000).contains(&seconds)
+        {
             return Err(ApiError::Config {
                 message: format!(
                     "a file's expiry must be between 1 hour and 30 days, not {seconds} s"
@@ -629,11 +659,13 @@ impl ApiClient {
             message: format!("bad content type: {e}"),
         })?;
         // The plain fields go before the file, so a streaming server knows them up front.
-        let form = reqwest::multipart::Form::new()
-            .text("purpose", "batch")
-            .text("expires_after[anchor]", "created_at")
-            .text("expires_after[seconds]", seconds.to_string())
-            .part("file", part);
+        let mut form = reqwest::multipart::Form::new().text("purpose", "batch");
+        if let Some(seconds) = seconds {
+            form = form
+                .text("expires_after[anchor]", "created_at")
+                .text("expires_after[seconds]", seconds.to_string());
+        }
+        let form = form.part("file", part);
         let request = self.http.post(self.url(&["files"])).multipart(form).send();
 
         let idle = self.timeouts.idle;
@@ -944,15 +976,26 @@ impl ApiClient {
         inputs: &[String],
         dimensions: Option<u32>,
     ) -> Result<Vec<Vec<f32>>, ApiError> {
-        let body = CreateEmbeddingRequest {
-            model,
-            input: inputs,
-            encoding_format: "float",
-            dimensions,
+        let body = if self.provider == Provider::Voyage {
+            // Voyage's body (as `voyage::embeddings_body`): `output_dimension` and
+            // `input_type`, no `encoding_format`; the realtime path embeds documents.
+            let mut body =
+                serde_json::json!({"model": model, "input": inputs, "input_type": "document"});
+            if let Some(dims) = dimensions {
+                body["output_dimension"] = dims.into();
+            }
+            body
+        } else {
+            let body = CreateEmbeddingRequest {
+                model,
+                input: inputs,
+                encoding_format: "float",
+                dimensions,
+            };
+            serde_json::to_value(&body).map_err(|e| ApiError::Config {
+                message: format!("could not encode the embeddings request: {e}"),
+            })?
         };
-        let body = serde_json::to_value(&body).map_err(|e| ApiError::Config {
-            message: format!("could not encode the embeddings request: {e}"),
-        })?;
         let url = self.url(&["embeddings"]);
         let response: CreateEmbeddingResponse = self
             .retrying(|| {
@@ -966,6 +1009,65 @@ impl ApiClient {
             })
             .await?;
         order_embeddings(self.provider, response.data, inputs.len())
+    }
+
+    // -- Shared with providers that speak the same HTTP (Voyage) ------------------------------
+
+    /// A retried call of `base_url/segments?query` without a body, its answer decoded as `T`.
+    pub(crate) async fn read_as<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, String)],
+        path: &'static str,
+    ) -> Result<T, ApiError> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (key, value) in query {
+                pairs.append_pair(key, value);
+            }
+        }
+        self.read_json(method, url, path).await
+    }
+
+    /// A call that creates something: `POST base_url/segments` with a JSON body, sent once (a
+    /// lost answer is [`ApiError::UnknownOutcome`] about `what`).
+    pub(crate) async fn create_as<T: DeserializeOwned, B: Serialize>(
+        &self,
+        segments: &[&str],
+        body: &B,
+        what: &str,
+        path: &'static str,
+    ) -> Result<T, ApiError> {
+        let request = self
+            .http
+            .post(self.url(segments))
+            .timeout(self.timeouts.request)
+            .json(body)
+            .send();
+        self.finish_json(request.await, Effect::Creates(what), Method::POST, path)
+            .await
+    }
+
+    /// A retried `POST base_url/segments` with a JSON body (harmless to repeat).
+    pub(crate) async fn post_as<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &serde_json::Value,
+        path: &'static str,
+    ) -> Result<T, ApiError> {
+        let url = self.url(segments);
+        self.retrying(|| {
+            let request = self
+                .http
+                .post(url.clone())
+                .timeout(self.timeouts.request)
+                .json(body)
+                .send();
+            self.send_json(request, Method::POST, path)
+        })
+        .await
     }
 
     // -- Plumbing ----------------------------------------------------------------------------
@@ -1180,7 +1282,7 @@ pub(crate) fn parse_base_url(base_url: &str) -> Result<Url, ApiError> {
 }
 
 /// Puts the vectors in input order and checks that each input got exactly one.
-fn order_embeddings(
+pub(crate) fn order_embeddings(
     provider: Provider,
     data: Vec<Embedding>,
     n_inputs: usize,

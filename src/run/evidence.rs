@@ -192,7 +192,15 @@ struct RequestLine<'a> {
 #[derive(Deserialize)]
 struct RequestBody<'a> {
     #[serde(borrow)]
-    input: Cow<'a, str>,
+    input: RequestInput<'a>,
+}
+
+/// OpenAI's line carries its one input as a string, Voyage's as an array of one string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RequestInput<'a> {
+    One(#[serde(borrow)] Cow<'a, str>),
+    List(#[serde(borrow)] Vec<Cow<'a, str>>),
 }
 
 /// Calls `each(custom_id, input text)` for every request line of an `input.jsonl`, in order,
@@ -216,7 +224,18 @@ pub(crate) fn for_each_request(
                 input_path.display()
             )
         })?;
-        each(&request.custom_id, &request.body.input)?;
+        let input = match &request.body.input {
+            RequestInput::One(text) => text,
+            RequestInput::List(texts) => match texts.as_slice() {
+                [text] => text,
+                _ => anyhow::bail!(
+                    "line {line_no} of {} carries {} inputs, not one",
+                    input_path.display(),
+                    texts.len()
+                ),
+            },
+        };
+        each(&request.custom_id, input)?;
     }
 }
 
@@ -360,6 +379,15 @@ mod tests {
 
     #[test]
     fn a_rebuilt_chunk_list_is_what_plan_writes() {
+        a_rebuilt_chunk_list_is_what_plan_writes_for(crate::models::Provider::Openai);
+    }
+
+    #[test]
+    fn a_rebuilt_chunk_list_is_what_plan_writes_for_voyage() {
+        a_rebuilt_chunk_list_is_what_plan_writes_for(crate::models::Provider::Voyage);
+    }
+
+    fn a_rebuilt_chunk_list_is_what_plan_writes_for(provider: crate::models::Provider) {
         use crate::models::EncodingFormat;
         use crate::plan::request::RequestTemplate;
         let dir = tempfile::tempdir().unwrap();
@@ -367,6 +395,7 @@ mod tests {
             model: "text-embedding-3-small".to_owned(),
             dimensions: None,
             encoding_format: EncodingFormat::Float,
+            provider,
         };
         let rows = [
             ("id-1", "Grease the bearing every 200 hours."),

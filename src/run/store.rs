@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::models::{EncodingFormat, Provider};
+use crate::models::{EncodingFormat, InputType, Provider};
 use crate::plan::sharder::BatchLimits;
 use crate::run::layout::{BACKUP_FILE, RUN_FILE};
 use crate::run::state::{BatchState, StateKind};
@@ -101,6 +101,10 @@ pub struct RunSettings {
     /// provider, so runs planned before it was recorded load and save byte for byte.
     #[serde(default, skip_serializing_if = "Provider::is_openai")]
     pub provider: Provider,
+    /// Voyage's `input_type` of every request of the run (`--input-type`), recorded only for
+    /// a Voyage run (absent otherwise, so other runs keep their bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_type: Option<InputType>,
 }
 
 /// The database the run was planned against; `advance` refuses any other.

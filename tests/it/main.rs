@@ -18,3 +18,4 @@ mod sync;
 mod tls_front;
 mod ux;
 mod version;
+mod voyage;
