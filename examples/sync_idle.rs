@@ -168,7 +168,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 
     // The table: N rows over F families, all embedded but `pending`.
     let started = Instant::now();
-    let vector = format!("[{}]", vec!["0.1"; DIMENSIONS].join(","));
+    let vector = format!("[{}]", ["0.1"; DIMENSIONS].join(","));
     client
         .batch_execute(&format!(
             "ALTER TABLE knowledge_chunks ALTER COLUMN embedding TYPE vector({DIMENSIONS});
