@@ -414,6 +414,41 @@ impl BatchRecord {
         }
     }
 
+    /// Whether the batch counts against the enqueued-token limit: not refused for it (nor
+    /// for an injected token-limit failure).
+    pub(crate) fn counts_as_enqueued(&self) -> bool {
+        !self.faults.token_limit_exceeded
+    }
+
+    /// Whether the clock alone has not ended the batch yet at `now`, whether or not a client
+    /// read it since: its remaining stages (each `stage_duration`) reach past `now`, or it is
+    /// held by `force_status`. What the provider would still be working on.
+    pub(crate) fn running_by_clock(&self, now: Instant, stage_duration: Duration) -> bool {
+        if self.status.is_terminal() {
+            return false;
+        }
+        if self.held {
+            return true;
+        }
+        let expires = self.faults.expire_after_fraction.is_some();
+        let stages_left: u32 = match self.status {
+            // Refused or invalid: it fails when validation ends.
+            Status::Validating
+                if self.faults.token_limit_exceeded
+                    || matches!(self.validation, Validation::Invalid(_)) =>
+            {
+                1
+            }
+            Status::Validating if expires => 2,
+            Status::Validating => 3,
+            Status::InProgress if expires => 1,
+            Status::InProgress => 2,
+            // Finalizing, cancelling.
+            _ => 1,
+        };
+        now < self.stage_started + stage_duration * stages_left
+    }
+
     fn fail(&mut self, at: i64, errors: Vec<BatchError>) {
         self.status = Status::Failed;
         self.failed_at = Some(at);

@@ -39,6 +39,20 @@ use self::state::{ConnectionKill, Shared, StoredFile};
 pub use self::state::{Counters, EmulatorConfig, Faults, LostAnswer};
 pub use self::voyage::Api;
 
+/// [`Emulator::enqueued_tokens`]: the tokens (input bytes / 4) of the batches created and not
+/// refused for the enqueued-token limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnqueuedTokens {
+    /// Of the batches not finished in the status a client last read: what the limit checks
+    /// at a creation.
+    pub as_last_read: u64,
+    /// Of the batches the clock has not ended yet, read or not: what the provider is still
+    /// working on (a batch whose stages are over but that nobody read since is not).
+    pub by_clock: u64,
+    /// Of every batch ever created.
+    pub created: u64,
+}
+
 /// A running emulator. Dropping it stops the server too; [`Emulator::shutdown`] also waits for
 /// the accept loop to end.
 pub struct Emulator {
@@ -97,6 +111,27 @@ impl Emulator {
 
     pub fn counters(&self) -> Counters {
         self.shared.lock().counters.clone()
+    }
+
+    /// The tokens the emulator holds as enqueued now, counted as its enqueued-token limit
+    /// counts them (an input file's bytes / 4, batches refused for the limit left out). This
+    /// does not advance any batch.
+    pub fn enqueued_tokens(&self) -> EnqueuedTokens {
+        let now = Instant::now();
+        let stage_duration = self.shared.stage_duration;
+        let state = self.shared.lock();
+        let mut tokens = EnqueuedTokens::default();
+        for record in state.batches.iter().filter(|b| b.counts_as_enqueued()) {
+            let estimate = (record.input.len() as u64).div_ceil(4);
+            tokens.created += estimate;
+            if !record.status.is_terminal() {
+                tokens.as_last_read += estimate;
+            }
+            if record.running_by_clock(now, stage_duration) {
+                tokens.by_clock += estimate;
+            }
+        }
+        tokens
     }
 
     /// Every batch the emulator holds, as `Batch` objects, oldest first, in the status a

@@ -905,6 +905,51 @@ async fn timed_stages_advance_with_the_clock() {
 }
 
 #[tokio::test]
+async fn enqueued_tokens_count_as_the_limit_does_and_by_the_clock() {
+    let config = EmulatorConfig {
+        stage_duration: Duration::from_millis(300),
+        ..EmulatorConfig::default()
+    };
+    let emulator = Emulator::start(config).await.unwrap();
+    let api = Api::new(&emulator);
+    let input = input_file(json!({"dimensions": 4}));
+    let estimate = (input.len() as u64).div_ceil(4);
+    // Room for one batch: the second is refused for the limit and counts nowhere.
+    emulator.update_faults(|f| f.enqueued_token_limit = Some(estimate));
+    let file = api.upload(&input).await;
+    let file_id = file["id"].as_str().unwrap();
+    let first = api.create_batch(file_id).await;
+    let first_id = first["id"].as_str().unwrap();
+    api.create_batch(file_id).await;
+    let running = super::EnqueuedTokens {
+        as_last_read: estimate,
+        by_clock: estimate,
+        created: estimate,
+    };
+    assert_eq!(emulator.enqueued_tokens(), running);
+    // Its three stages are over, but nobody read it: the limit still counts it.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        emulator.enqueued_tokens(),
+        super::EnqueuedTokens {
+            by_clock: 0,
+            ..running
+        }
+    );
+    let (_, done) = api.get_json(&format!("/batches/{first_id}")).await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(
+        emulator.enqueued_tokens(),
+        super::EnqueuedTokens {
+            as_last_read: 0,
+            by_clock: 0,
+            created: estimate,
+        }
+    );
+    emulator.shutdown().await;
+}
+
+#[tokio::test]
 async fn every_route_needs_the_bearer_token() {
     let (emulator, api) = start().await;
     for auth in [None, Some("sk-wrong")] {
