@@ -698,36 +698,25 @@ fn into_config(
     api_key_on_command_line: bool,
 ) -> Result<Config, clap::Error> {
     let g = cli.global;
-    // `--provider direct` never takes OpenAI's variables: only its own, or the flags.
+    // `--provider direct` and `voyage` never take OpenAI's variables: `--base-url`, else the
+    // provider's own variable (Voyage then falls back to its own URL); `--api-key`, else the
+    // provider's key variable.
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let direct = DirectEndpoint {
+    let endpoint = |provider: Provider| DirectEndpoint {
         base_url: if base_url_on_command_line {
             Some(g.base_url.clone())
         } else {
-            env("EMBATCH_DIRECT_BASE_URL")
+            env(provider.base_url_var())
         }
         .map(|url| url.trim_end_matches('/').to_owned()),
         api_key: if api_key_on_command_line {
             g.api_key.clone().filter(|s| !s.is_empty())
         } else {
-            env("EMBATCH_DIRECT_API_KEY")
+            env(provider.key_var())
         },
     };
-    // `--provider voyage` likewise: `--base-url`, else VOYAGE_BASE_URL, else Voyage's own;
-    // `--api-key`, else VOYAGE_API_KEY.
-    let voyage = DirectEndpoint {
-        base_url: if base_url_on_command_line {
-            Some(g.base_url.clone())
-        } else {
-            env("VOYAGE_BASE_URL")
-        }
-        .map(|url| url.trim_end_matches('/').to_owned()),
-        api_key: if api_key_on_command_line {
-            g.api_key.clone().filter(|s| !s.is_empty())
-        } else {
-            env("VOYAGE_API_KEY")
-        },
-    };
+    let direct = endpoint(Provider::Direct);
+    let voyage = endpoint(Provider::Voyage);
     let global = Global {
         database: Database::from_url(g.database_url.as_deref()),
         api: ApiSettings {
