@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release --example sync_queue -- [--families 15,45,90,180,270]
 //! [--max-requests-per-batch 10] [--stage-ms 2000] [--gaps 1,3] [--share 0.1] [--json PATH]
-//! [--log PATH] [-v]`
+//! [--log PATH] [-v] [--wait-poll SECONDS]`
 //!
 //! Starts a throwaway Postgres and the in-process emulator, loads families of the given sizes
 //! (chunks of ~800 bytes), and measures the total work W: the sum over every batch of what a
@@ -58,6 +58,8 @@ struct Args {
     json: Option<PathBuf>,
     log: Option<PathBuf>,
     verbose: bool,
+    /// `--wait-poll S`: one `sync --wait --poll-seconds S` instead of a cron loop.
+    wait_poll: Option<u64>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -70,6 +72,7 @@ fn parse_args() -> anyhow::Result<Args> {
         json: None,
         log: None,
         verbose: false,
+        wait_poll: None,
     };
     let list = |text: String| -> anyhow::Result<Vec<f64>> {
         text.split(',')
@@ -99,8 +102,11 @@ fn parse_args() -> anyhow::Result<Args> {
             "--json" => args.json = Some(PathBuf::from(value()?)),
             "--log" => args.log = Some(PathBuf::from(value()?)),
             "-v" => args.verbose = true,
+            "--wait-poll" => {
+                args.wait_poll = Some(value()?.parse().context("--wait-poll SECONDS")?)
+            }
             other => bail!(
-                "unknown argument {other}; usage: sync_queue [--families N,N,…] [--max-requests-per-batch N] [--stage-ms MS] [--gaps S,S,…] [--share FRACTION] [--json PATH] [--log PATH] [-v]"
+                "unknown argument {other}; usage: sync_queue [--families N,N,…] [--max-requests-per-batch N] [--stage-ms MS] [--gaps S,S,…] [--share FRACTION] [--json PATH] [--log PATH] [-v] [--wait-poll SECONDS]"
             ),
         }
     }
@@ -380,6 +386,10 @@ async fn scenario(
         "--max-enqueued-tokens",
         limit_text.as_str(),
     ]);
+    let poll_text = args.wait_poll.map(|s| s.to_string()).unwrap_or_default();
+    if args.wait_poll.is_some() {
+        sync_args.extend(["--wait", "--poll-seconds", poll_text.as_str()]);
+    }
     let mut calls: Vec<Call> = Vec::new();
     loop {
         let start = started.elapsed().as_secs_f64();

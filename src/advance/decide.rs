@@ -94,6 +94,15 @@ pub fn decide_shared(
     };
     let creating = goal.creates() && !run.cancelled;
     match &run.batches[idx].state {
+        // Sharing a budget, a run uploads ahead only what it can create now, and one batch
+        // more, so that the batch that takes the next free room is created at once: uploading
+        // every planned file first would hold the first creations back by all the uploads
+        // (and leave input files to expire while they wait).
+        BatchState::Planned(_)
+            if creating && others_in_flight.is_some() && !fits(run) && has_ready(run) =>
+        {
+            Action::Wait
+        }
         BatchState::Planned(_) if creating => Action::Upload,
         BatchState::Uploaded(up) if creating => {
             if up.file_expires_at.is_some_and(|t| t <= clocks.provider_now)
@@ -132,6 +141,16 @@ pub fn decide_shared(
         BatchState::Ingested(i) if goal.ingests() && !i.remote_files_deleted => Action::CleanUp,
         _ => Action::Wait,
     }
+}
+
+/// Whether `run` has a batch uploaded and waiting to be created (whose creation was not
+/// announced).
+fn has_ready(run: &RunFile) -> bool {
+    run.batches.iter().any(|b| match &b.state {
+        BatchState::Uploaded(up) => up.create_started.is_none(),
+        BatchState::Queued(q) => q.create_started.is_none(),
+        _ => false,
+    })
 }
 
 /// Whether creating batch `idx` keeps the tokens in flight under the enqueued-token bound

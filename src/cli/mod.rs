@@ -210,7 +210,7 @@ enum CommandArgs {
     )]
     Embed(EmbedArgs),
     /// Keep a whole table embedded: advance every unfinished run, plan a run per family with pending chunks (for cron)
-    #[command(after_help = "Examples:\n  embatch sync --max-enqueued-tokens 3000000 --max-cost 20   # from cron, every 10 minutes\n  embatch sync --dry-run\n  embatch sync --embedding-column embedding_next --model text-embedding-3-large\n\nExit codes: 0 nothing pending and every run finished, 75 work is waiting on the provider (run again later; also when another sync holds the lock), 1 some family failed (the others were still served), 2 usage error.".to_owned())]
+    #[command(after_help = "Examples:\n  embatch sync --max-enqueued-tokens 3000000 --max-cost 20   # from cron, every 10 minutes\n  embatch sync --dry-run\n  embatch sync --wait --poll-seconds 300 --max-wait 26h       # as a service or CI job\n  embatch sync --embedding-column embedding_next --model text-embedding-3-large\n\nExit codes: 0 nothing pending and every run finished, 75 work is waiting on the provider (run again later; also when another sync holds the lock), 1 some family failed (the others were still served), 2 usage error, 130/143 --wait stopped by ctrl-c/SIGTERM (every run is saved).".to_owned())]
     Sync(SyncArgs),
     /// Serve the realtime path over HTTP: POST /api/v1/embed/chunk/{chunk_id}, GET /healthz
     #[command(
@@ -541,6 +541,16 @@ struct SyncArgs {
     /// Print the outcome as JSON on stdout
     #[arg(long)]
     json: bool,
+    /// Keep going, a pass every --poll-seconds, until nothing waits on the provider (for a
+    /// service or a CI job rather than cron)
+    #[arg(long, conflicts_with = "dry_run")]
+    wait: bool,
+    /// With --wait: seconds between passes
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), requires = "wait")]
+    poll_seconds: u64,
+    /// With --wait: stop after this long (e.g. 90m, 26h); exit 75
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "wait")]
+    max_wait: Option<std::time::Duration>,
     #[command(flatten)]
     source: SourceArgs,
     #[command(flatten)]
@@ -939,6 +949,9 @@ fn sync_config(args: SyncArgs) -> Result<SyncConfig, clap::Error> {
     let opts = AdvanceOptions {
         max_attempts: args.max_attempts,
         max_enqueued_tokens: args.batches.max_enqueued_tokens,
+        wait: args.wait,
+        poll: std::time::Duration::from_secs(args.poll_seconds),
+        max_wait: args.max_wait,
         // sync moves runs as `advance` does: the batches of a direct run are sent.
         direct: direct_options(args.direct),
         ..write_options(write)

@@ -2,17 +2,22 @@
 //!
 //! One call: take the sync lock (`sync.lock` in the runs dir: one sync at a time, a second
 //! exits 75 naming the first); find the unfinished runs under the runs dir that belong to this
-//! database and table; find the families with pending chunks (the distinct family values among
-//! pending rows, or `--families-sql` with `--scope-sql`); plan a run for each, through `plan`
-//! itself — so the family lock, the canonical family id, the held chunks and the evidence
-//! digests are exactly `plan`'s — while the estimated cost stays within `--max-cost`; then
-//! advance every run, in rounds, through `advance` itself, under one shared
-//! `--max-enqueued-tokens` budget.
+//! database and table; serve the provider's queue first (poll what is submitted, create what
+//! fits, one turn each); find the families with pending chunks (the distinct family values
+//! among pending rows, or `--families-sql` with `--scope-sql`); plan a run for each, through
+//! `plan` itself — so the family lock, the canonical family id, the held chunks and the
+//! evidence digests are exactly `plan`'s — while the estimated cost stays within `--max-cost`;
+//! then advance every run, through `advance` itself, under one shared `--max-enqueued-tokens`
+//! budget, until nothing moves. `--wait` repeats that pass every `--poll-seconds` until
+//! nothing waits on the provider, with `--max-cost` bounding the whole call.
 //!
-//! Fairness: runs take turns, oldest first, and in each round a run may create at most one
-//! batch, so a huge family does not take the whole budget while a small one waits; rounds go
-//! on while anything moves, so a batch that finishes in this call frees room that the next
-//! waiting batch of any run takes in the same call. Families left waiting for `--max-cost` are
+//! The queue stays full: every pass of the runs begins by polling every submitted batch and
+//! creating what fits (`fill`: no download, no ingest), and fills again after each run's
+//! downloads and ingests, so a batch that finished is replaced at once, not after every other
+//! run's ingest; with a budget a run uploads ahead only one batch it cannot create yet.
+//! Fairness: runs take turns, and in each turn a run may create at most one batch — the runs
+//! that had the fewest turns in this call first, then the oldest — so a huge family does not
+//! take the whole budget while a small one waits. Families left waiting for `--max-cost` are
 //! remembered (`sync-waiting.json` in the runs dir) and planned first next time.
 //!
 //! A family that fails (its scope errors, a run of it is damaged) is reported and the others
@@ -115,9 +120,13 @@ struct RunEntry {
     run: RunFile,
     /// Set once advancing it failed: it is left alone for the rest of the call.
     error: Option<String>,
+    /// Batches it created (or that left the waiting states) in this call: the runs that
+    /// had fewer turns go first.
+    turns: usize,
 }
 
-/// `embatch sync`.
+/// `embatch sync`: one pass; with `--wait`, passes every `--poll-seconds` until nothing waits
+/// (or `--max-wait` is spent).
 pub async fn sync(
     global: &Global,
     cfg: &SyncConfig,
@@ -142,7 +151,98 @@ pub async fn sync(
             progress: false,
         })
     };
+    let mut memory = Memory::default();
+    if !cfg.opts.wait {
+        let pass = pass(global, cfg, printer, &inner, &mut memory).await?;
+        return finish(cfg, printer, pass);
+    }
+    let started = std::time::Instant::now();
+    loop {
+        // ctrl-c or SIGTERM during a pass stops it where it is, as a crash there would (every
+        // step is safe to crash at); between passes, while sleeping.
+        let guard =
+            crate::interrupt::Guard::install().context("could not set up the signal handlers")?;
+        let passed = tokio::select! {
+            result = pass(global, cfg, printer, &inner, &mut memory) => Ok(result),
+            signal = guard.wait() => Err(signal),
+        };
+        drop(guard);
+        let mut pass = match passed {
+            Ok(result) => result?,
+            Err(signal) => return Err(interrupted(signal)),
+        };
+        memory.note_planned(&mut pass);
+        // Go on while a run is unfinished (and not failed or in another command's hands) or
+        // let go of chunks in this pass; a family waiting for --max-cost or for another
+        // command's plan waits for a later sync, not for this one.
+        let waiting = pass.released
+            || pass
+                .runs
+                .iter()
+                .any(|r| r.error.is_none() && !r.run.is_finished());
+        let out_of_time = cfg
+            .opts
+            .max_wait
+            .is_some_and(|max| started.elapsed() + cfg.opts.poll > max);
+        if !waiting || out_of_time {
+            return finish(cfg, printer, pass);
+        }
+        let in_flight: u64 = pass
+            .runs
+            .iter()
+            .map(|r| advance::tokens_in_flight(&r.run))
+            .sum();
+        let unfinished = pass.runs.iter().filter(|r| !r.run.is_finished()).count();
+        let waiter = printer.waiting_line(
+            format!(
+                "sync: {}, {} tokens in flight; next pass in {}s",
+                crate::printer::count(unfinished as u64, "unfinished run", "unfinished runs"),
+                crate::printer::number(in_flight),
+                cfg.opts.poll.as_secs()
+            ),
+            started.elapsed(),
+        );
+        let guard =
+            crate::interrupt::Guard::install().context("could not set up the signal handlers")?;
+        let signal = tokio::select! {
+            () = tokio::time::sleep(cfg.opts.poll) => None,
+            signal = guard.wait() => Some(signal),
+        };
+        drop(guard);
+        waiter.finish_and_clear();
+        if let Some(signal) = signal {
+            return Err(interrupted(signal));
+        }
+    }
+}
 
+fn interrupted(signal: i32) -> anyhow::Error {
+    crate::interrupt::Interrupted {
+        signal,
+        what: "; every run is saved, go on with: embatch sync --wait (same options)".to_owned(),
+    }
+    .into()
+}
+
+/// What one pass found and did: the report of each family, the unfinished runs, and what
+/// failed outside any family.
+struct Pass {
+    families: BTreeMap<String, FamilyReport>,
+    runs: Vec<RunEntry>,
+    failures: Vec<String>,
+    /// A run that held chunks finished in this pass: the next pass plans those still pending.
+    released: bool,
+}
+
+/// One pass: find the runs and the families with pending chunks, serve the provider's queue,
+/// plan, and advance every run until nothing moves.
+async fn pass(
+    global: &Global,
+    cfg: &SyncConfig,
+    printer: &Printer,
+    inner: &Printer,
+    memory: &mut Memory,
+) -> anyhow::Result<Pass> {
     let target = global.database()?.clone();
     let mut client = target.connect().await?;
     let source = Source::inspect(&client, &cfg.plan.source).await?;
@@ -155,6 +255,13 @@ pub async fn sync(
     let wanted = |family: &str| only.as_ref().is_none_or(|set| set.contains(family));
     let mut runs =
         unfinished_runs(global, &client, &source, &identity, &wanted, &mut families).await?;
+    // The provider's queue first: what finished since the last pass is replaced before
+    // anything is counted or planned.
+    runs.sort_by(|a, b| (a.created_at, &a.dir).cmp(&(b.created_at, &b.dir)));
+    if !cfg.dry_run {
+        // One turn each: the runs planned below get theirs before these take a second.
+        fill(global, cfg, inner, &mut runs, Some(1)).await?;
+    }
     match pending_families(&source, &mut client, cfg, only.as_ref()).await {
         Ok(pending) => {
             for (family, counted) in pending.into_iter().filter(|(f, _)| wanted(f)) {
@@ -173,27 +280,92 @@ pub async fn sync(
 
     let mut waiting_since = load_waiting(&global.runs_dir);
     let order = planning_order(&families, &runs, &waiting_since);
+    let mut released = false;
     if cfg.dry_run {
         dry_run_plans(global, cfg, &source, &order, &mut families).await?;
     } else {
         // The plans leave out pending chunks that these runs hold; a run that finishes in
-        // this call lets them go, and the next call plans them.
+        // this pass lets them go, and the next pass plans them.
         let held_before: BTreeSet<PathBuf> = runs.iter().map(|r| r.dir.clone()).collect();
         let mut call = Call {
             global,
             cfg,
-            printer: &inner,
+            printer: inner,
             families: &mut families,
             runs: &mut runs,
             waiting_since: &mut waiting_since,
+            memory,
         };
         call.plan_families(&order).await?;
         save_waiting(&global.runs_dir, &waiting_since, printer);
         runs.sort_by(|a, b| (a.created_at, &a.dir).cmp(&(b.created_at, &b.dir)));
-        advance_rounds(global, cfg, &inner, &mut runs).await?;
-        note_released_chunks(&runs, &held_before, &mut families);
+        advance_rounds(global, cfg, inner, &mut runs).await?;
+        released = note_released_chunks(&runs, &held_before, &mut families);
     }
-    finish(cfg, printer, families, &runs, failures)
+    Ok(Pass {
+        families,
+        runs,
+        failures,
+        released,
+    })
+}
+
+/// What the passes of one `sync --wait` call share: the estimated cost of the runs planned so
+/// far (`--max-cost` bounds the whole call, not each pass), and the families whose plan found
+/// nothing to send, with what they looked like then. While that stays the same (the same
+/// pending count, and their runs have ingested nothing since), planning them again would
+/// find nothing again, so a later pass skips them; a later `sync` plans them as usual.
+#[derive(Default)]
+struct Memory {
+    spent_usd: f64,
+    quiet: BTreeMap<String, QuietKey>,
+    /// What each family had planned in the passes so far (summed; the last run's folder).
+    planned: BTreeMap<String, Planned>,
+}
+
+impl Memory {
+    /// Adds the plans of `pass` to those of the earlier passes, and reports them all in it:
+    /// the report of a `--wait` call covers the whole call.
+    fn note_planned(&mut self, pass: &mut Pass) {
+        for (family, report) in &pass.families {
+            if let Some(new) = &report.planned {
+                self.planned
+                    .entry(family.clone())
+                    .and_modify(|sum| {
+                        sum.run_dir.clone_from(&new.run_dir);
+                        sum.chunks += new.chunks;
+                        sum.tokens += new.tokens;
+                        sum.estimated_cost_usd =
+                            match (sum.estimated_cost_usd, new.estimated_cost_usd) {
+                                (Some(a), Some(b)) => Some(a + b),
+                                (a, b) => a.or(b),
+                            };
+                    })
+                    .or_insert_with(|| new.clone());
+            }
+        }
+        for (family, planned) in &self.planned {
+            family_entry(&mut pass.families, family).planned = Some(planned.clone());
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct QuietKey {
+    pending: Option<u64>,
+    runs: usize,
+    ingested_batches: usize,
+}
+
+impl QuietKey {
+    fn of(family: &str, report: &FamilyReport, runs: &[RunEntry]) -> QuietKey {
+        let own = runs.iter().filter(|r| r.family == family);
+        QuietKey {
+            pending: report.pending_chunks,
+            runs: own.clone().count(),
+            ingested_batches: own.map(|r| r.run.count_in(StateKind::Ingested)).sum(),
+        }
+    }
 }
 
 /// `--family-id`, each in the database's spelling; a spelling the database refuses is that
@@ -273,6 +445,7 @@ async fn unfinished_runs(
             created_at: run.created_at,
             run,
             error: None,
+            turns: 0,
         });
     }
     Ok(runs)
@@ -352,6 +525,7 @@ struct Call<'a> {
     families: &'a mut BTreeMap<String, FamilyReport>,
     runs: &'a mut Vec<RunEntry>,
     waiting_since: &'a mut BTreeMap<String, DateTime<Utc>>,
+    memory: &'a mut Memory,
 }
 
 impl Call<'_> {
@@ -359,12 +533,20 @@ impl Call<'_> {
     /// `--max-cost`; the families beyond it wait for a later call.
     async fn plan_families(&mut self, order: &[String]) -> anyhow::Result<()> {
         let now = Utc::now();
-        let mut cost_left = self.cfg.plan.max_cost_usd;
+        let mut cost_left = self
+            .cfg
+            .plan
+            .max_cost_usd
+            .map(|max| max - self.memory.spent_usd);
         for family in order {
             if cost_left.is_some_and(|left| left <= 0.0) {
                 family_entry(self.families, family).waits =
                     Some("--max-cost is spent for this call; a later sync plans it".to_owned());
                 self.waiting_since.entry(family.clone()).or_insert(now);
+                continue;
+            }
+            let key = QuietKey::of(family, family_entry(self.families, family), self.runs);
+            if self.memory.quiet.get(family) == Some(&key) {
                 continue;
             }
             let plan_cfg = crate::config::PlanConfig {
@@ -373,10 +555,18 @@ impl Call<'_> {
                 ..self.cfg.plan.clone()
             };
             let planned = plan::plan(self.global, &plan_cfg, self.printer, Utc::now()).await;
-            if let Some(cost) = self.record_plan(family, planned, now)?
-                && let Some(left) = cost_left
-            {
-                cost_left = Some(left - cost);
+            let found_nothing = matches!(
+                planned,
+                Ok(PlanOutcome::NothingToDo | PlanOutcome::HeldByUnsubmitted { .. })
+            );
+            if found_nothing {
+                self.memory.quiet.insert(family.clone(), key);
+            } else {
+                self.memory.quiet.remove(family);
+            }
+            if let Some(cost) = self.record_plan(family, planned, now)? {
+                self.memory.spent_usd += cost;
+                cost_left = cost_left.map(|left| left - cost);
             }
         }
         Ok(())
@@ -407,6 +597,7 @@ impl Call<'_> {
                     created_at: run.created_at,
                     run,
                     error: None,
+                    turns: 0,
                 });
                 return Ok(cost);
             }
@@ -441,9 +632,11 @@ fn note_released_chunks(
     runs: &[RunEntry],
     held_before: &BTreeSet<PathBuf>,
     families: &mut BTreeMap<String, FamilyReport>,
-) {
+) -> bool {
+    let mut released = false;
     for entry in runs {
         if held_before.contains(&entry.dir) && entry.run.is_finished() {
+            released = true;
             let report = family_entry(families, &entry.family);
             if report.pending_chunks.is_some_and(|n| n > 0) && report.waits.is_none() {
                 report.waits = Some(format!(
@@ -453,18 +646,19 @@ fn note_released_chunks(
             }
         }
     }
+    released
 }
 
 /// The report: one line per family, a totals line, the JSON; and the exit.
-fn finish(
-    cfg: &SyncConfig,
-    printer: &Printer,
-    mut families: BTreeMap<String, FamilyReport>,
-    runs: &[RunEntry],
-    mut failures: Vec<String>,
-) -> anyhow::Result<ExitStatus> {
+fn finish(cfg: &SyncConfig, printer: &Printer, pass: Pass) -> anyhow::Result<ExitStatus> {
+    let Pass {
+        mut families,
+        runs,
+        mut failures,
+        released: _,
+    } = pass;
     // The report: one line per family, a totals line, the JSON.
-    for entry in runs {
+    for entry in &runs {
         let report = family_entry(&mut families, &entry.family);
         if let Some(err) = &entry.error {
             report.error.get_or_insert_with(|| err.clone());
@@ -480,11 +674,7 @@ fn finish(
     for report in families.values_mut() {
         report.status = if report.error.is_some() {
             "failed"
-        } else if report.waits.is_some()
-            || !report.runs.is_empty()
-            // A dry run plans nothing: what it would plan is still to do.
-            || (cfg.dry_run && report.planned.is_some())
-        {
+        } else if family_waits(report, cfg.dry_run) {
             "waiting"
         } else {
             "done"
@@ -537,6 +727,16 @@ fn finish(
         "not_yet" => Ok(ExitStatus::NotYet),
         _ => Ok(ExitStatus::Done),
     }
+}
+
+/// Whether `report`'s family still waits for something (the provider, a later call) once
+/// its runs are listed in it — or, before that (the `--wait` loop), has unfinished runs.
+fn family_waits(report: &FamilyReport, dry_run: bool) -> bool {
+    report.error.is_none()
+        && (report.waits.is_some()
+            || !report.runs.is_empty()
+            // A dry run plans nothing: what it would plan is still to do.
+            || (dry_run && report.planned.is_some()))
 }
 
 /// The report entry of `family`, created empty if new.
@@ -596,67 +796,115 @@ async fn pending_families(
     Ok(counted)
 }
 
-/// Advances every run in rounds until a round moves nothing: each round, oldest run first,
-/// each run may create one batch (with a budget), beside the tokens the other runs have in
-/// flight.
+/// Advances every run until nothing moves. The provider's queue comes first: each pass
+/// begins by polling every submitted batch and creating what fits (`fill`), and fills again
+/// after each run's downloads and ingests, so that a batch that finished is replaced at once
+/// rather than after every other run's ingest. With a budget, each run creates at most one
+/// batch per turn, oldest run first, beside the tokens the other runs have in flight.
 async fn advance_rounds(
     global: &Global,
     cfg: &SyncConfig,
     printer: &Printer,
     runs: &mut [RunEntry],
 ) -> anyhow::Result<()> {
-    let budget = cfg.opts.max_enqueued_tokens;
     for _ in 0..MAX_ROUNDS {
         let before: Vec<Vec<StateKind>> = runs.iter().map(|r| kinds(&r.run)).collect();
+        fill(global, cfg, printer, runs, None).await?;
         for idx in 0..runs.len() {
-            if runs[idx].error.is_some() || runs[idx].run.is_finished() {
-                continue;
-            }
-            let total: u64 = runs.iter().map(|r| advance::tokens_in_flight(&r.run)).sum();
-            let own = advance::tokens_in_flight(&runs[idx].run);
-            let opts = AdvanceOptions {
-                shared_in_flight_tokens: budget.map(|_| total - own),
-                max_creations: budget.map(|_| 1),
-                wait: false,
-                ..cfg.opts.clone()
-            };
-            let entry = &mut runs[idx];
-            let result = advance::advance(
-                global,
-                &entry.dir,
-                Goal::Done,
-                &opts,
-                "embatch sync",
-                printer,
-            )
-            .await;
-            match result {
-                Ok(_) => {}
-                Err(err) if err.downcast_ref::<Interrupted>().is_some() => return Err(err),
-                // Another command has this run now: it is not ours to move in this call.
-                Err(err)
-                    if err
-                        .downcast_ref::<LockError>()
-                        .is_some_and(LockError::is_held) =>
-                {
-                    entry.error = None;
-                }
-                Err(err) => entry.error = Some(format!("{}: {err:#}", entry.dir.display())),
-            }
-            match store::load(&entry.dir) {
-                Ok(run) => entry.run = run,
-                Err(err) => {
-                    entry.error.get_or_insert_with(|| format!("{err:#}"));
-                }
+            if advance_one(global, cfg, printer, runs, idx, Goal::Done).await? {
+                fill(global, cfg, printer, runs, None).await?;
             }
         }
         let after: Vec<Vec<StateKind>> = runs.iter().map(|r| kinds(&r.run)).collect();
-        // Without a shared budget every run created all it could in its turn.
-        if after == before || budget.is_none() {
+        if after == before {
             break;
         }
     }
     Ok(())
+}
+
+/// Polls every run's submitted batches and creates what fits, in turns (with a budget, one
+/// creation per run and turn, the runs that had the fewest turns in this call first, then the
+/// oldest), until a turn creates nothing or `max_turns` are taken; downloads nothing and
+/// ingests nothing, so that it is quick.
+async fn fill(
+    global: &Global,
+    cfg: &SyncConfig,
+    printer: &Printer,
+    runs: &mut [RunEntry],
+    max_turns: Option<usize>,
+) -> anyhow::Result<()> {
+    for _ in 0..max_turns.unwrap_or(MAX_ROUNDS) {
+        let mut order: Vec<usize> = (0..runs.len()).collect();
+        order.sort_by_key(|&i| (runs[i].turns, runs[i].created_at, runs[i].dir.clone()));
+        let mut moved = false;
+        for idx in order {
+            moved |= advance_one(global, cfg, printer, runs, idx, Goal::Submitted).await?;
+        }
+        // Without a budget every run created all it could in its turn.
+        if !moved || cfg.opts.max_enqueued_tokens.is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// One `advance` of run `idx` towards `goal`, beside the tokens the other runs have in
+/// flight; whether a batch of it changed state. A run that failed, or that another command
+/// holds, is left alone for the rest of the call.
+async fn advance_one(
+    global: &Global,
+    cfg: &SyncConfig,
+    printer: &Printer,
+    runs: &mut [RunEntry],
+    idx: usize,
+    goal: Goal,
+) -> anyhow::Result<bool> {
+    if runs[idx].error.is_some() || runs[idx].run.is_finished() {
+        return Ok(false);
+    }
+    let budget = cfg.opts.max_enqueued_tokens;
+    let total: u64 = runs.iter().map(|r| advance::tokens_in_flight(&r.run)).sum();
+    let own = advance::tokens_in_flight(&runs[idx].run);
+    let opts = AdvanceOptions {
+        shared_in_flight_tokens: budget.map(|_| total - own),
+        max_creations: budget.map(|_| 1),
+        wait: false,
+        ..cfg.opts.clone()
+    };
+    let entry = &mut runs[idx];
+    let before = kinds(&entry.run);
+    let waiting_before = waiting(&entry.run);
+    let result = advance::advance(global, &entry.dir, goal, &opts, "embatch sync", printer).await;
+    match result {
+        Ok(_) => {}
+        Err(err) if err.downcast_ref::<Interrupted>().is_some() => return Err(err),
+        // Another command has this run now: it is not ours to move in this call.
+        Err(err)
+            if err
+                .downcast_ref::<LockError>()
+                .is_some_and(LockError::is_held) =>
+        {
+            entry.error = None;
+        }
+        Err(err) => entry.error = Some(format!("{}: {err:#}", entry.dir.display())),
+    }
+    match store::load(&entry.dir) {
+        Ok(run) => entry.run = run,
+        Err(err) => {
+            entry.error.get_or_insert_with(|| format!("{err:#}"));
+        }
+    }
+    entry.turns += waiting_before.saturating_sub(waiting(&entry.run));
+    Ok(kinds(&entry.run) != before)
+}
+
+/// Batches not created yet (planned, uploaded, queued).
+fn waiting(run: &RunFile) -> usize {
+    [StateKind::Planned, StateKind::Uploaded, StateKind::Queued]
+        .into_iter()
+        .map(|k| run.count_in(k))
+        .sum()
 }
 
 fn kinds(run: &RunFile) -> Vec<StateKind> {
@@ -671,10 +919,7 @@ fn run_report(entry: &RunEntry) -> RunReport {
         batches: run.batches.len(),
         in_flight: run.count_in(StateKind::Submitted),
         in_flight_tokens: advance::tokens_in_flight(run),
-        waiting: [StateKind::Planned, StateKind::Uploaded, StateKind::Queued]
-            .into_iter()
-            .map(|k| run.count_in(k))
-            .sum(),
+        waiting: waiting(run),
     }
 }
 

@@ -904,3 +904,140 @@ async fn family_id_restricts_and_families_sql_finds_families_through_joins() {
     assert_eq!(run.code, 0, "{run:#?}");
     assert_eq!(count_embedded_exactly(&env, c, 1536).await, 2);
 }
+
+#[tokio::test]
+async fn sync_wait_serves_every_family_in_one_call_and_max_cost_bounds_the_whole_call() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig {
+            // Long enough that the first pass ends with batches in flight, and others follow.
+            stage_duration: std::time::Duration::from_millis(1000),
+            ..EmulatorConfig::default()
+        })
+        .await;
+    let (first, _) = family_of(&env, 1, 10).await;
+    let (second, _) = family_of(&env, 2, 5).await;
+    let priced = [
+        "--price-per-million-tokens",
+        "1000",
+        "--max-requests-per-batch",
+        "2",
+        "--max-enqueued-tokens",
+        "300",
+        "--wait",
+        "--poll-seconds",
+        "1",
+    ];
+    // What each family's plan would cost.
+    let dry = env
+        .exec(&[
+            "sync",
+            "--dry-run",
+            "--json",
+            "--price-per-million-tokens",
+            "1000",
+        ])
+        .await;
+    let dry: serde_json::Value = serde_json::from_str(&dry.stdout).expect("json");
+    let cost = |family: Uuid| {
+        dry["families"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["family_id"] == family.to_string())
+            .and_then(|f| f["planned"]["estimated_cost_usd"].as_f64())
+            .expect("a cost")
+    };
+    // The first family's plan takes most of --max-cost; the second's no longer fits, though
+    // alone it would. Every pass of the one call counts against the same bound, so no later
+    // pass plans it.
+    let max_cost = format!("{:.6}", cost(first) + cost(second) / 2.0);
+    let mut args = priced.to_vec();
+    args.extend(["--max-cost", max_cost.as_str(), "--json"]);
+    let bounded = env.exec(&[&["sync"], args.as_slice()].concat()).await;
+    assert_eq!(bounded.code, 75, "{bounded:#?}");
+    assert_eq!(count_embedded_exactly(&env, first, 1536).await, 10);
+    assert_eq!(count_embedded_exactly(&env, second, 1536).await, 0);
+    let json: serde_json::Value = serde_json::from_str(&bounded.stdout).expect("json");
+    assert_eq!(json["outcome"], "not_yet", "{json}");
+    assert_eq!(json["totals"]["planned_runs"], 1, "{json}");
+    assert!(
+        bounded.stderr.contains("over what is left of --max-cost"),
+        "{bounded:#?}"
+    );
+    // Without the bound, one call serves what is left to the end: exit 0.
+    let done = env.exec(&[&["sync"], &priced[..]].concat()).await;
+    assert_eq!(done.code, 0, "{done:#?}");
+    assert_eq!(count_embedded_exactly(&env, second, 1536).await, 5);
+    let counters = env.emu().counters();
+    assert!(counters.max_enqueued_tokens <= 300, "{counters:?}");
+    assert_no_chunk_in_two_runs(&env);
+    assert_no_duplicate_remote_batch(&env);
+    // --wait is a loop, --dry-run writes nothing: not both; --poll-seconds needs --wait.
+    let both = env.exec(&["sync", "--wait", "--dry-run"]).await;
+    assert_eq!(both.code, 2, "{both:#?}");
+    let alone = env.exec(&["sync", "--poll-seconds", "5"]).await;
+    assert_eq!(alone.code, 2, "{alone:#?}");
+}
+
+#[tokio::test]
+async fn ctrl_c_stops_sync_wait_and_says_how_to_go_on() {
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig {
+            stage_duration: std::time::Duration::from_secs(60),
+            ..EmulatorConfig::default()
+        })
+        .await;
+    let (family, _) = family_of(&env, 1, 3).await;
+    let mut cmd = tokio::process::Command::from(env.command());
+    cmd.args(["sync", "--wait", "--poll-seconds", "30"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().expect("spawn embatch");
+    let pid = child.id().expect("running");
+    // Until its run is submitted: the call is then sleeping between passes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !all_runs(&env).iter().any(|(_, run)| {
+        run.batches
+            .iter()
+            .all(|b| b.state.kind() == embatch::run::state::StateKind::Submitted)
+    }) {
+        assert!(std::time::Instant::now() < deadline, "never submitted");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // A second sync meanwhile: the first holds the sync lock.
+    let second = env.exec(&["sync"]).await;
+    assert_eq!(second.code, 75, "{second:#?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("sync stops soon after the signal")
+        .expect("wait for embatch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr
+            .contains("interrupted by SIGINT; every run is saved, go on with: embatch sync --wait"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Nothing lost: the one run is there with every batch submitted once.
+    let runs = all_runs(&env);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].1.family_id, family.to_string());
+    assert!(
+        runs[0]
+            .1
+            .batches
+            .iter()
+            .all(|b| b.state.kind() == embatch::run::state::StateKind::Submitted)
+    );
+    assert_no_duplicate_remote_batch(&env);
+}

@@ -298,3 +298,40 @@ fn a_shared_budget_counts_the_other_runs_in_flight() {
         Wait
     );
 }
+
+#[test]
+fn sharing_a_budget_uploads_ahead_only_one_batch_that_cannot_be_created_yet() {
+    let planned = batch("planned", |_| {});
+    let ready = batch("uploaded", |b| b["create_started"] = Value::Null);
+    let tokens = in_flight_estimate(&alone(planned.clone()).batches[0]);
+    // The other runs hold the whole budget; this run already has a batch ready to create.
+    let run = run_of(vec![ready.clone(), planned.clone()], |_| {});
+    let full = |others| decide_shared(&run, 1, Goal::Done, Some(tokens), Some(others), clocks());
+    assert_eq!(full(tokens), Wait, "a second batch waits to be uploaded");
+    // Room for it: it is uploaded, so that it is created at once.
+    assert_eq!(full(0), Upload);
+    // No batch ready in this run: one is uploaded ahead, even without room.
+    let alone_planned = run_of(vec![planned.clone(), planned], |_| {});
+    assert_eq!(
+        decide_shared(
+            &alone_planned,
+            0,
+            Goal::Done,
+            Some(tokens),
+            Some(tokens),
+            clocks()
+        ),
+        Upload
+    );
+    // A run alone (advance, no shared budget) uploads everything as before.
+    assert_eq!(decide(&run, 1, Goal::Done, Some(tokens), clocks()), Upload);
+    // A batch whose creation was announced is not one ready to create.
+    let announced = run_of(
+        vec![batch("uploaded", |_| {}), batch("planned", |_| {})],
+        |_| {},
+    );
+    assert_eq!(
+        decide_shared(&announced, 1, Goal::Done, Some(u64::MAX), Some(0), clocks()),
+        Upload
+    );
+}
