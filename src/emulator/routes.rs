@@ -17,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, Extension, Multipart, Path, Query, Request
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use serde_json::{Map, Value, json};
 use sha2::Digest as _;
 
@@ -54,12 +54,19 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/batches/{batch_id}", get(get_batch))
         .route("/v1/batches/{batch_id}/cancel", post(cancel_batch))
         .route("/v1/embeddings", post(create_embeddings))
+        // The Gemini API (`Api::Gemini`; the `gemini` module answers 404 for the others).
+        .route("/v1beta/{*rest}", any(super::gemini::v1beta))
+        .route("/upload/v1beta/{*rest}", any(super::gemini::upload))
         .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), guard))
         .layer(middleware::from_fn_with_state(
             shared.api,
             super::voyage::translate,
+        ))
+        .layer(middleware::from_fn_with_state(
+            shared.api,
+            super::gemini::translate,
         ))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
@@ -184,7 +191,7 @@ async fn unknown_route(request: Request) -> Response {
 
 /// Drops the connection this request came on, without answering: the action is done, the
 /// answer is lost. The future never completes; the connection task drops it.
-async fn lose_answer(kill: &ConnectionKill) -> Response {
+pub(super) async fn lose_answer(kill: &ConnectionKill) -> Response {
     kill.0.cancel();
     std::future::pending().await
 }
@@ -563,7 +570,7 @@ fn metadata_key(metadata: Option<&Map<String, Value>>) -> String {
         .join("/")
 }
 
-async fn create_batch(
+pub(super) async fn create_batch(
     State(shared): SharedState,
     Extension(kill): Extension<ConnectionKill>,
     voyage: Option<Extension<super::voyage::VoyageParams>>,
@@ -614,6 +621,9 @@ async fn create_batch(
     };
     // A Voyage batch's lines carry only their inputs: they run as lines of its parameters.
     let input = match &request_params {
+        Some(params) if super::gemini::is_gemini(params) => {
+            super::gemini::openai_lines(&input, params)
+        }
         Some(params) => super::voyage::openai_lines(&input, params),
         None => input,
     };
@@ -760,7 +770,7 @@ async fn list_batches(
     Ok(axum::Json(list_json(data, has_more)).into_response())
 }
 
-async fn cancel_batch(
+pub(super) async fn cancel_batch(
     State(shared): SharedState,
     Extension(kill): Extension<ConnectionKill>,
     Path(batch_id): Path<String>,
@@ -800,7 +810,7 @@ async fn cancel_batch(
 
 // ----------------------------------------------------------------------------- embeddings
 
-async fn create_embeddings(
+pub(super) async fn create_embeddings(
     State(shared): SharedState,
     body: Bytes,
 ) -> Result<Response, RequestError> {
