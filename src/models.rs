@@ -769,8 +769,8 @@ mod tests {
                 send_dimensions: true
             }
         );
-        let err = choose_dimensions_for(Provider::Gemini, "gemini-embedding-001", 64, None)
-            .unwrap_err();
+        let err =
+            choose_dimensions_for(Provider::Gemini, "gemini-embedding-001", 64, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "model gemini-embedding-001 produces vectors of 128 to 3072 dimensions, not 64: point --embedding-column at a vector column of one of those sizes"
@@ -789,7 +789,10 @@ mod tests {
             serde_json::to_string(&TaskType::RetrievalDocument).unwrap(),
             "\"RETRIEVAL_DOCUMENT\""
         );
-        assert_eq!(TaskType::CodeRetrievalQuery.wire(), Some("CODE_RETRIEVAL_QUERY"));
+        assert_eq!(
+            TaskType::CodeRetrievalQuery.wire(),
+            Some("CODE_RETRIEVAL_QUERY")
+        );
         assert_eq!(TaskType::TaskTypeUnspecified.wire(), None);
     }
 

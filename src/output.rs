@@ -400,8 +400,12 @@ fn parse_gemini(
             ("CANCELLED", _) | (_, Some(1)) => FailReason::Cancelled,
             ("RESOURCE_EXHAUSTED", _) | (_, Some(8 | 429)) => FailReason::RateLimited,
             (
-                "INVALID_ARGUMENT" | "FAILED_PRECONDITION" | "OUT_OF_RANGE" | "NOT_FOUND"
-                | "PERMISSION_DENIED" | "UNAUTHENTICATED",
+                "INVALID_ARGUMENT"
+                | "FAILED_PRECONDITION"
+                | "OUT_OF_RANGE"
+                | "NOT_FOUND"
+                | "PERMISSION_DENIED"
+                | "UNAUTHENTICATED",
                 _,
             )
             | (_, Some(3 | 5 | 7 | 9 | 11 | 16 | 400..=428 | 430..=499)) => {
@@ -413,14 +417,15 @@ fn parse_gemini(
         return fail(
             id,
             reason,
-            format!(
-                "{word} ({code}): {}",
-                error.message.unwrap_or_default()
-            ),
+            format!("{word} ({code}): {}", error.message.unwrap_or_default()),
         );
     }
     let Some(raw) = response else {
-        return fail(id, FailReason::ServerError, "line without response or error");
+        return fail(
+            id,
+            FailReason::ServerError,
+            "line without response or error",
+        );
     };
     let values = match serde_json::from_str::<GeminiResponse>(raw.get()) {
         Ok(GeminiResponse {
@@ -429,7 +434,11 @@ fn parse_gemini(
             }),
         }) => values,
         Ok(_) => {
-            return fail(id, FailReason::BadOutput, "response without embedding.values");
+            return fail(
+                id,
+                FailReason::BadOutput,
+                "response without embedding.values",
+            );
         }
         Err(err) => return fail(id, FailReason::BadOutput, format!("bad response: {err}")),
     };

@@ -132,7 +132,11 @@ pub(crate) async fn translate(State(api): State<Api>, request: Request, next: Ne
     }
     let (mut parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, MAX_JSON_BYTES).await else {
-        return google_error(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error");
+        return google_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "Internal error",
+        );
     };
     let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     if value.pointer("/error/status").is_some_and(Value::is_string) {
@@ -519,8 +523,7 @@ pub(super) async fn upload(
         }
         state.counters.uploads += 1;
         let mut file = state.file(&name).map(|f| file_json(f, &host));
-        if let (Some(json), Some(claimed)) =
-            (file.as_mut(), state.faults.upload_answer_expires_at)
+        if let (Some(json), Some(claimed)) = (file.as_mut(), state.faults.upload_answer_expires_at)
         {
             json["expirationTime"] = rfc3339(claimed);
         }
@@ -688,20 +691,20 @@ fn page_bounds(
     params: &HashMap<String, String>,
     default: usize,
     max: usize,
-) -> Result<(usize, usize), Response> {
+) -> Result<(usize, usize), &'static str> {
     let size = match params.get("pageSize") {
         None => default,
         Some(text) => match text.parse::<usize>() {
             Ok(0) => default,
             Ok(n) => n.min(max),
-            Err(_) => return Err(invalid("pageSize must be an integer")),
+            Err(_) => return Err("pageSize must be an integer"),
         },
     };
     let start = match params.get("pageToken").filter(|t| !t.is_empty()) {
         None => 0,
         Some(token) => match token.strip_prefix("p").and_then(|t| t.parse().ok()) {
             Some(start) => start,
-            None => return Err(invalid("Invalid page token.")),
+            None => return Err("Invalid page token."),
         },
     };
     Ok((start, size))
@@ -710,7 +713,7 @@ fn page_bounds(
 fn list_files(shared: &Shared, params: &HashMap<String, String>, host: &str) -> Response {
     let (start, size) = match page_bounds(params, 10, MAX_FILE_PAGE) {
         Ok(bounds) => bounds,
-        Err(response) => return response,
+        Err(message) => return invalid(message),
     };
     let mut state = shared.lock();
     state.purge_expired_files();
@@ -732,7 +735,7 @@ fn list_files(shared: &Shared, params: &HashMap<String, String>, host: &str) -> 
 async fn list_batches(shared: &Arc<Shared>, params: &HashMap<String, String>) -> Response {
     let (start, size) = match page_bounds(params, 10, MAX_BATCH_PAGE) {
         Ok(bounds) => bounds,
-        Err(response) => return response,
+        Err(message) => return invalid(message),
     };
     let (ids, more) = {
         let state = shared.lock();
@@ -855,7 +858,11 @@ async fn create_batch(
         Err(error) => return error.into_response(),
     };
     let Ok(bytes) = axum::body::to_bytes(response.into_body(), MAX_JSON_BYTES).await else {
-        return google_error(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error");
+        return google_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "Internal error",
+        );
     };
     let created: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let id = created["id"].as_str().unwrap_or_default().to_owned();
@@ -946,15 +953,21 @@ async fn embed(shared: &Arc<Shared>, model: &str, body: &[u8], single: bool) -> 
         texts.push(text);
     }
     let openai = json!({"model": RUN_AS_MODEL, "input": texts, "dimensions": dims});
-    let answer =
-        super::routes::create_embeddings(State(Arc::clone(shared)), Bytes::from(openai.to_string()))
-            .await;
+    let answer = super::routes::create_embeddings(
+        State(Arc::clone(shared)),
+        Bytes::from(openai.to_string()),
+    )
+    .await;
     let response = match answer {
         Ok(response) => response,
         Err(error) => return error.into_response(),
     };
     let Ok(bytes) = axum::body::to_bytes(response.into_body(), usize::MAX).await else {
-        return google_error(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "Internal error");
+        return google_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "Internal error",
+        );
     };
     let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let mut data: Vec<&Value> = value["data"]

@@ -207,7 +207,10 @@ fn status_word(state: &str) -> Option<&'static str> {
 /// What the state machine keeps of a batch operation.
 pub fn snapshot(operation: &Value) -> RemoteSnapshot {
     let meta = operation.get("metadata").unwrap_or(&Value::Null);
-    let state = meta.get("state").and_then(Value::as_str).unwrap_or_default();
+    let state = meta
+        .get("state")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let output_file_id = meta
         .pointer("/output/responsesFile")
         .or_else(|| operation.pointer("/response/responsesFile"))
@@ -363,9 +366,8 @@ impl GeminiProvider {
     /// The upload URL the server gave, sent only to the configured origin (the SDK does the
     /// same): the key header never goes to another host.
     fn upload_url(&self, given: &str) -> Result<Url, ApiError> {
-        let mut url = Url::parse(given).map_err(|e| {
-            self.decode_error(format!("the upload session URL is not a URL ({e})"))
-        })?;
+        let mut url = Url::parse(given)
+            .map_err(|e| self.decode_error(format!("the upload session URL is not a URL ({e})")))?;
         let base = self.client.base_url();
         let same = url.set_scheme(base.scheme()).is_ok()
             && url.set_host(base.host_str()).is_ok()
@@ -411,10 +413,9 @@ impl GeminiProvider {
             Err(ApiError::BadRequest { status, message })
                 if status == 409 || message.contains("ALREADY_EXISTS") =>
             {
-                return Err(self.client.lost_answer(
-                    &what,
-                    ApiError::BadRequest { status, message },
-                ));
+                return Err(self
+                    .client
+                    .lost_answer(&what, ApiError::BadRequest { status, message }));
             }
             Err(other) => return Err(other),
         };
@@ -564,9 +565,8 @@ impl GeminiProvider {
             )
             .await?;
         let Some(embeddings) = answer.get("embeddings").and_then(Value::as_array) else {
-            return Err(self.decode_error(
-                "batchEmbedContents answered without an `embeddings` array".into(),
-            ));
+            return Err(self
+                .decode_error("batchEmbedContents answered without an `embeddings` array".into()));
         };
         if embeddings.len() != part.len() {
             return Err(self.decode_error(format!(

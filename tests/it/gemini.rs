@@ -152,12 +152,8 @@ async fn gemini_plan_advance_embeds_every_row() {
     // under cl100k_base's 8,191: skipped, never sent.
     let mut chunks = texts(12);
     chunks.push("word ".repeat(420));
-    let (env, family, run_dir) = planned_with(
-        &chunks,
-        &["--max-requests-per-batch", "5"],
-        gemini_config(),
-    )
-    .await;
+    let (env, family, run_dir) =
+        planned_with(&chunks, &["--max-requests-per-batch", "5"], gemini_config()).await;
     let run = load(&run_dir);
     assert_eq!(run.settings.provider, Provider::Gemini);
     assert_eq!(run.settings.task_type, Some(TaskType::RetrievalDocument));
@@ -230,7 +226,10 @@ async fn gemini_plan_says_the_cost_is_approximate_and_records_the_task_type() {
     let run = load(&plan.run_dir());
     assert_eq!(run.settings.task_type, Some(TaskType::SemanticSimilarity));
     let input = read(plan.run_dir().join("batches/batch_001/input.jsonl"));
-    assert!(input.contains("\"taskType\":\"SEMANTIC_SIMILARITY\""), "{input}");
+    assert!(
+        input.contains("\"taskType\":\"SEMANTIC_SIMILARITY\""),
+        "{input}"
+    );
     // Another provider's run records no task type, as Voyage's `input_type` (its bytes stay
     // as before).
     let other = env.add_family(2).await;

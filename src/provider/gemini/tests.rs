@@ -389,7 +389,10 @@ async fn errors_are_read_from_google_status_bodies() {
         ..Faults::default()
     });
     let err = provider.get_batch("batches/x").await.unwrap_err();
-    assert!(matches!(err, ApiError::Server { status: 500, .. }), "{err:?}");
+    assert!(
+        matches!(err, ApiError::Server { status: 500, .. }),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
