@@ -30,13 +30,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::routing::any;
 use serde_json::{Map, Value, json};
 
+use super::routes::InputLines;
 use super::state::{ConnectionKill, LostAnswer, Shared, StoredFile};
 use super::voyage::{Api, VoyageParams};
 
@@ -96,9 +99,17 @@ fn no_such_file(id: &str) -> Response {
     )
 }
 
-/// Whether a batch's `request_params` are the Gemini routes' (see [`create_batch`]).
-pub(crate) fn is_gemini(params: &Value) -> bool {
-    params.get("gemini").and_then(Value::as_bool) == Some(true)
+/// The Gemini routes, for `routes::router` to put behind its guard (they answer 404 unless
+/// the emulator speaks Gemini).
+pub(super) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1beta/{*rest}", any(v1beta))
+        .route("/upload/v1beta/{*rest}", any(upload))
+}
+
+/// `router` with the Gemini translation layer in front of everything.
+pub(super) fn layer(router: Router, api: Api) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(api, translate))
 }
 
 /// The translation layer in front of the shared guard: the `x-goog-api-key` header becomes
@@ -321,7 +332,7 @@ fn display_name_pairs(name: &str) -> Map<String, Value> {
 
 /// The input file of a Gemini batch as OpenAI lines, run as [`RUN_AS_MODEL`] of the line's
 /// size. A line that does not parse is kept as it is, for validation to refuse.
-pub(crate) fn openai_lines(input: &[u8], _params: &Value) -> Bytes {
+pub(crate) fn openai_lines(input: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(input.len() + input.len() / 2);
     for line in input.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         match serde_json::from_slice::<Value>(line) {
@@ -841,7 +852,6 @@ async fn create_batch(
         openai["metadata"] = Value::Object(metadata.clone());
     }
     let params = json!({
-        "gemini": true,
         "model": model,
         "displayName": display_name,
         "fileName": format!("files/{file_id}"),
@@ -850,6 +860,7 @@ async fn create_batch(
         State(Arc::clone(shared)),
         Extension(kill.clone()),
         Some(Extension(VoyageParams(params))),
+        Some(Extension(InputLines(openai_lines))),
         Bytes::from(openai.to_string()),
     )
     .await;
@@ -996,7 +1007,7 @@ mod tests {
         let input = br#"{"key":"a","request":{"content":{"parts":[{"text":"x"}]},"taskType":"RETRIEVAL_DOCUMENT","outputDimensionality":768}}
 not json
 "#;
-        let lines = openai_lines(input, &json!({"gemini": true}));
+        let lines = openai_lines(input);
         let first: Value =
             serde_json::from_slice(lines.split(|b| *b == b'\n').next().unwrap()).unwrap();
         assert_eq!(first["custom_id"], "a");

@@ -76,7 +76,10 @@ impl Emulator {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let shutdown = CancellationToken::new();
-        let router = routes::router(Arc::clone(&shared));
+        let router = gemini::layer(
+            routes::router(Arc::clone(&shared), gemini::routes()),
+            shared.api,
+        );
         let accept_task = tokio::spawn(accept_loop(listener, router, shutdown.clone()));
         Ok(Emulator {
             shared,

@@ -17,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, Extension, Multipart, Path, Query, Request
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 use serde_json::{Map, Value, json};
 use sha2::Digest as _;
 
@@ -45,7 +45,8 @@ const UPLOAD_PURPOSES: &[&str] = &[
 
 type SharedState = State<Arc<Shared>>;
 
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+/// The routes, with `extra` (another API's routes, such as `gemini`'s) behind the same guard.
+pub(crate) fn router(shared: Arc<Shared>, extra: Router<Arc<Shared>>) -> Router {
     Router::new()
         .route("/v1/files", post(upload_file).get(list_files))
         .route("/v1/files/{file_id}", get(get_file).delete(delete_file))
@@ -54,9 +55,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/batches/{batch_id}", get(get_batch))
         .route("/v1/batches/{batch_id}/cancel", post(cancel_batch))
         .route("/v1/embeddings", post(create_embeddings))
-        // The Gemini API (`Api::Gemini`; the `gemini` module answers 404 for the others).
-        .route("/v1beta/{*rest}", any(super::gemini::v1beta))
-        .route("/upload/v1beta/{*rest}", any(super::gemini::upload))
+        .merge(extra)
         .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), guard))
@@ -64,10 +63,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             shared.api,
             super::voyage::translate,
         ))
-        .layer(middleware::from_fn_with_state(
-            shared.api,
-            super::gemini::translate,
-        ))
+
         .layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
             date_header,
@@ -574,6 +570,7 @@ pub(super) async fn create_batch(
     State(shared): SharedState,
     Extension(kill): Extension<ConnectionKill>,
     voyage: Option<Extension<super::voyage::VoyageParams>>,
+    lines: Option<Extension<InputLines>>,
     body: Bytes,
 ) -> Result<Response, RequestError> {
     let request_params = voyage.map(|Extension(params)| params.0);
@@ -620,12 +617,10 @@ pub(super) async fn create_batch(
         (file.content.clone(), state.faults.invalid_line_validation)
     };
     // A Voyage batch's lines carry only their inputs: they run as lines of its parameters.
-    let input = match &request_params {
-        Some(params) if super::gemini::is_gemini(params) => {
-            super::gemini::openai_lines(&input, params)
-        }
-        Some(params) => super::voyage::openai_lines(&input, params),
-        None => input,
+    let input = match (&lines, &request_params) {
+        (Some(Extension(InputLines(translate))), _) => translate(&input),
+        (None, Some(params)) => super::voyage::openai_lines(&input, params),
+        (None, None) => input,
     };
     // Parsing a file of up to 200 MB belongs outside the lock and off the async threads.
     let validation = {
@@ -730,6 +725,11 @@ pub(super) async fn create_batch(
     }
     Ok(axum::Json(batch_json).into_response())
 }
+
+/// How another API's input lines run as OpenAI lines (`gemini`'s translation), handed to
+/// [`create_batch`] by the handler that calls it.
+#[derive(Clone, Copy)]
+pub(crate) struct InputLines(pub fn(&[u8]) -> Bytes);
 
 fn no_such_batch(batch_id: &str) -> RequestError {
     not_found(format!("No batch found with id '{batch_id}'."), "batch_id")
