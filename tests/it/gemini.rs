@@ -374,3 +374,24 @@ fn old_runs_keep_their_bytes_with_gemini_known() {
         assert!(!saved.contains("task_type"), "{name}");
     }
 }
+
+#[tokio::test]
+async fn gemini_an_input_file_gone_before_creation_is_uploaded_again_under_its_name() {
+    let (env, family, run_dir) = planned(4, &[]).await;
+    // Files live 48 h on Gemini; here one second, and the run stops right after its upload.
+    env.emu().set_faults(Faults {
+        input_file_ttl: Some(std::time::Duration::from_secs(1)),
+        ..Faults::default()
+    });
+    let run = advance(&env, &run_dir, &[("EMBATCH_CRASH_AT", "after_upload:1")]).await;
+    assert!(run.killed(), "{run:#?}");
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    env.emu().set_faults(Faults::default());
+    advance_until_finished(&env, &run_dir, 6).await;
+    let counters = env.emu().counters();
+    // The same deterministic name, free again once the first file expired.
+    assert_eq!(counters.uploads, 2, "{counters:?}");
+    assert_eq!(counters.batch_creations, 1, "{counters:?}");
+    assert_created_once(&env);
+    assert_eq!(count_embedded(&env, family).await, 4);
+}
