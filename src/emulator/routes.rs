@@ -63,7 +63,6 @@ pub(crate) fn router(shared: Arc<Shared>, extra: Router<Arc<Shared>>) -> Router 
             shared.api,
             super::voyage::translate,
         ))
-
         .layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
             date_header,
