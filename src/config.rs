@@ -90,6 +90,8 @@ pub struct PlanConfig {
     pub provider: Provider,
     /// `--input-type`: Voyage's `input_type`, recorded for a Voyage run; ignored by the others.
     pub input_type: crate::models::InputType,
+    /// `--task-type`: Gemini's `taskType`, recorded for a Gemini run; ignored by the others.
+    pub task_type: crate::models::TaskType,
 }
 
 #[derive(Debug, Clone, PartialEq)]

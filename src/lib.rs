@@ -295,6 +295,7 @@ async fn emulator_command(
         stage_duration: std::time::Duration::from_secs(e.stage_seconds),
         api: match e.provider {
             crate::models::Provider::Voyage => emulator::Api::Voyage,
+            crate::models::Provider::Gemini => emulator::Api::Gemini,
             _ => emulator::Api::Openai,
         },
         ..emulator::EmulatorConfig::default()

@@ -48,6 +48,8 @@ pub enum Provider {
     Direct,
     /// Voyage AI's Batch API (files, batches, 33 % off, 12 h window).
     Voyage,
+    /// Google's Gemini API batch mode (`asyncBatchEmbedContent`, 50 % off, 24 h target).
+    Gemini,
 }
 
 impl Provider {
@@ -56,6 +58,7 @@ impl Provider {
             Provider::Openai => "openai",
             Provider::Direct => "direct",
             Provider::Voyage => "voyage",
+            Provider::Gemini => "gemini",
         }
     }
 
@@ -70,6 +73,7 @@ impl Provider {
             Provider::Openai => "OPENAI_API_KEY",
             Provider::Direct => "EMBATCH_DIRECT_API_KEY",
             Provider::Voyage => "VOYAGE_API_KEY",
+            Provider::Gemini => "GEMINI_API_KEY",
         }
     }
 
@@ -79,6 +83,7 @@ impl Provider {
             Provider::Openai => "OPENAI_BASE_URL",
             Provider::Direct => "EMBATCH_DIRECT_BASE_URL",
             Provider::Voyage => "VOYAGE_BASE_URL",
+            Provider::Gemini => "GEMINI_BASE_URL",
         }
     }
 
@@ -89,6 +94,7 @@ impl Provider {
             Provider::Openai => Some("https://api.openai.com/v1"),
             Provider::Direct => None,
             Provider::Voyage => Some(VOYAGE_DEFAULT_BASE_URL),
+            Provider::Gemini => Some(GEMINI_DEFAULT_BASE_URL),
         }
     }
 
@@ -98,6 +104,8 @@ impl Provider {
         match self {
             Provider::Openai | Provider::Direct => 50_000,
             Provider::Voyage => 100_000,
+            // Not documented for file input (UNCONFIRMED): OpenAI's cap, the planner's default.
+            Provider::Gemini => 50_000,
         }
     }
 
@@ -106,6 +114,7 @@ impl Provider {
         match self {
             Provider::Openai | Provider::Direct => 2048,
             Provider::Voyage => 1000,
+            Provider::Gemini => GEMINI_MAX_INPUTS_PER_REQUEST,
         }
     }
 
@@ -115,6 +124,7 @@ impl Provider {
             Provider::Openai => MODELS,
             Provider::Direct => DIRECT_MODELS,
             Provider::Voyage => VOYAGE_MODELS,
+            Provider::Gemini => GEMINI_MODELS,
         }
     }
 
@@ -224,6 +234,83 @@ const fn voyage_model(
         accepted_dimensions: VOYAGE_DIMENSIONS,
         max_input_tokens: Some(32_000),
         max_request_tokens: Some(max_request_tokens),
+    }
+}
+
+/// The Gemini API's root (the API version, `v1beta`, goes into each path).
+pub const GEMINI_DEFAULT_BASE_URL: &str = "https://generativelanguage.googleapis.com";
+
+/// The inputs of one realtime `batchEmbedContents` call: the Gemini reference gives no cap
+/// (UNCONFIRMED); 100 is the value in common use.
+pub const GEMINI_MAX_INPUTS_PER_REQUEST: usize = 100;
+
+/// The sizes `gemini-embedding-001` produces through `outputDimensionality` ("Flexible,
+/// supports: 128 – 3072", ai.google.dev, Embeddings guide).
+pub const GEMINI_DIMENSIONS: std::ops::RangeInclusive<u32> = 128..=3072;
+
+/// Gemini's models (ai.google.dev, Embeddings guide): `gemini-embedding-001`, native 3072,
+/// 2,048 input tokens; the batch price is 50 % of the interactive $0.15 per 1M tokens.
+pub const GEMINI_MODELS: &[ModelInfo] = &[ModelInfo {
+    name: "gemini-embedding-001",
+    native_dimensions: 3072,
+    accepts_dimensions: true,
+    batch_usd_per_million_tokens: 0.15 * 0.5,
+    accepted_dimensions: &[],
+    max_input_tokens: Some(2048),
+    max_request_tokens: None,
+}];
+
+/// Gemini's `taskType` (`--task-type`), recorded for a Gemini run; other providers take no
+/// such parameter and ignore it. The values are the API's `TaskType` enum.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[value(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskType {
+    /// Texts to be found (the documents of a retrieval)
+    #[default]
+    RetrievalDocument,
+    /// Texts that search
+    RetrievalQuery,
+    /// Semantic similarity between texts
+    SemanticSimilarity,
+    /// Classification
+    Classification,
+    /// Clustering
+    Clustering,
+    /// Questions of a question-answering system
+    QuestionAnswering,
+    /// Fact verification
+    FactVerification,
+    /// Code retrieval queries
+    CodeRetrievalQuery,
+    /// No `taskType`: the API's default (`TASK_TYPE_UNSPECIFIED`)
+    TaskTypeUnspecified,
+}
+
+impl TaskType {
+    /// The value sent, `None` for no `taskType` at all.
+    pub fn wire(self) -> Option<&'static str> {
+        Some(match self {
+            TaskType::RetrievalDocument => "RETRIEVAL_DOCUMENT",
+            TaskType::RetrievalQuery => "RETRIEVAL_QUERY",
+            TaskType::SemanticSimilarity => "SEMANTIC_SIMILARITY",
+            TaskType::Classification => "CLASSIFICATION",
+            TaskType::Clustering => "CLUSTERING",
+            TaskType::QuestionAnswering => "QUESTION_ANSWERING",
+            TaskType::FactVerification => "FACT_VERIFICATION",
+            TaskType::CodeRetrievalQuery => "CODE_RETRIEVAL_QUERY",
+            TaskType::TaskTypeUnspecified => return None,
+        })
     }
 }
 
@@ -342,6 +429,26 @@ pub fn choose_dimensions_for(
             flag,
             column: column_dimensions,
         });
+    }
+    if provider == Provider::Gemini
+        && let Some(info) = lookup_for(provider, model)
+    {
+        return if GEMINI_DIMENSIONS.contains(&column_dimensions) {
+            Ok(DimensionChoice {
+                dimensions: column_dimensions,
+                send_dimensions: column_dimensions != info.native_dimensions,
+            })
+        } else {
+            Err(DimensionError::SizeNotOffered {
+                model: model.to_owned(),
+                accepted: format!(
+                    "{} to {}",
+                    GEMINI_DIMENSIONS.start(),
+                    GEMINI_DIMENSIONS.end()
+                ),
+                column: column_dimensions,
+            })
+        };
     }
     match lookup_for(provider, model) {
         Some(info) if !info.accepted_dimensions.is_empty() => {
@@ -584,7 +691,12 @@ mod tests {
 
     #[test]
     fn provider_names_and_variables() {
-        for provider in [Provider::Openai, Provider::Direct, Provider::Voyage] {
+        for provider in [
+            Provider::Openai,
+            Provider::Direct,
+            Provider::Voyage,
+            Provider::Gemini,
+        ] {
             let json = serde_json::to_string(&provider).unwrap();
             assert_eq!(json, format!("\"{provider}\""));
             assert_eq!(serde_json::from_str::<Provider>(&json).unwrap(), provider);
@@ -641,6 +753,47 @@ mod tests {
             "\"document\""
         );
         assert_eq!(InputType::None.wire(), None);
+    }
+
+    #[test]
+    fn gemini_takes_128_to_3072_and_costs_half() {
+        let native =
+            choose_dimensions_for(Provider::Gemini, "gemini-embedding-001", 3072, None).unwrap();
+        assert!(!native.send_dimensions);
+        let small =
+            choose_dimensions_for(Provider::Gemini, "gemini-embedding-001", 768, None).unwrap();
+        assert_eq!(
+            small,
+            DimensionChoice {
+                dimensions: 768,
+                send_dimensions: true
+            }
+        );
+        let err =
+            choose_dimensions_for(Provider::Gemini, "gemini-embedding-001", 64, None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "model gemini-embedding-001 produces vectors of 128 to 3072 dimensions, not 64: point --embedding-column at a vector column of one of those sizes"
+        );
+        let price = price_per_million_for(Provider::Gemini, "gemini-embedding-001", None).unwrap();
+        assert!((price - 0.075).abs() < 1e-12, "{price}");
+        assert_eq!(Provider::Gemini.key_var(), "GEMINI_API_KEY");
+        assert_eq!(Provider::Gemini.base_url_var(), "GEMINI_BASE_URL");
+        assert_eq!(
+            Provider::Gemini.default_base_url(),
+            Some("https://generativelanguage.googleapis.com")
+        );
+        let info = lookup_for(Provider::Gemini, "gemini-embedding-001").unwrap();
+        assert_eq!(info.max_input_tokens, Some(2048));
+        assert_eq!(
+            serde_json::to_string(&TaskType::RetrievalDocument).unwrap(),
+            "\"RETRIEVAL_DOCUMENT\""
+        );
+        assert_eq!(
+            TaskType::CodeRetrievalQuery.wire(),
+            Some("CODE_RETRIEVAL_QUERY")
+        );
+        assert_eq!(TaskType::TaskTypeUnspecified.wire(), None);
     }
 
     #[test]

@@ -73,8 +73,34 @@ pub enum LineOutcome {
 struct Line<'a> {
     #[serde(borrow)]
     custom_id: Option<&'a RawValue>,
-    response: Option<Response<'a>>,
-    error: Option<ErrorObject>,
+    /// Gemini's name for the request's id (its lines have no `custom_id`).
+    #[serde(borrow)]
+    key: Option<&'a RawValue>,
+    #[serde(borrow)]
+    response: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+}
+
+/// Gemini's `response`: `{"embedding": {"values": [...]}, "tokenCount": "12"}`.
+#[derive(Deserialize)]
+struct GeminiResponse<'a> {
+    #[serde(borrow)]
+    embedding: Option<GeminiEmbedding<'a>>,
+}
+
+#[derive(Deserialize)]
+struct GeminiEmbedding<'a> {
+    #[serde(borrow)]
+    values: Option<&'a RawValue>,
+}
+
+/// Gemini's `error`, a `google.rpc.Status`: `{"code", "message", "status"}`.
+#[derive(Deserialize)]
+struct GeminiError {
+    code: Option<serde_json::Value>,
+    message: Option<String>,
+    status: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +214,11 @@ fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineO
             );
         }
     };
+    if parsed.custom_id.is_none()
+        && let Some(key) = parsed.key
+    {
+        return parse_gemini(key, parsed.response, parsed.error, dimensions);
+    }
     let custom_id = match parsed
         .custom_id
         .map(|raw| serde_json::from_str::<String>(raw.get()))
@@ -202,10 +233,36 @@ fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineO
         }
     };
     let id = Some(custom_id.clone());
-    let Some(response) = parsed.response else {
+    let response = match parsed.response.filter(|raw| raw.get() != "null") {
+        None => None,
+        Some(raw) => match serde_json::from_str::<Response>(raw.get()) {
+            Ok(response) => Some(response),
+            // As when the whole line was one value: the line does not parse.
+            Err(err) => {
+                return fail(
+                    None,
+                    FailReason::BadOutput,
+                    format!("unparseable line: {err}"),
+                );
+            }
+        },
+    };
+    let error = match parsed.error.filter(|raw| raw.get() != "null") {
+        None => None,
+        Some(raw) => match serde_json::from_str::<ErrorObject>(raw.get()) {
+            Ok(error) => Some(error),
+            Err(err) => {
+                return fail(
+                    None,
+                    FailReason::BadOutput,
+                    format!("unparseable line: {err}"),
+                );
+            }
+        },
+    };
+    let Some(response) = response else {
         // No response at all: the provider never ran the request.
-        let (code, message) = parsed
-            .error
+        let (code, message) = error
             .map(|e| (e.code.unwrap_or_default(), e.message.unwrap_or_default()))
             .unwrap_or_default();
         let reason = match code.as_str() {
@@ -289,6 +346,12 @@ fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineO
             }
         }
     };
+    checked(custom_id, vector, dimensions)
+}
+
+/// The checks every vector passes: its size, finite values, not all zeros.
+fn checked(custom_id: String, vector: Vec<f32>, dimensions: usize) -> LineOutcome {
+    let id = Some(custom_id.clone());
     if vector.len() != dimensions {
         return fail(
             id,
@@ -308,6 +371,104 @@ fn parse_with(line: &str, dimensions: usize, decoded: Option<Vec<f32>>) -> LineO
         return fail(id, FailReason::BadOutput, "the embedding is all zeros");
     }
     LineOutcome::Vector { custom_id, vector }
+}
+
+/// A line of a Gemini batch's responses file: `{"key", "response": {"embedding": {"values"},
+/// "tokenCount"}}` or `{"key", "error": {"code", "message", "status"}}`; a line with neither
+/// is an error line. Gemini normalises only its 3,072-dimensional vectors (Embeddings guide),
+/// so every vector is scaled to length 1 here: a stored vector has norm 1 whatever its size.
+fn parse_gemini(
+    key: &RawValue,
+    response: Option<&RawValue>,
+    error: Option<&RawValue>,
+    dimensions: usize,
+) -> LineOutcome {
+    let Ok(custom_id) = serde_json::from_str::<String>(key.get()) else {
+        return fail(None, FailReason::BadOutput, "line without a string key");
+    };
+    let id = Some(custom_id.clone());
+    let response = response.filter(|raw| raw.get() != "null");
+    let error = error.filter(|raw| raw.get() != "null");
+    if let Some(raw) = error {
+        let Ok(error) = serde_json::from_str::<GeminiError>(raw.get()) else {
+            return fail(id, FailReason::BadOutput, "an error that is not a Status");
+        };
+        let code = error.code.as_ref().and_then(serde_json::Value::as_i64);
+        let word = error.status.as_deref().unwrap_or_default();
+        let reason = match (word, code) {
+            ("DEADLINE_EXCEEDED", _) | (_, Some(4)) => FailReason::Expired,
+            ("CANCELLED", _) | (_, Some(1)) => FailReason::Cancelled,
+            ("RESOURCE_EXHAUSTED", _) | (_, Some(8 | 429)) => FailReason::RateLimited,
+            (
+                "INVALID_ARGUMENT"
+                | "FAILED_PRECONDITION"
+                | "OUT_OF_RANGE"
+                | "NOT_FOUND"
+                | "PERMISSION_DENIED"
+                | "UNAUTHENTICATED",
+                _,
+            )
+            | (_, Some(3 | 5 | 7 | 9 | 11 | 16 | 400..=428 | 430..=499)) => {
+                FailReason::InvalidRequest
+            }
+            _ => FailReason::ServerError,
+        };
+        let code = error.code.map(|c| c.to_string()).unwrap_or_default();
+        return fail(
+            id,
+            reason,
+            format!("{word} ({code}): {}", error.message.unwrap_or_default()),
+        );
+    }
+    let Some(raw) = response else {
+        return fail(
+            id,
+            FailReason::ServerError,
+            "line without response or error",
+        );
+    };
+    let values = match serde_json::from_str::<GeminiResponse>(raw.get()) {
+        Ok(GeminiResponse {
+            embedding: Some(GeminiEmbedding {
+                values: Some(values),
+            }),
+        }) => values,
+        Ok(_) => {
+            return fail(
+                id,
+                FailReason::BadOutput,
+                "response without embedding.values",
+            );
+        }
+        Err(err) => return fail(id, FailReason::BadOutput, format!("bad response: {err}")),
+    };
+    let Some(mut vector) = parse_float_array(values.get()) else {
+        return fail(
+            id,
+            FailReason::BadOutput,
+            "embedding values are not an array of numbers",
+        );
+    };
+    if vector.iter().all(|v| v.is_finite()) {
+        normalize(&mut vector);
+    }
+    checked(custom_id, vector, dimensions)
+}
+
+/// `values` scaled to length 1: Gemini normalises only its 3,072-dimensional vectors, a
+/// smaller one is a truncation of it ("you need to normalize", Embeddings guide). A zero or
+/// non-finite vector is left as it is, for the checks that refuse it.
+pub fn normalize(values: &mut [f32]) {
+    let norm = values
+        .iter()
+        .map(|v| f64::from(*v) * f64::from(*v))
+        .sum::<f64>()
+        .sqrt();
+    if norm.is_finite() && norm > 0.0 {
+        for v in values.iter_mut() {
+            *v = (f64::from(*v) / norm) as f32;
+        }
+    }
 }
 
 /// Parses one line as read from a file (without its newline). A line that is not valid UTF-8

@@ -62,6 +62,7 @@ impl Stepper {
             dimensions: settings.send_dimensions.then_some(settings.dimensions),
             encoding_format: settings.encoding_format,
             provider: settings.provider,
+            task_type: settings.task_type,
         };
         // A retry never aborts the run: an input now over the limit is skipped, not fatal.
         let on_too_long = match settings.on_too_long {

@@ -15,7 +15,7 @@ use crate::config::{
     EmulatorCommandConfig, Global, IngestConfig, PlanConfig, RealtimeConfig, RunConfig, RunsConfig,
     ServeConfig, StatusConfig, StatusTarget, SubmitConfig, SyncConfig,
 };
-use crate::models::{DEFAULT_MODEL, EncodingFormat, InputType, Provider};
+use crate::models::{DEFAULT_MODEL, EncodingFormat, InputType, Provider, TaskType};
 use crate::pg::source::SourceConfig;
 use crate::plan::sharder::BatchLimits;
 use crate::printer::OutputSettings;
@@ -250,12 +250,15 @@ struct ModelArgs {
     /// Vector size; must equal the column's vector(N)
     #[arg(long, value_name = "N")]
     dimensions: Option<u32>,
-    /// Who embeds: `openai` (the Batch API), `direct` (embatch sends the batch files itself to an OpenAI-compatible /v1/embeddings at EMBATCH_DIRECT_BASE_URL or --base-url) or `voyage` (Voyage AI's Batch API, key in VOYAGE_API_KEY)
+    /// Who embeds: `openai` (the Batch API), `direct` (embatch sends the batch files itself to an OpenAI-compatible /v1/embeddings at EMBATCH_DIRECT_BASE_URL or --base-url), `voyage` (Voyage AI's Batch API, key in VOYAGE_API_KEY) or `gemini` (the Gemini API's batch mode, key in GEMINI_API_KEY)
     #[arg(long, value_enum, default_value_t = Provider::Openai)]
     provider: Provider,
     /// Voyage's input_type of a planned run's texts (ignored by other providers, and by embed and serve, which send `document`)
     #[arg(long, value_enum, value_name = "TYPE", default_value_t = InputType::Document)]
     input_type: InputType,
+    /// Gemini's taskType of a planned run's texts (ignored by other providers, and by embed and serve, which send RETRIEVAL_DOCUMENT)
+    #[arg(long, value_enum, value_name = "TYPE", default_value_t = TaskType::RetrievalDocument, ignore_case = true)]
+    task_type: TaskType,
 }
 
 #[derive(Debug, Args)]
@@ -453,7 +456,7 @@ struct EmulatorArgs {
     /// Seconds a batch spends in each of validating, in_progress and finalizing
     #[arg(long, value_name = "SECONDS", default_value_t = 2)]
     stage_seconds: u64,
-    /// Whose API it speaks: `openai`, or `voyage` (Voyage AI's Batch API)
+    /// Whose API it speaks: `openai`, `voyage` (Voyage AI's Batch API) or `gemini` (the Gemini API's batch mode)
     #[arg(long, value_enum, default_value_t = Provider::Openai, hide_possible_values = true)]
     provider: Provider,
 }
@@ -727,6 +730,7 @@ fn into_config(
     };
     let direct = endpoint(Provider::Direct);
     let voyage = endpoint(Provider::Voyage);
+    let gemini = endpoint(Provider::Gemini);
     let global = Global {
         database: Database::from_url(g.database_url.as_deref()),
         api: ApiSettings {
@@ -737,6 +741,7 @@ fn into_config(
             max_retries: g.api_retries,
             direct,
             voyage,
+            gemini,
         },
         runs_dir: g.runs_dir,
         output: OutputSettings {
@@ -1026,6 +1031,7 @@ fn plan_config(args: PlanArgs) -> Result<PlanConfig, clap::Error> {
         dimensions: args.model.dimensions,
         provider: args.model.provider,
         input_type: args.model.input_type,
+        task_type: args.model.task_type,
         encoding_format: b.encoding_format,
         limits: BatchLimits {
             max_requests: b.max_requests_per_batch,

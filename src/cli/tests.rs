@@ -375,7 +375,7 @@ fn a_direct_time_budget_is_for_a_plain_advance() {
             "--family-id",
             "f",
             "--provider",
-            "gemini"
+            "cohere"
         ])
         .is_err()
     );

@@ -8,14 +8,16 @@
 //! task drops the connection when it fires. `routes` holds the handlers, `batches` the batch
 //! lifecycle and output generation, `embeddings` one embeddings request, `vectors` the
 //! deterministic embedding function, `voyage` the translation into Voyage AI's Batch API
-//! (`EmulatorConfig::api`). Every response follows the OpenAPI description of the
-//! OpenAI API (DESIGN §8); the emulator never calls the network.
+//! (`EmulatorConfig::api`), `gemini` the Gemini API's routes over the same files and batches.
+//! Every response follows the OpenAPI description of the OpenAI API (DESIGN §8), or the
+//! provider's own reference; the emulator never calls the network.
 //!
 //! All shared state sits behind one `std::sync::Mutex`, never held across an `.await`; the
 //! expensive work (validating an input file, generating an output file) runs outside it.
 
 mod batches;
 mod embeddings;
+mod gemini;
 mod routes;
 mod state;
 pub mod vectors;
@@ -74,7 +76,10 @@ impl Emulator {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let shutdown = CancellationToken::new();
-        let router = routes::router(Arc::clone(&shared));
+        let router = gemini::layer(
+            routes::router(Arc::clone(&shared), gemini::routes()),
+            shared.api,
+        );
         let accept_task = tokio::spawn(accept_loop(listener, router, shutdown.clone()));
         Ok(Emulator {
             shared,
@@ -88,8 +93,12 @@ impl Emulator {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT/v1`: what `--base-url` / `OPENAI_BASE_URL` should be.
+    /// `http://127.0.0.1:PORT/v1`: what `--base-url` / `OPENAI_BASE_URL` should be; for the
+    /// Gemini API, whose paths carry their version, `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> String {
+        if self.shared.api == Api::Gemini {
+            return format!("http://{}", self.addr);
+        }
         format!("http://{}/v1", self.addr)
     }
 
@@ -270,6 +279,7 @@ pub async fn serve_forever(
         .with_context(|| format!("cannot listen on {addr}; choose another --listen address"))?;
     let (what, base_var, key_var) = match emulator.shared.api {
         Api::Voyage => ("Voyage-compatible", "VOYAGE_BASE_URL", "VOYAGE_API_KEY"),
+        Api::Gemini => ("Gemini-compatible", "GEMINI_BASE_URL", "GEMINI_API_KEY"),
         Api::Openai => ("OpenAI-compatible", "OPENAI_BASE_URL", "OPENAI_API_KEY"),
     };
     eprintln!("{what} emulator listening (ctrl-c stops it)");

@@ -45,7 +45,8 @@ const UPLOAD_PURPOSES: &[&str] = &[
 
 type SharedState = State<Arc<Shared>>;
 
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+/// The routes, with `extra` (another API's routes, such as `gemini`'s) behind the same guard.
+pub(crate) fn router(shared: Arc<Shared>, extra: Router<Arc<Shared>>) -> Router {
     Router::new()
         .route("/v1/files", post(upload_file).get(list_files))
         .route("/v1/files/{file_id}", get(get_file).delete(delete_file))
@@ -54,6 +55,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/batches/{batch_id}", get(get_batch))
         .route("/v1/batches/{batch_id}/cancel", post(cancel_batch))
         .route("/v1/embeddings", post(create_embeddings))
+        .merge(extra)
         .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES))
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), guard))
@@ -184,7 +186,7 @@ async fn unknown_route(request: Request) -> Response {
 
 /// Drops the connection this request came on, without answering: the action is done, the
 /// answer is lost. The future never completes; the connection task drops it.
-async fn lose_answer(kill: &ConnectionKill) -> Response {
+pub(super) async fn lose_answer(kill: &ConnectionKill) -> Response {
     kill.0.cancel();
     std::future::pending().await
 }
@@ -563,10 +565,11 @@ fn metadata_key(metadata: Option<&Map<String, Value>>) -> String {
         .join("/")
 }
 
-async fn create_batch(
+pub(super) async fn create_batch(
     State(shared): SharedState,
     Extension(kill): Extension<ConnectionKill>,
     voyage: Option<Extension<super::voyage::VoyageParams>>,
+    lines: Option<Extension<InputLines>>,
     body: Bytes,
 ) -> Result<Response, RequestError> {
     let request_params = voyage.map(|Extension(params)| params.0);
@@ -613,9 +616,10 @@ async fn create_batch(
         (file.content.clone(), state.faults.invalid_line_validation)
     };
     // A Voyage batch's lines carry only their inputs: they run as lines of its parameters.
-    let input = match &request_params {
-        Some(params) => super::voyage::openai_lines(&input, params),
-        None => input,
+    let input = match (&lines, &request_params) {
+        (Some(Extension(InputLines(translate))), _) => translate(&input),
+        (None, Some(params)) => super::voyage::openai_lines(&input, params),
+        (None, None) => input,
     };
     // Parsing a file of up to 200 MB belongs outside the lock and off the async threads.
     let validation = {
@@ -721,6 +725,11 @@ async fn create_batch(
     Ok(axum::Json(batch_json).into_response())
 }
 
+/// How another API's input lines run as OpenAI lines (`gemini`'s translation), handed to
+/// [`create_batch`] by the handler that calls it.
+#[derive(Clone, Copy)]
+pub(crate) struct InputLines(pub fn(&[u8]) -> Bytes);
+
 fn no_such_batch(batch_id: &str) -> RequestError {
     not_found(format!("No batch found with id '{batch_id}'."), "batch_id")
 }
@@ -760,7 +769,7 @@ async fn list_batches(
     Ok(axum::Json(list_json(data, has_more)).into_response())
 }
 
-async fn cancel_batch(
+pub(super) async fn cancel_batch(
     State(shared): SharedState,
     Extension(kill): Extension<ConnectionKill>,
     Path(batch_id): Path<String>,
@@ -800,7 +809,7 @@ async fn cancel_batch(
 
 // ----------------------------------------------------------------------------- embeddings
 
-async fn create_embeddings(
+pub(super) async fn create_embeddings(
     State(shared): SharedState,
     body: Bytes,
 ) -> Result<Response, RequestError> {

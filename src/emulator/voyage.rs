@@ -39,6 +39,9 @@ pub enum Api {
     Openai,
     /// Voyage AI's Batch API: the same routes, Voyage's shapes (the `voyage` module).
     Voyage,
+    /// The Gemini API's batch mode: its own routes under `/v1beta` and `/upload/v1beta`, served
+    /// over the same files and batches (the `gemini` module).
+    Gemini,
 }
 
 /// A batch creation's `request_params`, handed from the translation layer to the handler.

@@ -328,3 +328,69 @@ fn voyage_result_and_error_lines_are_read() {
         Some((Some("task_2"), FailReason::Expired))
     );
 }
+
+/// Gemini's result and error lines (ai.google.dev, Batch API: `{"key", "response"}` and
+/// `{"key", "error"}`); vectors are scaled to length 1, as Gemini leaves those below 3,072
+/// dimensions unnormalised.
+#[test]
+fn gemini_result_and_error_lines_are_read_and_normalised() {
+    let ok = r#"{"key":"task_0","response":{"embedding":{"values":[3.0,-4.0]},"tokenCount":"12"}}"#;
+    assert_eq!(
+        parse_line(ok, 2),
+        LineOutcome::Vector {
+            custom_id: "task_0".to_owned(),
+            vector: vec![0.6, -0.8],
+        }
+    );
+    let unit = r#"{"key":"u","response":{"embedding":{"values":[0.0,1.0]}}}"#;
+    assert_eq!(
+        parse_line(unit, 2),
+        LineOutcome::Vector {
+            custom_id: "u".to_owned(),
+            vector: vec![0.0, 1.0],
+        }
+    );
+    let cases = [
+        (
+            r#"{"key":"a","error":{"code":13,"message":"boom","status":"INTERNAL"}}"#,
+            FailReason::ServerError,
+        ),
+        (
+            r#"{"key":"a","error":{"code":4,"message":"late","status":"DEADLINE_EXCEEDED"}}"#,
+            FailReason::Expired,
+        ),
+        (
+            r#"{"key":"a","error":{"code":3,"message":"too long","status":"INVALID_ARGUMENT"}}"#,
+            FailReason::InvalidRequest,
+        ),
+        (
+            r#"{"key":"a","error":{"code":429,"message":"slow down","status":"RESOURCE_EXHAUSTED"}}"#,
+            FailReason::RateLimited,
+        ),
+        (r#"{"key":"a","error":{"code":1}}"#, FailReason::Cancelled),
+        // Neither a response nor an error: an error line, retried.
+        (r#"{"key":"a"}"#, FailReason::ServerError),
+        (
+            r#"{"key":"a","response":{"tokenCount":"3"}}"#,
+            FailReason::BadOutput,
+        ),
+    ];
+    for (line, reason) in cases {
+        assert_eq!(
+            reason_of(&parse_line(line, 2)),
+            Some((Some("a"), reason)),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        reason_of(&parse_line(
+            r#"{"key":"z","response":{"embedding":{"values":[0,0]}}}"#,
+            2
+        )),
+        Some((Some("z"), FailReason::BadOutput))
+    );
+    assert_eq!(
+        reason_of(&parse_line(r#"{"key":7,"response":{}}"#, 2)),
+        Some((None, FailReason::BadOutput))
+    );
+}

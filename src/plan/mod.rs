@@ -191,6 +191,7 @@ async fn plan_uninterrupted(
         dimensions: dims.send_dimensions.then_some(dims.dimensions),
         encoding_format: cfg.encoding_format,
         provider: cfg.provider,
+        task_type: (cfg.provider == models::Provider::Gemini).then_some(cfg.task_type),
     };
     let writer = RunWriter::new(
         &partial_dir,
@@ -293,6 +294,7 @@ fn run_settings(
         usd_per_million_tokens: price,
         provider: cfg.provider,
         input_type: (cfg.provider == models::Provider::Voyage).then_some(cfg.input_type),
+        task_type: (cfg.provider == models::Provider::Gemini).then_some(cfg.task_type),
     }
 }
 
@@ -567,7 +569,15 @@ fn report(
             reasons.join(", ")
         ));
     }
-    if summary.truncated > 0 {
+    if summary.truncated > 0 && cfg.provider == models::Provider::Gemini {
+        printer.info(&format!(
+            "truncated {} to {} bytes (--on-too-long truncate): Gemini's limit of {} tokens, counted as UTF-8 bytes + {}",
+            count(summary.truncated, "chunk", "chunks"),
+            number((request::GEMINI_MAX_INPUT_TOKENS - request::GEMINI_SPECIAL_TOKENS) as u64),
+            number(request::GEMINI_MAX_INPUT_TOKENS as u64),
+            request::GEMINI_SPECIAL_TOKENS
+        ));
+    } else if summary.truncated > 0 {
         printer.info(&format!(
             "truncated {} to {} tokens (--on-too-long truncate)",
             count(summary.truncated, "chunk", "chunks"),
@@ -599,6 +609,12 @@ fn report(
         (Some(cost), Some(price)) if cfg.provider == models::Provider::Voyage => {
             printer.info(&format!(
                 "estimated cost ${cost:.4} at batch prices ({}, ${price:.4} per 1M tokens), approximate: tokens are counted with cl100k_base, and Voyage's own tokenizer counts about 1.1-1.2 times as many",
+                cfg.model
+            ))
+        }
+        (Some(cost), Some(price)) if cfg.provider == models::Provider::Gemini => {
+            printer.info(&format!(
+                "estimated cost ${cost:.4} at batch prices ({}, ${price:.4} per 1M tokens), approximate: tokens are counted with cl100k_base, as no tokenizer of gemini-embedding-001 is published; Gemini's own count may differ",
                 cfg.model
             ))
         }
@@ -640,6 +656,15 @@ fn unknown_model_warning(cfg: &PlanConfig, column_dimensions: u32) -> String {
         models::Provider::Openai => format!(
             "unknown model {}: its tokens are counted with cl100k_base and no cost is estimated (pass --price-per-million-tokens for one)",
             cfg.model
+        ),
+        models::Provider::Gemini => format!(
+            "unknown model {} for --provider gemini (the table knows {}): Gemini refuses a model it does not serve when the batch is created, and no cost is estimated (pass --price-per-million-tokens for one)",
+            cfg.model,
+            models::GEMINI_MODELS
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         models::Provider::Voyage => format!(
             "unknown model {} for --provider voyage (the table knows {}): Voyage refuses a model it does not serve when the batch is created, and no cost is estimated (pass --price-per-million-tokens for one)",

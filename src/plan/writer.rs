@@ -236,7 +236,7 @@ impl PreparedRound {
                     .ok()
                     .and_then(|()| std::str::from_utf8(&hex).ok())
                     .unwrap_or_default();
-                if n_tokens > tokens::MAX_INPUT_TOKENS {
+                if template.is_too_long(content, n_tokens) {
                     Prep::TooLong {
                         n_tokens,
                         hash: hash.to_owned(),
@@ -609,10 +609,10 @@ impl<'a> RunWriter<'a> {
             OnTooLong::Skip => self.skip(id, SkipReason::TooLong),
             OnTooLong::Fail => bail!(
                 "chunk {id} has {n_tokens} tokens, over the model's limit of {}; shorten it, or plan with --on-too-long skip or truncate",
-                tokens::MAX_INPUT_TOKENS
+                self.template.input_limit()
             ),
             OnTooLong::Truncate => {
-                let (prefix, count) = tokens::truncate_to_tokens(content, tokens::MAX_INPUT_TOKENS);
+                let (prefix, count) = self.template.truncate(content);
                 self.files.written.truncated += 1;
                 let single = PreparedRound::single_ready(&self.template, id, &prefix, hash, count);
                 self.write_round(&single)

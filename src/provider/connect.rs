@@ -9,7 +9,8 @@ use std::time::Duration;
 use crate::models::Provider;
 use crate::provider::BatchProvider;
 use crate::provider::direct::{DirectOptions, DirectProvider};
-use crate::provider::openai::{ApiClient, ClientOptions};
+use crate::provider::gemini::GeminiProvider;
+use crate::provider::openai::{ApiClient, AuthHeader, ClientOptions};
 use crate::provider::voyage::{BatchParams, VoyageProvider};
 use crate::run::store::RunFile;
 
@@ -31,6 +32,10 @@ pub struct ApiSettings {
     /// else `VOYAGE_BASE_URL`, else Voyage's own; the key is `--api-key` when given on the
     /// command line, else `VOYAGE_API_KEY`. OpenAI's variables are never used for it.
     pub voyage: DirectEndpoint,
+    /// The Gemini API (`--provider gemini`): `--base-url` when given on the command line, else
+    /// `GEMINI_BASE_URL`, else Google's own; the key is `--api-key` when given on the command
+    /// line, else `GEMINI_API_KEY`. OpenAI's variables are never used for it.
+    pub gemini: DirectEndpoint,
 }
 
 impl fmt::Debug for ApiSettings {
@@ -43,6 +48,7 @@ impl fmt::Debug for ApiSettings {
             .field("max_retries", &self.max_retries)
             .field("direct", &self.direct)
             .field("voyage", &self.voyage)
+            .field("gemini", &self.gemini)
             .finish()
     }
 }
@@ -135,6 +141,25 @@ pub fn client_options_for(
                 ..ClientOptions::default()
             })
         }
+        Provider::Gemini => {
+            let api_key = settings.gemini.api_key.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no Gemini API key; set GEMINI_API_KEY in the environment or in .env (to try embatch without one, run `embatch emulator --provider gemini` and point GEMINI_BASE_URL at it)"
+                )
+            })?;
+            Ok(ClientOptions {
+                base_url: settings
+                    .gemini
+                    .base_url
+                    .clone()
+                    .unwrap_or_else(|| crate::models::GEMINI_DEFAULT_BASE_URL.to_owned()),
+                api_key,
+                max_retries: settings.max_retries,
+                provider: Provider::Gemini,
+                auth_header: AuthHeader::GoogApiKey,
+                ..ClientOptions::default()
+            })
+        }
     }
 }
 
@@ -164,6 +189,22 @@ pub fn realtime_client_for(
     })?)
 }
 
+/// The realtime path's provider (`embed`, `serve`): [`realtime_client_for`] for the providers
+/// that serve an OpenAI-compatible `/embeddings`, Gemini's `batchEmbedContents` for `gemini`.
+pub fn realtime_provider_for(
+    settings: &ApiSettings,
+    provider: Provider,
+) -> anyhow::Result<Box<dyn BatchProvider>> {
+    if provider == Provider::Gemini {
+        let options = ClientOptions {
+            max_backoff: Duration::from_secs(10),
+            ..client_options_for(settings, provider)?
+        };
+        return Ok(Box::new(GeminiProvider::realtime(options)?));
+    }
+    Ok(Box::new(realtime_client_for(settings, provider)?))
+}
+
 /// The provider of the run in `run_dir`, as its `run.json` records it. `direct` works on the
 /// run's own folder, within `direct` (its limits, and whether this command may send requests).
 pub fn run_provider(
@@ -190,6 +231,13 @@ pub fn run_provider(
                 BatchParams::of_run(&run.settings),
             )?))
         }
+        Provider::Gemini => {
+            let options = client_options_for(settings, Provider::Gemini)?;
+            Ok(Box::new(GeminiProvider::new(
+                options,
+                crate::provider::gemini::BatchParams::of_run(&run.settings),
+            )?))
+        }
     }
 }
 
@@ -213,11 +261,16 @@ mod tests {
                 base_url: None,
                 api_key: Some("voyage-secret".into()),
             },
+            gemini: DirectEndpoint {
+                base_url: None,
+                api_key: Some("gemini-secret".into()),
+            },
         };
         let shown = format!("{settings:?}");
         assert!(!shown.contains("sk-secret-openai"), "{shown}");
         assert!(!shown.contains("direct-secret"), "{shown}");
         assert!(!shown.contains("voyage-secret"), "{shown}");
+        assert!(!shown.contains("gemini-secret"), "{shown}");
         assert!(shown.contains("<set>"), "{shown}");
     }
 }

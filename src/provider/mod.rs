@@ -8,14 +8,17 @@
 //! `openai` speaks OpenAI's Batch API (the emulator speaks the same protocol); `direct` runs the
 //! planned batch files itself against any OpenAI-compatible `/v1/embeddings` endpoint, behind
 //! the same trait; `voyage` speaks Voyage AI's Batch API, a thin translation over the OpenAI
-//! client; `connect` makes the configured one. The seam's provider-neutral error
-//! ([`ApiError`]: auth, rate limited, server, connection, not found, refused, unknown outcome,
-//! queue limit, …) and the provider's clock ([`ClockReading`]) are defined here.
+//! client; `gemini` speaks the Gemini API's batch mode (resumable uploads, `batches/…`
+//! operations) over the same client's machinery; `connect` makes the configured one. The
+//! seam's provider-neutral error ([`ApiError`]: auth, rate limited, server, connection, not
+//! found, refused, unknown outcome, queue limit, …) and the provider's clock
+//! ([`ClockReading`]) are defined here.
 //!
 //! It owns no run folder and no state: callers decide what a failure means for a batch.
 
 pub mod connect;
 pub mod direct;
+pub mod gemini;
 pub mod openai;
 pub mod voyage;
 

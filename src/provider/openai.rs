@@ -71,6 +71,18 @@ pub struct ClientOptions {
     /// Whose endpoint this is (default OpenAI): errors name its key variable and base URL.
     /// `direct` speaks the same `/embeddings` protocol, and its key is optional.
     pub provider: Provider,
+    /// How the key is sent (default `Authorization: Bearer`).
+    pub auth_header: AuthHeader,
+}
+
+/// How a client sends its key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AuthHeader {
+    /// `Authorization: Bearer <key>` (OpenAI, Voyage, OpenAI-compatible servers).
+    #[default]
+    Bearer,
+    /// `x-goog-api-key: <key>` (the Gemini API): never in the URL, where it would reach logs.
+    GoogApiKey,
 }
 
 impl ClientOptions {
@@ -95,6 +107,7 @@ impl Default for ClientOptions {
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
             provider: Provider::Openai,
+            auth_header: AuthHeader::Bearer,
         }
     }
 }
@@ -111,6 +124,7 @@ impl fmt::Debug for ClientOptions {
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
             .field("provider", &self.provider)
+            .field("auth_header", &self.auth_header)
             .finish()
     }
 }
@@ -303,6 +317,12 @@ struct ErrorDetail {
     kind: Option<String>,
     #[serde(default)]
     code: Option<serde_json::Value>,
+    /// Google's canonical status (`RESOURCE_EXHAUSTED`, `INVALID_ARGUMENT`, …).
+    #[serde(default)]
+    status: Option<String>,
+    /// Google's `details` (`google.rpc.ErrorInfo`, `google.rpc.RetryInfo`, …).
+    #[serde(default)]
+    details: Vec<serde_json::Value>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -359,6 +379,9 @@ pub fn classify_status_for(
             }
         }
     };
+    if provider == Provider::Gemini {
+        return classify_google(status, retry_after, message, &parsed.error);
+    }
     match status {
         401 | 403 => ApiError::Auth { status, provider },
         400 | 429 if is_queue_limit(code, &message) => ApiError::QueueLimit { message },
@@ -370,6 +393,67 @@ pub fn classify_status_for(
         408 | 500..=599 => ApiError::Server { status, provider },
         _ => ApiError::BadRequest { status, message },
     }
+}
+
+/// A Gemini API error (`{"error": {"code", "message", "status", "details"}}`, the shape of
+/// `google.rpc.Status`):
+/// - 401, 403, and 400 whose `ErrorInfo.reason` is `API_KEY_INVALID` (the Gemini API answers a
+///   bad key with 400 `INVALID_ARGUMENT`, not 401) → [`ApiError::Auth`]
+/// - 429 → [`ApiError::RateLimited`], waiting `Retry-After` when sent, else
+///   `RetryInfo.retryDelay` (`"36s"`, `"0.5s"`)
+/// - 404 → [`ApiError::NotFound`]; 408, 5xx → [`ApiError::Server`]
+/// - anything else → [`ApiError::BadRequest`] with the status word and the message
+fn classify_google(
+    status: u16,
+    retry_after: Option<Duration>,
+    message: String,
+    error: &ErrorDetail,
+) -> ApiError {
+    let provider = Provider::Gemini;
+    let type_is = |detail: &serde_json::Value, suffix: &str| {
+        detail
+            .get("@type")
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|t| t.ends_with(suffix))
+    };
+    let bad_key = error.details.iter().any(|d| {
+        type_is(d, "google.rpc.ErrorInfo")
+            && d.get("reason").and_then(serde_json::Value::as_str) == Some("API_KEY_INVALID")
+    });
+    // The Files API answers a file that is not there (or not the caller's) with 403
+    // PERMISSION_DENIED "… or it may not exist": no such object, not a bad key.
+    let absent = status == 403 && message.contains("may not exist");
+    match status {
+        403 if absent => ApiError::NotFound { message },
+        401 | 403 => ApiError::Auth { status, provider },
+        400 if bad_key => ApiError::Auth { status, provider },
+        429 => {
+            let retry_info = error
+                .details
+                .iter()
+                .filter(|d| type_is(d, "google.rpc.RetryInfo"))
+                .find_map(|d| d.get("retryDelay").and_then(serde_json::Value::as_str))
+                .and_then(parse_google_duration);
+            ApiError::RateLimited {
+                retry_after: retry_after.or(retry_info),
+            }
+        }
+        404 => ApiError::NotFound { message },
+        408 | 500..=599 => ApiError::Server { status, provider },
+        _ => ApiError::BadRequest {
+            status,
+            message: match &error.status {
+                Some(word) if !message.contains(word.as_str()) => format!("{word}: {message}"),
+                _ => message,
+            },
+        },
+    }
+}
+
+/// A `google.protobuf.Duration` in its JSON form: seconds with an `s` (`"36s"`, `"1.5s"`).
+pub(crate) fn parse_google_duration(text: &str) -> Option<Duration> {
+    let seconds: f64 = text.trim().strip_suffix('s')?.parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
 }
 
 fn is_queue_limit(code: Option<&str>, message: &str) -> bool {
@@ -512,13 +596,20 @@ impl ApiClient {
         }
         let mut headers = HeaderMap::new();
         if key_given {
-            let mut auth = HeaderValue::from_str(&format!("Bearer {}", opts.api_key)).map_err(|_| {
+            let value = match opts.auth_header {
+                AuthHeader::Bearer => format!("Bearer {}", opts.api_key),
+                AuthHeader::GoogApiKey => opts.api_key.clone(),
+            };
+            let mut auth = HeaderValue::from_str(&value).map_err(|_| {
                 ApiError::Config {
                     message: format!("the API key contains characters that cannot go in an HTTP header (a stray newline or quote?): check {key_var}"),
                 }
             })?;
             auth.set_sensitive(true);
-            headers.insert(AUTHORIZATION, auth);
+            match opts.auth_header {
+                AuthHeader::Bearer => headers.insert(AUTHORIZATION, auth),
+                AuthHeader::GoogApiKey => headers.insert("x-goog-api-key", auth),
+            };
         }
         for (name, value, flag) in [
             ("openai-organization", &opts.organization, "--organization"),
@@ -755,12 +846,32 @@ impl ApiClient {
         dest: &Path,
         observe: ByteObserver,
     ) -> Result<u64, ApiError> {
-        self.retrying(|| self.download_once(id, dest, &observe))
+        let url = self.url(&["files", id, "content"]);
+        self.retrying(|| self.download_once(&url, id, dest, &observe))
+            .await
+    }
+
+    /// [`ApiClient::download_file_observed`] of the file `id` at `base_url/segments?query`
+    /// (another provider's download route).
+    pub(crate) async fn download_from(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        id: &str,
+        dest: &Path,
+        observe: ByteObserver,
+    ) -> Result<u64, ApiError> {
+        let mut url = self.url(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        self.retrying(|| self.download_once(&url, id, dest, &observe))
             .await
     }
 
     async fn download_once(
         &self,
+        url: &Url,
         id: &str,
         dest: &Path,
         observe: &ByteObserver,
@@ -775,7 +886,7 @@ impl ApiClient {
         };
         let request = self
             .http
-            .get(self.url(&["files", id, "content"]))
+            .get(url.clone())
             .header(reqwest::header::ACCEPT_ENCODING, "identity")
             .send();
         let response = tokio::time::timeout(idle, request)
@@ -1068,6 +1179,61 @@ impl ApiClient {
             self.send_json(request, Method::POST, path)
         })
         .await
+    }
+
+    // -- For a protocol of its own (Gemini's resumable upload) ---------------------------------
+
+    /// The HTTP client, with the key header set.
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `base_url` + path segments, each percent-encoded.
+    pub(crate) fn url_of(&self, segments: &[&str]) -> Url {
+        self.url(segments)
+    }
+
+    /// The base URL (a server-given URL is sent only to this origin).
+    pub(crate) fn base_url(&self) -> &Url {
+        &self.base_url
+    }
+
+    /// The time limits.
+    pub(crate) fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// The answer to one step of a call that creates something, sent once: a 2xx answer as
+    /// it is (headers and body unread), a refusal classified, and every ambiguous failure
+    /// [`ApiError::UnknownOutcome`] about `what`.
+    pub(crate) async fn created_response(
+        &self,
+        response: Result<reqwest::Response, reqwest::Error>,
+        what: &str,
+    ) -> Result<reqwest::Response, ApiError> {
+        let effect = Effect::Creates(what);
+        let response = response.map_err(|e| self.send_failed(effect, &e))?;
+        self.check_status(response).await.map_err(|e| match e {
+            ApiError::Server { .. } => self.lost(effect, e),
+            other => other,
+        })
+    }
+
+    /// The body of a 2xx answer of a call that creates something, decoded as `T`; a body lost
+    /// or unreadable is [`ApiError::UnknownOutcome`] about `what`.
+    pub(crate) async fn created_body<T: DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+        what: &str,
+        path: &'static str,
+    ) -> Result<T, ApiError> {
+        self.finish_json(Ok(response), Effect::Creates(what), Method::POST, path)
+            .await
+    }
+
+    /// For a create call, `cause` as [`ApiError::UnknownOutcome`] about `what`.
+    pub(crate) fn lost_answer(&self, what: &str, cause: ApiError) -> ApiError {
+        self.lost(Effect::Creates(what), cause)
     }
 
     // -- Plumbing ----------------------------------------------------------------------------

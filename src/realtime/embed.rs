@@ -473,7 +473,7 @@ pub async fn embed_command(
     cfg: &EmbedConfig,
     printer: &Printer,
 ) -> anyhow::Result<()> {
-    let api = crate::provider::connect::realtime_client_for(&global.api, cfg.realtime.provider)?;
+    let api = crate::provider::connect::realtime_provider_for(&global.api, cfg.realtime.provider)?;
     let target_db = db_target(global)?;
     let client = target_db.connect().await?;
     let target = Target::inspect(&client, &cfg.realtime).await?;
@@ -490,7 +490,7 @@ pub async fn embed_command(
     let (ready, mut decided) = sort_loaded(&target, &lookup_ids, &loaded, cfg.overwrite);
     let failure = send_ready(
         &mut conn,
-        &api,
+        &*api,
         &target,
         cfg.overwrite,
         &ready,

@@ -665,10 +665,7 @@ pub fn check_listen(addr: SocketAddr, has_token: bool) -> anyhow::Result<()> {
 /// Builds the shared state: the API client, the pool (one connection opened now, so a wrong
 /// `DATABASE_URL` fails at start), and the checked target.
 pub async fn app_state(global: &Global, cfg: &ServeConfig) -> anyhow::Result<Arc<AppState>> {
-    let api = Box::new(crate::provider::connect::realtime_client_for(
-        &global.api,
-        cfg.realtime.provider,
-    )?);
+    let api = crate::provider::connect::realtime_provider_for(&global.api, cfg.realtime.provider)?;
     let db_target = embed::db_target(global)?;
     let pool = pool(db_target, cfg.max_connections)?;
     let target = {

@@ -181,12 +181,41 @@ fn short(hex: &str) -> &str {
     hex.get(..12).unwrap_or(hex)
 }
 
+/// OpenAI's and Voyage's line (`custom_id`, `body.input`), or Gemini's (`key`,
+/// `request.content.parts[0].text`).
 #[derive(Deserialize)]
-struct RequestLine<'a> {
+#[serde(untagged)]
+enum RequestLine<'a> {
+    Openai {
+        #[serde(borrow)]
+        custom_id: Cow<'a, str>,
+        #[serde(borrow)]
+        body: RequestBody<'a>,
+    },
+    Gemini {
+        #[serde(borrow)]
+        key: Cow<'a, str>,
+        #[serde(borrow)]
+        request: GeminiRequest<'a>,
+    },
+}
+
+#[derive(Deserialize)]
+struct GeminiRequest<'a> {
     #[serde(borrow)]
-    custom_id: Cow<'a, str>,
+    content: GeminiContent<'a>,
+}
+
+#[derive(Deserialize)]
+struct GeminiContent<'a> {
     #[serde(borrow)]
-    body: RequestBody<'a>,
+    parts: Vec<GeminiPart<'a>>,
+}
+
+#[derive(Deserialize)]
+struct GeminiPart<'a> {
+    #[serde(borrow)]
+    text: Cow<'a, str>,
 }
 
 #[derive(Deserialize)]
@@ -224,7 +253,21 @@ pub(crate) fn for_each_request(
                 input_path.display()
             )
         })?;
-        let input = match &request.body.input {
+        let (custom_id, body) = match &request {
+            RequestLine::Openai { custom_id, body } => (custom_id, body),
+            RequestLine::Gemini { key, request } => match request.content.parts.as_slice() {
+                [part] => {
+                    each(key, &part.text)?;
+                    continue;
+                }
+                parts => anyhow::bail!(
+                    "line {line_no} of {} carries {} parts, not one",
+                    input_path.display(),
+                    parts.len()
+                ),
+            },
+        };
+        let input = match &body.input {
             RequestInput::One(text) => text,
             RequestInput::List(texts) => match texts.as_slice() {
                 [text] => text,
@@ -235,7 +278,7 @@ pub(crate) fn for_each_request(
                 ),
             },
         };
-        each(&request.custom_id, input)?;
+        each(custom_id, input)?;
     }
 }
 
@@ -387,6 +430,11 @@ mod tests {
         a_rebuilt_chunk_list_is_what_plan_writes_for(crate::models::Provider::Voyage);
     }
 
+    #[test]
+    fn a_rebuilt_chunk_list_is_what_plan_writes_for_gemini() {
+        a_rebuilt_chunk_list_is_what_plan_writes_for(crate::models::Provider::Gemini);
+    }
+
     fn a_rebuilt_chunk_list_is_what_plan_writes_for(provider: crate::models::Provider) {
         use crate::models::EncodingFormat;
         use crate::plan::request::RequestTemplate;
@@ -396,6 +444,7 @@ mod tests {
             dimensions: None,
             encoding_format: EncodingFormat::Float,
             provider,
+            task_type: None,
         };
         let rows = [
             ("id-1", "Grease the bearing every 200 hours."),

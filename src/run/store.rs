@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::models::{EncodingFormat, InputType, Provider};
+use crate::models::{EncodingFormat, InputType, Provider, TaskType};
 use crate::plan::sharder::BatchLimits;
 use crate::run::layout::{BACKUP_FILE, RUN_FILE};
 use crate::run::state::{BatchState, StateKind};
@@ -105,6 +105,10 @@ pub struct RunSettings {
     /// a Voyage run (absent otherwise, so other runs keep their bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_type: Option<InputType>,
+    /// Gemini's `taskType` of every request of the run (`--task-type`), recorded only for a
+    /// Gemini run (absent otherwise, so other runs keep their bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_type: Option<TaskType>,
 }
 
 /// The database the run was planned against; `advance` refuses any other.

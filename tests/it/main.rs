@@ -6,6 +6,7 @@ mod campaign;
 mod damage;
 mod direct;
 mod family;
+mod gemini;
 mod harness;
 mod ingest;
 mod layers;

@@ -47,6 +47,7 @@ fn write_input(dir: &Path, lines: &[(&str, &str)]) -> std::path::PathBuf {
         dimensions: Some(512),
         encoding_format: crate::models::EncodingFormat::Float,
         provider: Provider::Voyage,
+        task_type: None,
     };
     let mut out = Vec::new();
     for (id, text) in lines {
