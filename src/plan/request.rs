@@ -144,6 +144,16 @@ impl RequestTemplate {
     }
 }
 
+/// Whether `input` (of `n_tokens` cl100k_base tokens) is over `provider`'s per-input limit:
+/// Gemini's 2,048 tokens bounded by bytes ([`gemini_token_bound`]), else cl100k_base's
+/// [`tokens::MAX_INPUT_TOKENS`]. The plan and the realtime path (`embed`, `serve`) both ask.
+pub fn too_long_for(provider: Provider, input: &str, n_tokens: usize) -> bool {
+    match provider {
+        Provider::Gemini => gemini_token_bound(input) > GEMINI_MAX_INPUT_TOKENS,
+        _ => n_tokens > tokens::MAX_INPUT_TOKENS,
+    }
+}
+
 impl RequestTemplate {
     /// The provider's per-input limit as the plan counts it: Gemini's 2,048 tokens (bounded
     /// by bytes, see [`gemini_token_bound`]), else cl100k_base's
@@ -158,10 +168,7 @@ impl RequestTemplate {
     /// Whether `input` (of `n_tokens` cl100k_base tokens) is over the provider's per-input
     /// limit, and so is skipped or truncated by `--on-too-long`, never sent to be refused.
     pub fn is_too_long(&self, input: &str, n_tokens: usize) -> bool {
-        match self.provider {
-            Provider::Gemini => gemini_token_bound(input) > GEMINI_MAX_INPUT_TOKENS,
-            _ => n_tokens > tokens::MAX_INPUT_TOKENS,
-        }
+        too_long_for(self.provider, input, n_tokens)
     }
 
     /// The longest prefix of `input` within the per-input limit, and its cl100k_base count

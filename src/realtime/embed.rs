@@ -20,7 +20,7 @@ use sha2::{Digest as _, Sha256};
 use tokio_postgres::{Client, Statement};
 
 use crate::config::{EmbedConfig, Global, RealtimeConfig};
-use crate::models::{self, DimensionChoice};
+use crate::models::{self, DimensionChoice, Provider};
 use crate::pg::conn::DbTarget;
 use crate::pg::sink::{RowOutcome, Sink, SinkError, VectorRow};
 use crate::pg::source::{Source, quote_ident, quote_qualified};
@@ -81,7 +81,7 @@ pub enum Outcome {
     /// Empty or whitespace-only content: the API refuses it; nothing sent.
     Empty,
     /// More than [`MAX_INPUT_TOKENS`] tokens: nothing sent.
-    TooLong { tokens: usize },
+    TooLong { tokens: usize, provider: Provider },
     /// The content changed while its vector was being computed: not written.
     Stale,
     /// Another writer set the embedding while this one ran: kept, not overwritten.
@@ -128,7 +128,16 @@ impl Outcome {
             Outcome::Empty => format!(
                 "chunk {chunk_id} has empty content: the API refuses empty input, so nothing was sent; give it text first"
             ),
-            Outcome::TooLong { tokens } => format!(
+            Outcome::TooLong {
+                provider: Provider::Gemini,
+                ..
+            } => format!(
+                "chunk {chunk_id} is over Gemini's limit of {} tokens per input, counted as UTF-8 bytes + 8 since no tokenizer of gemini-embedding-001 is published: nothing was sent; split the chunk (at most {} bytes)",
+                crate::plan::request::GEMINI_MAX_INPUT_TOKENS,
+                crate::plan::request::GEMINI_MAX_INPUT_TOKENS
+                    - crate::plan::request::GEMINI_SPECIAL_TOKENS
+            ),
+            Outcome::TooLong { tokens, .. } => format!(
                 "chunk {chunk_id} has {tokens} tokens, more than the {MAX_INPUT_TOKENS} the model takes: nothing was sent; split the chunk"
             ),
             Outcome::Stale => format!(
@@ -173,9 +182,9 @@ pub struct LoadedChunk {
     pub has_embedding: bool,
 }
 
-/// Decides whether a loaded chunk can be sent (pure). The token count is exact
-/// (cl100k_base), as at plan time.
-pub fn classify(chunk: &LoadedChunk, overwrite: bool) -> Readiness {
+/// Decides whether a loaded chunk can be sent to `provider` (pure): its per-input limit as at
+/// plan time (cl100k_base tokens; Gemini's bound by bytes).
+pub fn classify(chunk: &LoadedChunk, overwrite: bool, provider: Provider) -> Readiness {
     if chunk.has_embedding && !overwrite {
         return Readiness::Done(Outcome::AlreadyEmbedded);
     }
@@ -184,8 +193,8 @@ pub fn classify(chunk: &LoadedChunk, overwrite: bool) -> Readiness {
         _ => return Readiness::Done(Outcome::Empty),
     };
     let tokens = count_tokens(content);
-    if tokens > MAX_INPUT_TOKENS {
-        return Readiness::Done(Outcome::TooLong { tokens });
+    if crate::plan::request::too_long_for(provider, content, tokens) {
+        return Readiness::Done(Outcome::TooLong { tokens, provider });
     }
     Readiness::Ready(Ready {
         id: chunk.id.clone(),
@@ -240,6 +249,8 @@ pub struct Target {
     pub settings: SourceSettings,
     pub model: String,
     pub dims: DimensionChoice,
+    /// Whose per-input limit applies.
+    pub provider: Provider,
     load_sql: String,
 }
 
@@ -280,6 +291,7 @@ impl Target {
             source,
             model: cfg.model.clone(),
             dims,
+            provider: cfg.provider,
             load_sql,
         })
     }
@@ -548,7 +560,7 @@ fn sort_loaded(
                     },
                 );
             }
-            Some(chunk) => match classify(chunk, overwrite) {
+            Some(chunk) => match classify(chunk, overwrite, target.provider) {
                 Readiness::Ready(r) => ready.push(r),
                 Readiness::Done(outcome) => {
                     decided.insert(id.clone(), outcome);
@@ -629,7 +641,7 @@ fn report_outcomes(
             },
         };
         let tokens = match &outcome {
-            Outcome::Embedded { tokens } | Outcome::TooLong { tokens } => tokens.to_string(),
+            Outcome::Embedded { tokens } | Outcome::TooLong { tokens, .. } => tokens.to_string(),
             _ => String::new(),
         };
         printer.data(&format!("{id}\t{}\t{tokens}", outcome.label()));
@@ -697,27 +709,39 @@ mod tests {
     #[test]
     fn classify_follows_the_batch_rules() {
         assert_eq!(
-            classify(&chunk(Some("pump"), true), false),
+            classify(&chunk(Some("pump"), true), false, Provider::Openai),
             Readiness::Done(Outcome::AlreadyEmbedded)
         );
         assert!(matches!(
-            classify(&chunk(Some("pump"), true), true),
+            classify(&chunk(Some("pump"), true), true, Provider::Openai),
             Readiness::Ready(_)
         ));
         assert_eq!(
-            classify(&chunk(Some(" \n\t"), false), false),
+            classify(&chunk(Some(" \n\t"), false), false, Provider::Openai),
             Readiness::Done(Outcome::Empty)
         );
         assert_eq!(
-            classify(&chunk(None, false), false),
+            classify(&chunk(None, false), false, Provider::Openai),
             Readiness::Done(Outcome::Empty)
         );
         let long = "word ".repeat(MAX_INPUT_TOKENS + 10);
         assert!(matches!(
-            classify(&chunk(Some(&long), false), false),
-            Readiness::Done(Outcome::TooLong { tokens }) if tokens > MAX_INPUT_TOKENS
+            classify(&chunk(Some(&long), false), false, Provider::Openai),
+            Readiness::Done(Outcome::TooLong { tokens, .. }) if tokens > MAX_INPUT_TOKENS
         ));
-        let Readiness::Ready(ready) = classify(&chunk(Some("hello world"), false), false) else {
+        // Gemini's bound counts bytes: 2,041 bytes are over it, however few tokens they are.
+        let wide = "a".repeat(2041);
+        assert!(matches!(
+            classify(&chunk(Some(&wide), false), false, Provider::Gemini),
+            Readiness::Done(Outcome::TooLong { .. })
+        ));
+        assert!(matches!(
+            classify(&chunk(Some(&wide), false), false, Provider::Openai),
+            Readiness::Ready(_)
+        ));
+        let Readiness::Ready(ready) =
+            classify(&chunk(Some("hello world"), false), false, Provider::Openai)
+        else {
             panic!("expected ready");
         };
         assert_eq!(ready.tokens, 2);

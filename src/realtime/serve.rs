@@ -604,7 +604,7 @@ async fn embed_one(state: &AppState, chunk_id: &str, overwrite: bool) -> Reply {
                 error_reply(StatusCode::NOT_FOUND, "chunk_not_found", String::new())
             });
         };
-        let ready = match embed::classify(chunk, overwrite) {
+        let ready = match embed::classify(chunk, overwrite, state.target.provider) {
             Readiness::Done(outcome) => {
                 if let Some(reply) = outcome_reply(&state.target, chunk_id, &outcome) {
                     return reply;

@@ -336,14 +336,20 @@ async fn gemini_realtime_embed_writes_the_normalised_vector() {
         .await
         .unwrap();
     let family = env.add_family(1).await;
-    let ids = env.add_chunks(family, &["A chunk for now."]).await;
+    // The second chunk is over Gemini's bound (bytes + 8 > 2,048) though only a few hundred
+    // cl100k tokens: reported, never sent to be refused or cut by the provider.
+    let wide = "lubricate the bearing ".repeat(100);
+    let ids = env.add_chunks(family, &["A chunk for now.", &wide]).await;
     let id = ids[0].to_string();
+    let wide_id = ids[1].to_string();
     let embed = exec_gemini(
         &env,
         &[
             "embed",
             "--chunk-id",
             &id,
+            "--chunk-id",
+            &wide_id,
             "--provider",
             "gemini",
             "--model",
@@ -352,10 +358,22 @@ async fn gemini_realtime_embed_writes_the_normalised_vector() {
         &[],
     )
     .await;
-    assert_eq!(embed.code, 0, "{embed:#?}");
+    assert_eq!(embed.code, 1, "{embed:#?}");
+    assert!(
+        embed.stdout.contains(&format!("{wide_id}\ttoo_long")),
+        "{embed:#?}"
+    );
+    assert!(
+        embed
+            .stderr
+            .contains("over Gemini's limit of 2048 tokens per input"),
+        "{embed:#?}"
+    );
+    assert!(env.embedding_of(ids[1]).await.is_none());
     let stored = env.embedding_of(ids[0]).await.unwrap();
     assert_normalised_emulator_vector(&stored, "A chunk for now.", DIMS);
     assert_eq!(env.emu().counters().embedding_calls, 1);
+    assert_eq!(env.emu().counters().embedding_inputs.len(), 1);
 }
 
 #[test]
