@@ -157,6 +157,8 @@ pub async fn sync(
         return finish(cfg, printer, pass);
     }
     let started = std::time::Instant::now();
+    let mut passes_done = 0u32;
+    let mut db_faults_in_a_row = 0u32;
     loop {
         // ctrl-c or SIGTERM during a pass stops it where it is, as a crash there would (every
         // step is safe to crash at); between passes, while sleeping.
@@ -168,9 +170,32 @@ pub async fn sync(
         };
         drop(guard);
         let mut pass = match passed {
-            Ok(result) => result?,
+            Ok(Ok(pass)) => pass,
+            // The database went away after an earlier pass reached it (a restart, a failover,
+            // a network cut): the runs are saved, so wait for the next pass, a few times.
+            Ok(Err(err)) if passes_done > 0 && lost_database(&err) => {
+                db_faults_in_a_row += 1;
+                if db_faults_in_a_row > crate::advance::MAX_DB_RECONNECTS {
+                    printer.warn(&format!(
+                        "{err:#}; {} passes in a row could not reach the database; every run is saved, run sync again later",
+                        crate::advance::MAX_DB_RECONNECTS + 1
+                    ));
+                    return Ok(ExitStatus::NotYet);
+                }
+                printer.warn(&format!(
+                    "{err:#}; every run is saved, trying again in {}s",
+                    cfg.opts.poll.as_secs()
+                ));
+                if let Some(signal) = sleep_or_signal(cfg.opts.poll).await? {
+                    return Err(interrupted(signal));
+                }
+                continue;
+            }
+            Ok(Err(err)) => return Err(err),
             Err(signal) => return Err(interrupted(signal)),
         };
+        passes_done += 1;
+        db_faults_in_a_row = 0;
         memory.note_planned(&mut pass);
         // Go on while a run is unfinished (and not failed or in another command's hands) or
         // let go of chunks in this pass; a family waiting for --max-cost or for another
@@ -202,18 +227,33 @@ pub async fn sync(
             ),
             started.elapsed(),
         );
-        let guard =
-            crate::interrupt::Guard::install().context("could not set up the signal handlers")?;
-        let signal = tokio::select! {
-            () = tokio::time::sleep(cfg.opts.poll) => None,
-            signal = guard.wait() => Some(signal),
-        };
-        drop(guard);
+        let signal = sleep_or_signal(cfg.opts.poll).await?;
         waiter.finish_and_clear();
         if let Some(signal) = signal {
             return Err(interrupted(signal));
         }
     }
+}
+
+/// Sleeps `poll`, or less if ctrl-c or SIGTERM comes first (then that signal).
+async fn sleep_or_signal(poll: std::time::Duration) -> anyhow::Result<Option<i32>> {
+    let guard =
+        crate::interrupt::Guard::install().context("could not set up the signal handlers")?;
+    let signal = tokio::select! {
+        () = tokio::time::sleep(poll) => None,
+        signal = guard.wait() => Some(signal),
+    };
+    drop(guard);
+    Ok(signal)
+}
+
+/// Whether `err` is the database being unreachable or the connection lost: gone by itself
+/// later, for a call that reached the database before.
+fn lost_database(err: &anyhow::Error) -> bool {
+    matches!(
+        err.chain().find_map(crate::pg::conn::DbFault::of),
+        Some(crate::pg::conn::DbFault::Transient(_) | crate::pg::conn::DbFault::Unreachable(_))
+    )
 }
 
 fn interrupted(signal: i32) -> anyhow::Error {

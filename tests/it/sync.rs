@@ -1041,3 +1041,97 @@ async fn ctrl_c_stops_sync_wait_and_says_how_to_go_on() {
     );
     assert_no_duplicate_remote_batch(&env);
 }
+
+/// A TCP port forwarded to the test Postgres's unix socket, that can be cut (every connection
+/// closed, new ones closed at once) and restored.
+async fn cuttable_database(
+    env: &TestEnv,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let field = |key: &str| {
+        env.db_url
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .expect("a key=value DATABASE_URL")
+            .to_owned()
+    };
+    let socket = PathBuf::from(field("host")).join(format!(".s.PGSQL.{}", field("port")));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = up.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            if !flag.load(SeqCst) {
+                continue;
+            }
+            let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await else {
+                continue;
+            };
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix) => {}
+                    () = async {
+                        while flag.load(SeqCst) {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    } => {}
+                }
+            });
+        }
+    });
+    let url = format!(
+        "host=127.0.0.1 port={port} user={} dbname={}",
+        field("user"),
+        field("dbname")
+    );
+    (url, up)
+}
+
+#[tokio::test]
+async fn sync_wait_rides_out_a_database_that_goes_away_between_passes() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let env = TestEnv::new()
+        .await
+        .with_emulator(EmulatorConfig {
+            stage_duration: std::time::Duration::from_millis(1500),
+            ..EmulatorConfig::default()
+        })
+        .await;
+    let (family, _) = family_of(&env, 1, 4).await;
+    let (url, up) = cuttable_database(&env).await;
+    let mut cmd = tokio::process::Command::from(env.command());
+    cmd.env("DATABASE_URL", &url)
+        .args(["sync", "--wait", "--poll-seconds", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().expect("spawn embatch");
+    // The first pass reached the database and submitted the run; then the database goes away
+    // for a few passes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !all_runs(&env).iter().any(|(_, run)| {
+        run.batches
+            .iter()
+            .all(|b| b.state.kind() == embatch::run::state::StateKind::Submitted)
+    }) {
+        assert!(std::time::Instant::now() < deadline, "never submitted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    up.store(false, SeqCst);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    up.store(true, SeqCst);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("sync ends once the work is done")
+        .expect("wait for embatch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("every run is saved, trying again in 1s"),
+        "{stderr}"
+    );
+    assert_eq!(count_embedded_exactly(&env, family, 1536).await, 4);
+    assert_no_duplicate_remote_batch(&env);
+}
