@@ -1,11 +1,12 @@
 //! `--provider voyage`: the OpenAI path's guarantees against the emulator speaking Voyage AI's
 //! Batch API (`EmulatorConfig::provider`): every row embedded, SIGKILLs around upload and
-//! creation adopted by filename and metadata with no batch created twice, partial results of an
-//! expired batch ingested and the rest retried, and old runs' bytes unchanged.
+//! creation and lost answers adopted by filename and metadata with no batch created twice,
+//! 429s and 500s ridden out, partial results of an expired batch ingested and the rest
+//! retried, and old runs' bytes unchanged.
 
 use std::path::{Path, PathBuf};
 
-use embatch::emulator::{Api, EmulatorConfig, Faults};
+use embatch::emulator::{Api, EmulatorConfig, Faults, LostAnswer};
 use embatch::models::{InputType, Provider};
 use embatch::run::state::StateKind;
 use embatch::run::store::{self, RunFile};
@@ -209,4 +210,38 @@ fn old_runs_keep_their_bytes_with_voyage_known() {
         assert_eq!(saved, format!("{}\n", original.trim_end()), "{name}");
         assert!(!saved.contains("input_type"), "{name}");
     }
+}
+
+#[tokio::test]
+async fn voyage_lost_answers_on_upload_and_creation_are_adopted() {
+    let (env, family, run_dir) = planned(8, &["--max-requests-per-batch", "4"]).await;
+    env.emu().set_faults(Faults {
+        lose_answers: vec![LostAnswer::Upload, LostAnswer::CreateBatch],
+        ..Faults::default()
+    });
+    advance_until_finished(&env, &run_dir, 8).await;
+    let counters = env.emu().counters();
+    assert_eq!(counters.lost_answers, 2, "{counters:?}");
+    assert_eq!(counters.uploads, 2, "{counters:?}");
+    assert_eq!(counters.batch_creations, 2, "{counters:?}");
+    assert_created_once(&env);
+    assert_eq!(count_embedded_exactly(&env, family, DIMS).await, 8);
+}
+
+#[tokio::test]
+async fn voyage_429_and_500_faults_are_ridden_out() {
+    let (env, family, run_dir) = planned(9, &["--max-requests-per-batch", "3"]).await;
+    env.emu().set_faults(Faults {
+        rate_429: 0.2,
+        rate_500: 0.2,
+        retry_after_secs: 0,
+        ..Faults::default()
+    });
+    advance_until_finished(&env, &run_dir, 30).await;
+    let counters = env.emu().counters();
+    assert!(counters.injected_errors > 0, "{counters:?}");
+    assert_eq!(counters.batch_creations, 3, "{counters:?}");
+    assert_eq!(counters.uploads, 3, "{counters:?}");
+    assert_created_once(&env);
+    assert_eq!(count_embedded_exactly(&env, family, DIMS).await, 9);
 }
