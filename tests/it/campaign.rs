@@ -2428,6 +2428,8 @@ impl<'a> Sequence<'a> {
         let counters = emu.counters();
         self.stats.injected_http_errors = counters.injected_errors;
         self.stats.lost_answers = counters.lost_answers;
+        // Voyage refuses a creation over its limits with a 429, no batch: counted here.
+        self.stats.token_limit_refusals = counters.queue_limit_429s;
         self.stats.embedding_requests = counters.embedding_calls;
         self.stats.inputs_sent = counters.embedding_inputs.values().sum();
         for (key, n) in &counters.creations_by_metadata {
@@ -3091,4 +3093,166 @@ async fn a_crash_while_planning_retries_never_plans_them_twice() {
         );
     }
     env.drop_database().await;
+}
+
+/// Every fault the campaign switches on for Voyage is honoured by the emulator in Voyage mode,
+/// in Voyage's shapes: each `FaultKind` of a Batch API, switched as the campaign switches it,
+/// against a Voyage emulator through plain HTTP. A token-limit refusal is Voyage's 429 on
+/// creation with nothing created (OpenAI's is a batch that fails).
+#[tokio::test]
+async fn every_campaign_fault_is_honoured_by_the_voyage_emulator() {
+    use embatch::emulator::Emulator;
+    let emu = Emulator::start(EmulatorConfig {
+        api: Api::Voyage,
+        seed: 5,
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("start the emulator");
+    let http = reqwest::Client::new();
+    let base = emu.base_url();
+    let key = emu.api_key().to_owned();
+    let lines: String = (0..40)
+        .map(|i| format!("{{\"custom_id\":\"c{i}\",\"body\":{{\"input\":[\"text {i}\"]}}}}\n"))
+        .collect();
+    let upload = || {
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", "batch")
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(lines.clone().into_bytes()).file_name("in.jsonl"),
+            );
+        http.post(format!("{base}/files"))
+            .bearer_auth(&key)
+            .multipart(form)
+            .send()
+    };
+    let create = |file: String| {
+        http.post(format!("{base}/batches"))
+            .bearer_auth(&key)
+            .json(
+                &serde_json::json!({"endpoint": "/v1/embeddings", "input_file_id": file,
+                "completion_window": "12h", "request_params": {"model": "voyage-3.5"}}),
+            )
+            .send()
+    };
+    let json = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.expect("a JSON answer");
+        (status, body)
+    };
+    let uploaded = || async {
+        let (status, file) = json(upload().await.expect("upload")).await;
+        assert_eq!(status, 200, "{file}");
+        file["id"].as_str().expect("a file id").to_owned()
+    };
+    let finished = |id: String| {
+        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        async move {
+            loop {
+                let answer = http
+                    .get(format!("{base}/batches/{id}"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("get a batch");
+                let (_, batch) = json(answer).await;
+                if ["completed", "failed", "cancelled"]
+                    .contains(&batch["status"].as_str().unwrap_or(""))
+                {
+                    return batch;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let only = |kind: FaultKind| {
+        emu.set_faults(Faults::default());
+        emu.update_faults(|f| kind.switch(f, true));
+    };
+
+    for (kind, code) in [(FaultKind::RateLimit, 429), (FaultKind::ServerError, 500)] {
+        only(kind);
+        let mut seen = None;
+        for _ in 0..60 {
+            let answer = http
+                .get(format!("{base}/files"))
+                .bearer_auth(&key)
+                .send()
+                .await;
+            let (status, body) = json(answer.expect("list files")).await;
+            if status == code {
+                seen = Some(body);
+                break;
+            }
+        }
+        let body = seen.unwrap_or_else(|| panic!("{}: never answered {code}", kind.name()));
+        assert!(body["detail"].is_string(), "{}: {body}", kind.name());
+    }
+
+    only(FaultKind::Latency);
+    let started = Instant::now();
+    http.get(format!("{base}/files"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("list files");
+    assert!(started.elapsed() >= Duration::from_millis(60), "latency");
+
+    only(FaultKind::RequestFailures);
+    let (_, batch) = json(create(uploaded().await).await.expect("create")).await;
+    let batch = finished(batch["id"].as_str().expect("an id").to_owned()).await;
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert!(
+        batch["request_counts"]["failed"].as_u64() > Some(0),
+        "{batch}"
+    );
+    assert!(batch["error_file_id"].is_string(), "{batch}");
+
+    only(FaultKind::BatchExpiry);
+    let (_, batch) = json(create(uploaded().await).await.expect("create")).await;
+    let batch = finished(batch["id"].as_str().expect("an id").to_owned()).await;
+    // Voyage has no `expired`: completed with half done.
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["request_counts"]["completed"], 20, "{batch}");
+
+    only(FaultKind::TokenLimit);
+    let before = emu.batches().len();
+    for _ in 0..2 {
+        let (status, body) = json(create(uploaded().await).await.expect("create")).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body["detail"].is_string(), "{body}");
+    }
+    assert_eq!(
+        emu.batches().len(),
+        before,
+        "a refused creation created nothing"
+    );
+    assert_eq!(emu.counters().queue_limit_429s, 2);
+    let (status, body) = json(create(uploaded().await).await.expect("create")).await;
+    assert_eq!(status, 200, "the third creation goes through: {body}");
+
+    only(FaultKind::LostUpload);
+    let files = emu.files().len();
+    assert!(upload().await.is_err(), "the upload's answer is lost");
+    assert_eq!(emu.files().len(), files + 1, "the lost upload acted");
+
+    only(FaultKind::LostCreate);
+    let file = uploaded().await;
+    let batches = emu.batches().len();
+    assert!(create(file).await.is_err(), "the creation's answer is lost");
+    assert_eq!(emu.batches().len(), batches + 1, "the lost creation acted");
+
+    only(FaultKind::InputFileExpiry);
+    let file = uploaded().await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, body) = json(create(file).await.expect("create")).await;
+    assert_eq!(status, 400, "the input file is gone: {body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("No such file")),
+        "{body}"
+    );
+    emu.shutdown().await;
 }
