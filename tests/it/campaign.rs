@@ -117,7 +117,7 @@ const MAX_FINAL_ADVANCES: usize = 80;
 // ---------------------------------------------------------------------------- the providers
 
 /// What the campaign does differently per provider. Adding a provider is one arm of
-/// [`Profile::of`] (and its name in [`providers_to_run`]).
+/// [`Profile::of`]; `all` takes every variant of `Provider`.
 #[derive(Clone, Copy, Debug)]
 struct Profile {
     provider: Provider,
@@ -190,9 +190,9 @@ impl Profile {
     }
 }
 
-/// The providers `EMBATCH_CAMPAIGN_PROVIDER` asks for, in a fixed order.
+/// The providers `EMBATCH_CAMPAIGN_PROVIDER` asks for, in the order `Provider` declares them.
 fn providers_to_run() -> Vec<Profile> {
-    let all = [Provider::Openai, Provider::Voyage, Provider::Direct];
+    let all = <Provider as clap::ValueEnum>::value_variants();
     let wanted = std::env::var(PROVIDER_ENV).unwrap_or_else(|_| "all".to_owned());
     let mut out = Vec::new();
     for word in wanted.split(',').map(str::trim).filter(|w| !w.is_empty()) {
@@ -201,7 +201,11 @@ fn providers_to_run() -> Vec<Profile> {
             _ => match all.iter().find(|p| p.as_str() == word) {
                 Some(p) => vec![*p],
                 None => panic!(
-                    "{PROVIDER_ENV}={wanted:?}: {word:?} is not one of openai, voyage, direct, all"
+                    "{PROVIDER_ENV}={wanted:?}: {word:?} is not a provider ({}) nor all",
+                    all.iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             },
         };
@@ -2874,7 +2878,8 @@ async fn run_sequence(scenario: &Scenario) -> (Stats, Vec<String>) {
     seq.check().await;
     if std::env::var_os(VERBOSE_ENV).is_some() {
         eprintln!(
-            "sequence: {} chunks / {} per batch, stages {} ms, in flight {}, faults {:?}; actions {:.1} s, {} final commands, total {:.1} s; {:?}\n  {}",
+            "sequence ({}): {} chunks / {} per batch, stages {} ms, in flight {}, faults {:?}; actions {:.1} s, {} final commands, total {:.1} s; {:?}\n  {}",
+            scenario.provider,
             scenario.n_chunks,
             scenario.max_requests_per_batch,
             scenario.stage_ms,
