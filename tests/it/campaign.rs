@@ -50,7 +50,8 @@
 //!   `voyage-3.5`). Remote files and batches exist as for OpenAI, in Voyage's shapes, and every
 //!   fault applies: 429/500 (a 429 on creation is Voyage's queue limit, the batch waits),
 //!   latency, failed request lines, expiry (Voyage has no `expired`: the batch completes with
-//!   what was done and `batch_expired` lines), token-limit refusals, lost upload and create
+//!   what was done and `batch_expired` lines), token-limit refusals (Voyage's 429 on creation,
+//!   nothing created: the emulator refuses so in Voyage mode), lost upload and create
 //!   answers (adopted by file name and metadata over every page of Voyage's lists), input files
 //!   dropped early. The checks are OpenAI's; the remote batches are read with a plain GET (so
 //!   either shape moves them on) and judged from the emulator's own records. A too-long edit is
@@ -67,10 +68,11 @@
 //!   the refused input stands alone, so its neighbours go again, legitimately). The faults are
 //!   the embeddings endpoint's: 429, 500, latency, and the server refusing one chunk's input
 //!   (`refusal`, reported, never retried); the crash points add `direct_after_answer` and
-//!   `direct_torn_answer`. Left out, meaningless without a Batch API: failed request lines,
-//!   expiry, token-limit refusals, lost upload and create answers, input file expiry; `ingest`
-//!   must send no request at all; the cancel check keeps its planned-batches half (a direct
-//!   run creates nothing remotely to count).
+//!   `direct_torn_answer`, drawn often (its requests take a few ms, so a process that ends
+//!   between two answers of one batch is rare otherwise). Left out, meaningless without a
+//!   Batch API: failed request lines, expiry, token-limit refusals, lost upload and create
+//!   answers, input file expiry; `ingest` must send no request at all; the cancel check keeps
+//!   its planned-batches half (a direct run creates nothing remotely to count).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -568,21 +570,22 @@ fn fault_kind(batch_api: bool) -> BoxedStrategy<FaultKind> {
     .boxed()
 }
 
-/// The crash points; `direct` adds its two.
+/// The crash points; `direct` adds its two, often: its requests are quick, so a crash
+/// between two answers of one batch (a resume from a partly answered batch) is rare otherwise.
 fn crash_point(batch_api: bool) -> BoxedStrategy<CrashPoint> {
     if !batch_api {
         return prop_oneof![
-            Just(CrashPoint::BeforeUpload),
-            Just(CrashPoint::AfterUpload),
-            Just(CrashPoint::BeforeCreate),
-            Just(CrashPoint::AfterCreate),
-            Just(CrashPoint::BeforeDownload),
-            Just(CrashPoint::AfterDownload),
-            Just(CrashPoint::BeforeSave),
-            Just(CrashPoint::AfterSave),
-            Just(CrashPoint::IngestCommit),
-            Just(CrashPoint::DirectAfterAnswer),
-            Just(CrashPoint::DirectTornAnswer),
+            1 => Just(CrashPoint::BeforeUpload),
+            1 => Just(CrashPoint::AfterUpload),
+            1 => Just(CrashPoint::BeforeCreate),
+            1 => Just(CrashPoint::AfterCreate),
+            1 => Just(CrashPoint::BeforeDownload),
+            1 => Just(CrashPoint::AfterDownload),
+            1 => Just(CrashPoint::BeforeSave),
+            1 => Just(CrashPoint::AfterSave),
+            1 => Just(CrashPoint::IngestCommit),
+            5 => Just(CrashPoint::DirectAfterAnswer),
+            3 => Just(CrashPoint::DirectTornAnswer),
         ]
         .boxed();
     }
@@ -924,9 +927,9 @@ struct Stats {
     embedded: u64,
     reported: u64,
     outdated_by_edit: u64,
-    /// `direct`: `/v1/embeddings` requests and the inputs they carried; inputs sent again
-    /// with no answer on disk (after a kill, or split out of a refused request); the
-    /// command windows the double-send check looked at.
+    /// `direct`: `/v1/embeddings` requests and the inputs they carried; sends beyond the
+    /// planned lines of an input (with no answer on disk: after a kill, or split out of a
+    /// refused request); the command windows the double-send check looked at.
     embedding_requests: u64,
     inputs_sent: u64,
     inputs_sent_again: u64,
@@ -1090,7 +1093,7 @@ impl Stats {
         if !profile.batch_api {
             let _ = writeln!(
                 out,
-                "  direct: {} /v1/embeddings requests carrying {} inputs, {} of them sent again without an answer on disk (a kill, a refused request split); {} command windows checked for a send of an answered input",
+                "  direct: {} /v1/embeddings requests carrying {} inputs, {} of them sends again of an input with no answer on disk (after a kill, or split out of a refused request); {} command windows checked for a send of an answered input",
                 self.embedding_requests,
                 self.inputs_sent,
                 self.inputs_sent_again,
@@ -1603,8 +1606,6 @@ impl<'a> Sequence<'a> {
                     "{what}: input {:?} sent {delta} times, but only {unanswered} planned lines carrying it had no answer on disk when the command started",
                     truncate(text)
                 ));
-            } else {
-                self.stats.inputs_sent_again += delta.saturating_sub(unanswered);
             }
         }
     }
@@ -2436,6 +2437,14 @@ impl<'a> Sequence<'a> {
         self.stats.token_limit_refusals = counters.queue_limit_429s;
         self.stats.embedding_requests = counters.embedding_calls;
         self.stats.inputs_sent = counters.embedding_inputs.values().sum();
+        if !self.profile.batch_api {
+            let (planned, _) = direct_lines(&self.family_run_dirs());
+            self.stats.inputs_sent_again = counters
+                .embedding_inputs
+                .iter()
+                .map(|(text, n)| n.saturating_sub(planned.get(text).copied().unwrap_or(0)))
+                .sum();
+        }
         for (key, n) in &counters.creations_by_metadata {
             let known = runs
                 .iter()
@@ -3260,4 +3269,34 @@ async fn every_campaign_fault_is_honoured_by_the_voyage_emulator() {
         "{body}"
     );
     emu.shutdown().await;
+}
+
+/// `direct`: a resumed advance never sends an input whose answer is on disk, as the
+/// campaign's send windows see it. A fixed sequence: a crash right after the first answers
+/// are synced (and one in the middle of writing them), then advances to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_sequences_after_crashes_mid_batch_send_no_answered_input_again() {
+    for point in [CrashPoint::DirectAfterAnswer, CrashPoint::DirectTornAnswer] {
+        let scenario = Scenario {
+            provider: Provider::Direct,
+            n_chunks: 12,
+            max_requests_per_batch: 6,
+            stage_ms: 50,
+            // Inputs per request 1 + 1 % 4 = 2, one request in flight.
+            emulator_seed: 1,
+            max_in_flight: 0,
+            initial_faults: Vec::new(),
+            actions: vec![Action::Crash { point, nth: 2 }, Action::Advance],
+        };
+        let (stats, notes) = run_sequence(&scenario).await;
+        assert_eq!(stats.crash_points_fired, 1, "{point:?}: {notes:?}");
+        assert_eq!(
+            stats.violations.total(),
+            0,
+            "{point:?}: {:?}\n{}",
+            stats.violations,
+            notes.join("\n")
+        );
+        assert_eq!(stats.embedded, 12, "{point:?}");
+    }
 }
