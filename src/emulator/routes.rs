@@ -660,6 +660,18 @@ pub(super) async fn create_batch(
                 state.counters.max_enqueued_tokens = state.counters.max_enqueued_tokens.max(total);
             }
         }
+        // Voyage refuses a creation over its limits with a 429 and creates nothing, where
+        // OpenAI creates a batch that turns `failed` with `token_limit_exceeded`.
+        if token_limit_exceeded && shared.api == super::voyage::Api::Voyage {
+            state.counters.queue_limit_429s += 1;
+            return Err(RequestError {
+                status: 429,
+                message: "You have exceeded the limit on batches in flight for your organization; wait for some to complete and try again.".to_owned(),
+                kind: "requests",
+                param: None,
+                code: Some("rate_limit_exceeded".to_owned()),
+            });
+        }
         let faults = BatchFaults {
             request_failure_rate: state.faults.request_failure_rate,
             fail_custom_ids: state.faults.fail_custom_ids.iter().cloned().collect(),

@@ -61,11 +61,12 @@ pub struct Faults {
     /// `batch_expired` lines, and the status is `expired`.
     pub expire_after_fraction: Option<f64>,
     /// The next N batch creations succeed, and each of those batches then turns `failed` with
-    /// `token_limit_exceeded`.
+    /// `token_limit_exceeded` (in Voyage mode: are refused with a 429, nothing created, as
+    /// Voyage refuses a batch over its limits).
     pub token_limit_failures: u32,
     /// The organisation's enqueued-token limit: a batch created while the batches not yet
     /// finished, with it, would count for more turns `failed` with `token_limit_exceeded`, as
-    /// the provider's do. Each batch counts for its input file's bytes / 4 (the provider's own
+    /// the provider's do (in Voyage mode: the creation is refused with a 429). Each batch counts for its input file's bytes / 4 (the provider's own
     /// estimate may be byte-based).
     pub enqueued_token_limit: Option<u64>,
     /// One-shot: the next request of each listed kind acts, then its connection is dropped
@@ -146,6 +147,9 @@ pub struct Counters {
     pub max_enqueued_tokens: u64,
     /// Creations refused for `Faults::enqueued_token_limit`.
     pub enqueued_limit_refusals: u64,
+    /// Voyage mode: creations refused with a 429 for a queue limit (`token_limit_failures`
+    /// or `enqueued_token_limit`), nothing created.
+    pub queue_limit_429s: u64,
 }
 
 /// A file the emulator holds (uploaded, or written by a batch).

@@ -2,7 +2,8 @@
 //! `embatch emulator --provider voyage`), following docs.voyageai.com ("Batch inference" and
 //! the API reference): the same routes as OpenAI's (`/v1/files`, `/v1/batches`,
 //! `/v1/embeddings`) with Voyage's shapes. A translation layer over the OpenAI emulator, so the
-//! lifecycle, the output generation and every fault mode are the same:
+//! lifecycle, the output generation and every fault mode are the same (but for a creation over
+//! a queue limit, which Voyage refuses with a 429 rather than failing the batch):
 //! - requests: a batch creation takes `completion_window: "12h"` and `request_params` (model,
 //!   `input_type`, `output_dimension`), and its input lines `{"custom_id", "body": {"input":
 //!   [...]}}` are run as OpenAI lines of that model and size; an `/embeddings` body takes
