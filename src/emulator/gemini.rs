@@ -654,6 +654,16 @@ pub(super) async fn v1beta(
             };
             state.files.remove(index);
             state.counters.file_deletions += 1;
+            // Gemini writes a batch's results and errors into one responses file: the error
+            // file the shared model keeps beside it is part of that file, and goes with it.
+            let error_file = state
+                .batches
+                .iter()
+                .find(|b| b.output_file_id.as_deref() == Some(id))
+                .and_then(|b| b.error_file_id.clone());
+            if let Some(error_file) = error_file {
+                state.files.retain(|f| f.id != error_file);
+            }
             axum::Json(json!({})).into_response()
         }
         (&Method::GET, "files", id, Some("download")) => download(&shared, id),

@@ -39,9 +39,9 @@
 //!
 //! ## Per provider (issue 18)
 //!
-//! `EMBATCH_CAMPAIGN_PROVIDER=openai|voyage|direct|all` (or a comma list) picks the providers;
+//! `EMBATCH_CAMPAIGN_PROVIDER=openai|voyage|gemini|direct|all` (or a comma list) picks the providers;
 //! unset, every one runs, OpenAI with its 36 sequences of before (the same ones: its strategies
-//! are unchanged) and Voyage and direct with fewer ([`Profile::default_cases`]). Each provider's
+//! are unchanged) and the others with fewer ([`Profile::default_cases`]). Each provider's
 //! sequences run against the emulator speaking its API, with runs planned `--provider …`, the
 //! commands given only that provider's variables (OpenAI's pointed at a dead port, so a run that
 //! reached for the wrong provider fails loudly), and a failure names the provider. What differs:
@@ -56,6 +56,13 @@
 //!   dropped early. The checks are OpenAI's; the remote batches are read with a plain GET (so
 //!   either shape moves them on) and judged from the emulator's own records. A too-long edit is
 //!   over Voyage's 32,000-token input limit.
+//! - **gemini**: the emulator in Gemini mode (`Api::Gemini`, a `vector(768)` column,
+//!   `gemini-embedding-001`: the emulator answers unnormalised vectors below 3,072 dimensions,
+//!   as Gemini does, and a stored vector must be the emulator's scaled to length 1, within
+//!   1e-6 instead of bit for bit). Files (resumable upload under a deterministic id), batches
+//!   (operations adopted by display name over every page of the list) and every Batch-API
+//!   fault apply, as for Voyage; a 429 on creation is the queue limit. A too-long edit is over
+//!   Gemini's bound of 2,048 tokens counted as UTF-8 bytes + 8.
 //! - **direct**: no remote files or batches: embatch sends the planned files itself to the
 //!   emulator's `/v1/embeddings` (`--direct-batch-size` 1–4 and `--direct-concurrency` 1–3,
 //!   drawn from the emulator seed). *Double-submitted* becomes *a request whose answer was
@@ -169,6 +176,22 @@ impl Profile {
                 batch_api: true,
                 // Voyage's input limit is 32,000 tokens.
                 too_long_words: 40_000,
+            },
+            Provider::Gemini => Profile {
+                provider,
+                api: Api::Gemini,
+                plan_args: &["--provider", "gemini", "--model", "gemini-embedding-001"],
+                // Below 3,072 the emulator answers unnormalised vectors, as Gemini does, and
+                // embatch scales them to length 1: that path is in every sequence.
+                dims: 768,
+                default_cases: 10,
+                regressions: concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/proptest-regressions/campaign-gemini.txt"
+                ),
+                batch_api: true,
+                // Gemini's bound is 2,048 tokens counted as bytes + 8: 400 words are over it.
+                too_long_words: 400,
             },
             Provider::Direct => Profile {
                 provider,
@@ -2690,6 +2713,7 @@ impl<'a> Sequence<'a> {
 
         // Every write, as the audit trigger saw it.
         let dims = self.profile.dims;
+        let exact = self.profile.provider != Provider::Gemini;
         let family_ids: HashSet<String> = self.ids.iter().map(Uuid::to_string).collect();
         let writes = self
             .env
@@ -2710,7 +2734,7 @@ impl<'a> Sequence<'a> {
             let vector: pgvector::Vector = row.get(4);
             let right = family == self.family
                 && family_ids.contains(&id.to_string())
-                && same_vector(vector.as_slice(), &content, dims);
+                && same_vector(vector.as_slice(), &content, dims, exact);
             if !right {
                 self.stats.violations.wrongly_written += 1;
                 self.notes.push(format!(
@@ -2758,7 +2782,7 @@ impl<'a> Sequence<'a> {
             let stored: Option<pgvector::Vector> = row.get(2);
             if stored
                 .as_ref()
-                .is_some_and(|v| same_vector(v.as_slice(), &content, dims))
+                .is_some_and(|v| same_vector(v.as_slice(), &content, dims, exact))
             {
                 self.stats.embedded += 1;
             } else if reported.contains(&id.to_string()) {
@@ -2858,13 +2882,16 @@ fn parse_tsv(text: &str) -> Vec<Vec<String>> {
 }
 
 /// Whether `stored` is bit for bit the emulator's vector of `content`, of size `dims`.
-fn same_vector(stored: &[f32], content: &str, dims: usize) -> bool {
+/// Whether `stored` is the emulator's vector of `content`: bit for bit, or, unless `exact`
+/// (embatch scales Gemini's answers below 3,072 dimensions to length 1), within the rounding
+/// of that scaling.
+fn same_vector(stored: &[f32], content: &str, dims: usize, exact: bool) -> bool {
     let want = vectors::embedding(content, dims);
     stored.len() == want.len()
         && stored
             .iter()
             .zip(&want)
-            .all(|(a, b)| a.to_bits() == b.to_bits())
+            .all(|(a, b)| a.to_bits() == b.to_bits() || (!exact && (a - b).abs() < 1e-6))
 }
 
 fn truncate(text: &str) -> String {

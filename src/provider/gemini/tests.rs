@@ -476,3 +476,51 @@ async fn the_key_goes_in_x_goog_api_key_only() {
     .unwrap();
     provider.read_clock().await.unwrap();
 }
+
+#[tokio::test]
+async fn deleting_the_responses_file_leaves_nothing_of_the_batch_behind() {
+    let emu = gemini_emulator().await;
+    let provider = provider_for(&emu, emu.api_key());
+    let dir = tempfile::tempdir().unwrap();
+    let texts: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("c{i}"), format!("text {i}")))
+        .collect();
+    let pairs: Vec<(&str, &str)> = texts
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let input = write_input(dir.path(), &pairs);
+    let file = provider
+        .upload(
+            &input,
+            "run-1_batch_001.jsonl",
+            Duration::from_secs(7200),
+            Arc::new(|_| {}),
+        )
+        .await
+        .unwrap();
+    // Some requests fail: the emulator's shared model keeps their error lines in a file of
+    // its own, which Gemini's one responses file stands for.
+    emu.set_faults(Faults {
+        request_failure_rate: 0.5,
+        ..Faults::default()
+    });
+    let batch = provider
+        .create_batch(&file.id, &BTreeMap::new())
+        .await
+        .unwrap();
+    let batch = provider.get_batch(&batch.id).await.unwrap();
+    let responses = batch.snapshot.output_file_id.expect("a responses file");
+    let dest = dir.path().join("output.jsonl");
+    provider
+        .download_file(&responses, &dest, Arc::new(|_| {}))
+        .await
+        .unwrap();
+    let lines = fs_err::read_to_string(&dest).unwrap();
+    assert_eq!(lines.lines().count(), 20, "{lines}");
+    let errors = lines.lines().filter(|l| l.contains("\"error\"")).count();
+    assert!(errors > 0 && errors < 20, "{lines}");
+    provider.delete_file(&file.id).await.unwrap();
+    provider.delete_file(&responses).await.unwrap();
+    assert_eq!(emu.files(), Vec::<Value>::new());
+}
