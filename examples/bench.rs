@@ -2,7 +2,7 @@
 //! (issue 7).
 //!
 //! `cargo run --release --example bench -- --chunks 100000 [--json PATH] [--runs 3]
-//! [--plan-only] [--corpus prose|templates]`
+//! [--plan-only] [--corpus prose|templates] [--direct-latency-ms 50] [--skip-direct]`
 //!
 //! Starts a throwaway Postgres with pgvector, loads one family of N chunks of ~800 bytes of
 //! manual-like text, and measures in the same run:
@@ -19,7 +19,14 @@
 //!   and vectors into a fresh empty table);
 //! - the peak resident memory of the plan and ingest children (`VmHWM`, sampled; see
 //!   `tests/it/plan.rs::run_with_peak_rss` for why not `wait4`);
-//! - ingest into a column with an HNSW index, on a smaller table.
+//! - ingest into a column with an HNSW index, on a smaller table;
+//! - `direct` (issue 18): the real `embatch advance` of a `--provider direct` run of the same
+//!   N chunks against the emulator's `/v1/embeddings`, in-process, each request answered after
+//!   `--direct-latency-ms` (default 50 ms, the emulator's `Faults::latency`), at the default
+//!   `--direct-batch-size` and `--direct-concurrency`: requests/s, inputs/s and tokens/s
+//!   (cl100k_base, as planned) of the whole advance (sending, then writing the vectors), beside
+//!   the bound the latency alone sets (concurrency / latency). The emulator computes its vectors
+//!   on the same two cores. `--skip-direct` leaves it out.
 //!
 //! Phases that write the table start from a table whose embeddings were all reset to NULL and
 //! vacuumed. Plan, both ingests and the binary COPY reference are the median of `--runs` runs
@@ -66,6 +73,9 @@ struct Args {
     runs: usize,
     plan_only: bool,
     templates: bool,
+    /// The emulator's answer time per `/v1/embeddings` request in the `direct` phase.
+    direct_latency: Duration,
+    skip_direct: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -77,6 +87,8 @@ fn parse_args() -> anyhow::Result<Args> {
         runs: 3,
         plan_only: false,
         templates: false,
+        direct_latency: Duration::from_millis(50),
+        skip_direct: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -88,6 +100,11 @@ fn parse_args() -> anyhow::Result<Args> {
             "--hnsw-rows" => args.hnsw_rows = value()?.parse().context("--hnsw-rows N")?,
             "--runs" => args.runs = value()?.parse().context("--runs N")?,
             "--plan-only" => args.plan_only = true,
+            "--direct-latency-ms" => {
+                args.direct_latency =
+                    Duration::from_millis(value()?.parse().context("--direct-latency-ms N")?)
+            }
+            "--skip-direct" => args.skip_direct = true,
             "--corpus" => {
                 args.templates = match value()?.as_str() {
                     "prose" => false,
@@ -96,7 +113,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 }
             }
             other => bail!(
-                "unknown argument {other}; usage: bench [--chunks N] [--json PATH] [--seed-rows N] [--hnsw-rows N] [--runs N] [--plan-only] [--corpus prose|templates]"
+                "unknown argument {other}; usage: bench [--chunks N] [--json PATH] [--seed-rows N] [--hnsw-rows N] [--runs N] [--plan-only] [--corpus prose|templates] [--direct-latency-ms N] [--skip-direct]"
             ),
         }
     }
@@ -502,6 +519,96 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
+/// What the `direct` phase measured.
+struct DirectFigures {
+    latency: Duration,
+    inputs_per_request: usize,
+    concurrency: usize,
+    /// `/v1/embeddings` calls of one run, as the emulator counted them.
+    requests: u64,
+    /// The cl100k_base tokens of the run, as planned.
+    tokens: u64,
+    /// The advance's wall time of each run, and their median.
+    times: Vec<f64>,
+    time: f64,
+}
+
+impl DirectFigures {
+    /// The requests per second the latency alone allows: requests in flight / latency (none
+    /// without a latency).
+    fn latency_bound(&self) -> Option<f64> {
+        (!self.latency.is_zero()).then(|| self.concurrency as f64 / self.latency.as_secs_f64())
+    }
+}
+
+/// The `direct` phase: for each of `--runs`, a fresh `plan --provider direct` of the family
+/// (untimed) and the real `advance` that sends its requests to the in-process emulator and
+/// writes the vectors (timed), from a table whose embeddings were reset.
+async fn direct_phase(
+    client: &Client,
+    common: &[&str],
+    runs_dir: &Path,
+    n: usize,
+    args: &Args,
+) -> anyhow::Result<DirectFigures> {
+    use embatch::emulator::{Emulator, EmulatorConfig, Faults};
+    let emulator = Emulator::start(EmulatorConfig::default()).await?;
+    emulator.set_faults(Faults {
+        latency: args.direct_latency,
+        ..Faults::default()
+    });
+    let base_url = emulator.base_url();
+    let api_key = emulator.api_key().to_owned();
+    let (mut times, mut requests, mut tokens) = (Vec::new(), 0u64, 0u64);
+    for _ in 0..args.runs {
+        reset_embeddings(client, "knowledge_chunks").await?;
+        let mut plan = common.to_vec();
+        plan.extend(["plan", "--family-id", FAMILY, "--provider", "direct"]);
+        run_child(&plan)?;
+        let run_dir = embatch::run::folders::find_runs(runs_dir, Some(FAMILY))?
+            .pop()
+            .map(|found| found.dir)
+            .context("the direct plan created no run")?;
+        let run = embatch::run::store::load(&run_dir)?;
+        tokens = run.batches.iter().map(|batch| batch.tokens).sum();
+        let run_dir_text = run_dir.display().to_string();
+        let mut advance = common.to_vec();
+        advance.extend([
+            "advance",
+            "--run-dir",
+            run_dir_text.as_str(),
+            "--base-url",
+            base_url.as_str(),
+            "--api-key",
+            api_key.as_str(),
+        ]);
+        let calls_before = emulator.counters().embedding_calls;
+        let (time, _) = run_child(&advance)?;
+        requests = emulator.counters().embedding_calls - calls_before;
+        let written = count_where(client, "knowledge_chunks", "embedding IS NOT NULL").await?;
+        if written != n as i64 {
+            bail!("the direct advance wrote {written} of {n} vectors");
+        }
+        times.push(time.as_secs_f64());
+        fs_err::remove_dir_all(&run_dir)?;
+    }
+    emulator.shutdown().await;
+    let time = median(times.clone());
+    eprintln!(
+        "direct: median {time:.2}s of {times:.2?}, {requests} requests, latency {} ms",
+        args.direct_latency.as_millis()
+    );
+    Ok(DirectFigures {
+        latency: args.direct_latency,
+        inputs_per_request: embatch::provider::direct::DEFAULT_INPUTS_PER_REQUEST,
+        concurrency: embatch::provider::direct::DEFAULT_CONCURRENCY,
+        requests,
+        tokens,
+        times,
+        time,
+    })
+}
+
 async fn bench(args: Args) -> anyhow::Result<()> {
     let n = args.chunks;
     let uptime = fs_err::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -747,6 +854,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         bail!("the HNSW ingest wrote {hnsw_written} of {hnsw_rows} vectors");
     }
 
+    // `direct` against the emulator's embeddings endpoint: the plan's run is removed first,
+    // so that it holds no chunk.
+    let direct = if args.skip_direct {
+        None
+    } else {
+        fs_err::remove_dir_all(&run_dir)?;
+        Some(direct_phase(&client, &common, &runs_dir, n, &args).await?)
+    };
+
     drop(client);
     pg.drop_database(&url).await?;
     drop(pg);
@@ -765,6 +881,22 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let ingest_base64_rows_per_s = n as f64 / secs(ingest_base64_time);
     let hnsw_rows_per_s = hnsw_rows as f64 / secs(hnsw_time);
     let load_after = fs_err::read_to_string("/proc/loadavg").unwrap_or_default();
+    let direct_json = direct.as_ref().map(|d| {
+        serde_json::json!({
+            "latency_ms": d.latency.as_millis() as u64,
+            "inputs_per_request": d.inputs_per_request,
+            "concurrency": d.concurrency,
+            "requests": d.requests,
+            "inputs": n,
+            "tokens": d.tokens,
+            "advance_s": d.time,
+            "advance_s_runs": d.times,
+            "requests_per_s": d.requests as f64 / d.time,
+            "inputs_per_s": n as f64 / d.time,
+            "tokens_per_s": d.tokens as f64 / d.time,
+            "latency_bound_requests_per_s": d.latency_bound(),
+        })
+    });
 
     let json = serde_json::json!({
         "n": n,
@@ -800,6 +932,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         "hnsw_vs_ingest_base64": hnsw_rows_per_s / ingest_base64_rows_per_s,
         "output_float_mb": mb(float_bytes),
         "output_base64_mb": mb(base64_bytes),
+        "direct": direct_json,
         "load_average_before": uptime.trim(),
         "load_average_after": load_after.trim(),
     });
@@ -912,6 +1045,31 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         String::new(),
         "<= 64",
     );
+    if let Some(d) = &direct {
+        row(
+            &format!(
+                "direct, {} ms/request, {} inputs x {} in flight",
+                d.latency.as_millis(),
+                d.inputs_per_request,
+                d.concurrency
+            ),
+            format!(
+                "{:.1} req/s {:.0} inputs/s",
+                d.requests as f64 / d.time,
+                n as f64 / d.time
+            ),
+            format!("{:.0} tokens/s", d.tokens as f64 / d.time),
+            "",
+        );
+        if let Some(bound) = d.latency_bound() {
+            row(
+                "  ref: the latency's bound (in flight / latency)",
+                format!("{bound:.1} req/s"),
+                String::new(),
+                "",
+            );
+        }
+    }
     if let Some(path) = &args.json {
         fs_err::write(path, serde_json::to_string_pretty(&json)?)?;
         eprintln!("wrote {}", path.display());
