@@ -841,6 +841,8 @@ fn mark_seen_before(
 ) -> anyhow::Result<()> {
     #[derive(serde::Deserialize)]
     struct IdOnly {
+        /// Gemini's result lines name the request `key`.
+        #[serde(alias = "key")]
         custom_id: Option<String>,
     }
     if limit == 0 {

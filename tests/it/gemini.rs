@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use embatch::emulator::{Api, EmulatorConfig, Faults, LostAnswer};
 use embatch::models::{Provider, TaskType};
-use embatch::run::state::StateKind;
+use embatch::run::state::{BatchState, StateKind};
 use embatch::run::store::{self, RunFile};
 use uuid::Uuid;
 
@@ -412,4 +412,39 @@ async fn gemini_an_input_file_gone_before_creation_is_uploaded_again_under_its_n
     assert_eq!(counters.batch_creations, 1, "{counters:?}");
     assert_created_once(&env);
     assert_eq!(count_embedded(&env, family).await, 4);
+}
+
+#[tokio::test]
+async fn gemini_a_crash_mid_ingest_resumes_without_failing_the_lines_before_it() {
+    let (env, family, run_dir) = planned(40, &[]).await;
+    let dir = run_dir.to_str().unwrap();
+    // Killed right before the second checkpoint: the first (10 rows) is saved, and the resume
+    // starts after its lines, which are Gemini's (`key`, not `custom_id`).
+    let killed = exec_gemini(
+        &env,
+        &["advance", "--run-dir", dir, "--update-chunk-size", "10"],
+        &[("EMBATCH_CRASH_AT", "ingest_commit:2")],
+    )
+    .await;
+    assert!(killed.killed(), "{killed:#?}");
+    let run = exec_gemini(
+        &env,
+        &["advance", "--run-dir", dir, "--update-chunk-size", "10"],
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:#?}");
+    let run = load(&run_dir);
+    assert_eq!(run.batches.len(), 1, "no retry batch: nothing failed");
+    let BatchState::Ingested(done) = &run.batches[0].state else {
+        panic!("{:?}", run.batches[0].state)
+    };
+    assert_eq!(done.counts.ingested + done.counts.already_present, 40);
+    assert_eq!(done.counts.failed, 0);
+    let status = exec_gemini(&env, &["status", "--run-dir", dir, "--json"], &[]).await;
+    let json: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+    assert_eq!(json["totals"]["ingested"], 40, "{json}");
+    assert_eq!(json["totals"]["chunks"], 40, "{json}");
+    assert_eq!(count_embedded(&env, family).await, 40);
+    assert_created_once(&env);
 }
