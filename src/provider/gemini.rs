@@ -712,7 +712,14 @@ impl BatchProvider for GeminiProvider {
             });
             let segment = format!("{}:asyncBatchEmbedContent", self.params.model);
             let what = format!("creation of the batch for file {input_file_id}");
-            let operation: Value = match self
+            // A 429 on creation is read as the batch queue being full, not as a request rate:
+            // one creation is sent per batch, far below any request rate, and the limits a
+            // batch creation meets are the project's concurrent batches and enqueued tokens
+            // (ai.google.dev, Batch API limits). The batch then waits in `queued` and is
+            // created again at a later advance, instead of being retried at once against a
+            // queue that only other batches' ends can free. Either way nothing was created (a
+            // 429 is a refusal), so nothing is paid twice.
+            let operation: Value = self
                 .client
                 .create_as(
                     &[API_VERSION, "models", &segment],
@@ -721,22 +728,9 @@ impl BatchProvider for GeminiProvider {
                     "/v1beta/models/{model}:asyncBatchEmbedContent",
                 )
                 .await
-            {
-                Ok(operation) => operation,
-                // A 429 on creation is read as the batch queue being full, not as a request
-                // rate: one creation is sent per batch, far below any request rate, and the
-                // limits a batch creation meets are the project's concurrent batches and
-                // enqueued tokens (ai.google.dev, Batch API limits). The batch then waits in
-                // `queued` and is created again at a later advance, instead of being retried
-                // at once against a queue that only other batches' ends can free. Either way
-                // nothing was created (a 429 is a refusal), so nothing is paid twice.
-                Err(ApiError::RateLimited { .. }) => {
-                    return Err(ApiError::QueueLimit {
-                        message: "HTTP 429 RESOURCE_EXHAUSTED on batch creation: the project's limit on Gemini batches in flight or on their enqueued tokens".to_owned(),
-                    });
-                }
-                Err(other) => return Err(other),
-            };
+                .map_err(|e| {
+                    e.rate_limit_as_queue_limit("HTTP 429 RESOURCE_EXHAUSTED on batch creation: the project's limit on Gemini batches in flight or on their enqueued tokens")
+                })?;
             remote_batch(&operation).map_err(|message| ApiError::UnknownOutcome {
                 what,
                 cause: Box::new(self.decode_error(message)),

@@ -266,6 +266,18 @@ fn server_message(provider: Provider, status: u16) -> String {
 }
 
 impl ApiError {
+    /// A 429 answered to a batch creation, read as the provider's limit on batches or tokens
+    /// in flight (`message` says whose): nothing was created, and the batch waits in `queued`
+    /// rather than being retried at once. Any other error is returned as it is.
+    pub fn rate_limit_as_queue_limit(self, message: &str) -> ApiError {
+        match self {
+            ApiError::RateLimited { .. } => ApiError::QueueLimit {
+                message: message.to_owned(),
+            },
+            other => other,
+        }
+    }
+
     /// True for failures that a later attempt of the same read may not meet: rate limits,
     /// server errors and lost connections. False for refusals, for [`ApiError::UnknownOutcome`]
     /// (look first), and for local errors.

@@ -398,21 +398,15 @@ impl BatchProvider for VoyageProvider {
                 body["metadata"] = json!(metadata);
             }
             let what = format!("creation of the batch for file {input_file_id}");
-            let batch: Value = match self
+            // Voyage answers 429 when the organisation's batches in flight (or their tokens)
+            // are at the limit: the batch waits, as for OpenAI's queue limit.
+            let batch: Value = self
                 .client
                 .create_as(&["batches"], &body, &what, "/batches")
                 .await
-            {
-                Ok(batch) => batch,
-                // Voyage answers 429 when the organisation's batches in flight (or their
-                // tokens) are at the limit: the batch waits, as for OpenAI's queue limit.
-                Err(ApiError::RateLimited { .. }) => {
-                    return Err(ApiError::QueueLimit {
-                        message: "HTTP 429 on batch creation: the organisation's limit on Voyage batches in flight or on their tokens".to_owned(),
-                    });
-                }
-                Err(other) => return Err(other),
-            };
+                .map_err(|e| {
+                    e.rate_limit_as_queue_limit("HTTP 429 on batch creation: the organisation's limit on Voyage batches in flight or on their tokens")
+                })?;
             remote_batch(&batch).map_err(|message| ApiError::UnknownOutcome {
                 what,
                 cause: Box::new(self.decode_error(message)),
