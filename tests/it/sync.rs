@@ -980,6 +980,19 @@ async fn sync_wait_serves_every_family_in_one_call_and_max_cost_bounds_the_whole
     assert_eq!(alone.code, 2, "{alone:#?}");
 }
 
+/// Waits (at most 30 s) until every batch of some run under the runs dir is submitted.
+async fn until_a_run_is_submitted(env: &TestEnv) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !all_runs(env).iter().any(|(_, run)| {
+        run.batches
+            .iter()
+            .all(|b| b.state.kind() == embatch::run::state::StateKind::Submitted)
+    }) {
+        assert!(std::time::Instant::now() < deadline, "never submitted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn ctrl_c_stops_sync_wait_and_says_how_to_go_on() {
     let env = TestEnv::new()
@@ -998,15 +1011,7 @@ async fn ctrl_c_stops_sync_wait_and_says_how_to_go_on() {
     let child = cmd.spawn().expect("spawn embatch");
     let pid = child.id().expect("running");
     // Until its run is submitted: the call is then sleeping between passes.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !all_runs(&env).iter().any(|(_, run)| {
-        run.batches
-            .iter()
-            .all(|b| b.state.kind() == embatch::run::state::StateKind::Submitted)
-    }) {
-        assert!(std::time::Instant::now() < deadline, "never submitted");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    until_a_run_is_submitted(&env).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     // A second sync meanwhile: the first holds the sync lock.
     let second = env.exec(&["sync"]).await;
@@ -1110,15 +1115,7 @@ async fn sync_wait_rides_out_a_database_that_goes_away_between_passes() {
     let child = cmd.spawn().expect("spawn embatch");
     // The first pass reached the database and submitted the run; then the database goes away
     // for a few passes.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !all_runs(&env).iter().any(|(_, run)| {
-        run.batches
-            .iter()
-            .all(|b| b.state.kind() == embatch::run::state::StateKind::Submitted)
-    }) {
-        assert!(std::time::Instant::now() < deadline, "never submitted");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    until_a_run_is_submitted(&env).await;
     up.store(false, SeqCst);
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     up.store(true, SeqCst);
